@@ -1,0 +1,392 @@
+"""Shared facts of the pipeline: prompt templates, default folders, device and dtype choice, model loading,
+atomic output folders and the one-line error convention.
+
+Every stage imports this module; nothing heavy (torch, transformers) is imported at module level, so
+`python stage.py --help` is instant and tests can import the pure functions cheaply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults shared by several stages
+
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B"
+DEFAULT_DATASET = "code-rag-bench/mbpp"
+MODEL_DIR = "model"
+DATA_DIR = "data"
+PREPARED_DIR = "prepared_data"
+CHECKPOINTS_DIR = "checkpoints"
+RESULTS_DIR = "results"
+FINAL_ADAPTER = "final"  # checkpoints/final/
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEMO_PROBLEMS = REPO_ROOT / "assets" / "demo_problems.jsonl"
+
+IGNORE_INDEX = -100  # label value that the loss skips (PyTorch's cross_entropy default ignore_index)
+
+# All linear projections of a Qwen2 decoder layer: attention (q, k, v, o) and MLP (gate, up, down).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Files written beside artifacts so that later stages reuse the settings that made them.
+DOWNLOAD_INFO = "download_info.json"  # in model/
+PREPARED_STATS = "stats.json"  # in prepared_data/
+TRAINING_SETTINGS = "training_settings.json"  # in checkpoints/final/
+
+# ----------------------------------------------------------------------------------------------------------
+# The prompt template: the only place it is written down.
+#
+# `guide` is the original guide's format. `tests` also shows the problem's assert statements, as the MBPP
+# paper's prompt does: MBPP task texts rarely name the function that the asserts call, so a model that never
+# sees the asserts cannot know the expected name and signature.
+
+TEMPLATES = {
+    "guide": "Task: {task}\nSolution:\n",
+    "tests": "Task: {task}\nYour code should pass these tests:\n{tests}\nSolution:\n",
+}
+DEFAULT_TEMPLATE = "tests"
+# A new task header in the generated text means the model has moved on to inventing the next problem.
+STOP_SEQUENCES = ["\nTask:"]
+
+
+def format_prompt(template: str, task: str, tests: list[str] | None = None) -> str:
+    """The prompt part of an example: everything before the solution."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+    return TEMPLATES[template].format(task=task.strip(), tests="\n".join(t.strip() for t in tests or []))
+
+
+def encode_example(tokenizer, prompt: str, solution: str) -> dict:
+    """Token ids and labels for one training example: prompt + solution + EOS, prompt masked.
+
+    The prompt and the solution are tokenized separately so that the boundary is exactly where generation
+    will start from the same prompt. Labels are masked by *position*, never by token id: Qwen's pad token is
+    its EOS token, and masking pads by id would also mask the EOS the model must learn to stop.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + solution_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(solution_ids)
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids as training saw them (with BOS where the tokenizer adds one; Qwen adds none)."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def cut_at_stop(text: str) -> str:
+    """Cut generated text at the first stop sequence."""
+    for stop in STOP_SEQUENCES:
+        index = text.find(stop)
+        if index != -1:
+            text = text[:index]
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors: a user's mistake gets one clear line and a non-zero exit, never a traceback.
+
+EXIT_FAILED = 1  # the run failed (network, training error)
+EXIT_USAGE = 2  # bad flags, missing or wrong input folders
+
+
+class StageError(Exception):
+    """A problem the user can fix; its message is printed as one line."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def report_errors(stage_main):
+    """Decorator for `main`: turns StageError and Ctrl-C into one line on stderr and an exit code."""
+
+    def wrapper(argv=None) -> int:
+        try:
+            return stage_main(argv)
+        except StageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return error.exit_code
+        except KeyboardInterrupt:
+            print("interrupted: nothing was written to the output folder", file=sys.stderr)
+            return 130
+
+    wrapper.__name__ = stage_main.__name__
+    wrapper.__doc__ = stage_main.__doc__
+    return wrapper
+
+
+def fail_on_problems(problems: list[str]) -> None:
+    """Report every problem at once (one line each) rather than the first only."""
+    if problems:
+        for problem in problems[:-1]:
+            print(f"error: {problem}", file=sys.stderr)
+        raise StageError(problems[-1])
+
+
+def positive(kind):
+    """argparse type: a number > 0 (batch sizes, learning rates, steps)."""
+
+    def parse(text: str):
+        import argparse
+
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folders: checks with a message that names the stage to run first, and atomic writes.
+
+
+def require_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise StageError(f"model folder {path}/ not found: run download_model.py first (or --demo for the offline demo)")
+    if not (path / "config.json").is_file():
+        hint = " (it looks like a dataset folder)" if (path / "dataset_dict.json").exists() else ""
+        raise StageError(f"{path}/ has no config.json{hint}: it is not a model folder; run download_model.py --out {path}")
+    if not any(path.glob("*.safetensors")):
+        raise StageError(f"{path}/ has no .safetensors weights: run download_model.py --force --out {path}")
+    return path
+
+
+def require_dataset_dir(path: str | Path, stage_hint: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise StageError(f"{path}/ not found: run {stage_hint} first")
+    if not (path / "dataset_dict.json").is_file():
+        raise StageError(f"{path}/ is not a saved dataset (no dataset_dict.json): run {stage_hint} first")
+    return path
+
+
+def read_json(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str | Path):
+    """Yield a temporary sibling folder; on success it replaces `final`, on any error it is removed.
+
+    A crash therefore leaves either the previous output or the new one, never a half-written folder that
+    the next stage would accept.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Move the complete folder `new` to `final`, replacing what was there."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def hub_error_message(error: Exception, what: str) -> str:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        return f"{what} is gated: accept its licence on huggingface.co and run `hf auth login`"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"{what} was not found on the Hugging Face Hub: check the spelling (for example Qwen/Qwen2.5-Coder-0.5B)"
+    if isinstance(error, RevisionNotFoundError):
+        return f"{what}: revision not found; check --revision"
+    return (
+        f"cannot reach the Hugging Face Hub for {what} ({type(error).__name__}): check your internet connection "
+        f"or proxy, pass a local folder instead, or use --demo to run offline"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and dtype: decided in one place, with the reason printed.
+
+
+@dataclass
+class DeviceChoice:
+    device: str  # "cuda", "mps" or "cpu"
+    dtype_name: str  # compute dtype: "bfloat16", "float16" or "float32"
+    reason: str
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+
+def pick_device() -> DeviceChoice:
+    """CUDA > MPS > CPU; bf16 where the GPU supports it, else fp16; fp32 on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        if torch.cuda.is_bf16_supported():
+            return DeviceChoice("cuda", "bfloat16", f"CUDA {name}, compute capability {major}.{minor}: bf16")
+        return DeviceChoice("cuda", "float16", f"CUDA {name}, compute capability {major}.{minor}: no bf16, using fp16")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return DeviceChoice("mps", "float16", "Apple MPS: fp16 (bitsandbytes 4-bit is not available on MPS)")
+    return DeviceChoice("cpu", "float32", "no CUDA or MPS device found: CPU with fp32 compute (slow, fine for the demo)")
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that is not actionable for a user of this pipeline."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "mplconfig"))
+    import logging
+
+    # bitsandbytes looks for optional CPU kernels on the Hub and logs when it cannot fetch them.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*use_cache=True.*is incompatible with gradient checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*use_reentrant.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the "Loading weights" bars of a model that loads in a second
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.eos_token_id is None:
+        raise StageError(f"the tokenizer in {model_dir}/ has no EOS token: the model could never learn to stop")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked by the attention mask and labels (-100), so any id works; EOS is the
+        # usual choice and is what Qwen itself uses.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_dir: str | Path, choice: DeviceChoice, load_in_4bit: bool):
+    """The base model as every stage loads it: 4-bit NF4 with double quantisation, or plain in the compute dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": choice.dtype}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=choice.dtype,
+        )
+        kwargs["device_map"] = {"": 0} if choice.device == "cuda" else {"": choice.device}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if not load_in_4bit:
+        model.to(choice.device)
+    if torch.cuda.is_available() and choice.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return model
+
+
+def can_load_4bit(choice: DeviceChoice) -> bool:
+    return choice.device in ("cuda", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference: shared by verify_model.py, evaluate.py and generate.py.
+
+
+def read_adapter_settings(adapter_dir: str | Path) -> dict:
+    """The training settings saved beside an adapter (template, base model, LoRA and run settings)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise StageError(f"adapter folder {adapter_dir}/ not found: run train.py first")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise StageError(f"{adapter_dir}/ has no {name}: it is not a finished adapter (train.py writes checkpoints/final/)")
+    path = adapter_dir / TRAINING_SETTINGS
+    return read_json(path) if path.is_file() else {}
+
+
+def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, choice: DeviceChoice, load_in_4bit: bool):
+    """Base model (plus the LoRA adapter, if given) in eval mode with the KV cache on."""
+    model = load_model(model_dir, choice, load_in_4bit)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.config.use_cache = True
+    return model.eval()
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+             batch_size: int = 16, num_samples: int = 1, progress: bool = False) -> list[list[dict]]:
+    """Complete each prompt `num_samples` times. Returns, per prompt, a list of
+    {"completion": text cut at EOS or a stop sequence, "stopped": whether it ended by itself}.
+
+    Prompts are batched with left padding (so every row's next token is at the end) and decoded with the KV
+    cache; a row stops at EOS or at a stop sequence such as a new "Task:" line.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    jobs = [(index, encode_prompt(tokenizer, prompt)) for index, prompt in enumerate(prompts) for _ in range(num_samples)]
+    # Similar lengths in one batch waste less compute on padding; results are put back in order below.
+    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
+    results: list[list[dict]] = [[] for _ in prompts]
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+    bar = tqdm(total=len(jobs), desc="generating", unit="completion", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = [jobs[j] for j in order[start:start + batch_size]]
+        longest = max(len(ids) for _, ids in chunk)
+        input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for _, ids in chunk], device=device)
+        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for _, ids in chunk], device=device)
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, **sampling,
+            )
+        for (index, _), row in zip(chunk, output[:, longest:].tolist()):
+            ended_at_eos = tokenizer.eos_token_id in row
+            if ended_at_eos:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            cut = cut_at_stop(text)
+            results[index].append({"completion": cut, "stopped": ended_at_eos or cut != text})
+        bar.update(len(chunk))
+    bar.close()
+    return results

@@ -1,0 +1,110 @@
+"""Stage 2: download the MBPP problems (or load a local file, or the bundled demo problems).
+
+Run:
+    python download_dataset.py                          # code-rag-bench/mbpp from the Hugging Face Hub
+    python download_dataset.py --dataset mbpp           # the original MBPP, train/validation/test/prompt splits
+    python download_dataset.py --dataset my_tasks.jsonl # a local .json, .jsonl or .parquet file
+    python download_dataset.py --demo                   # the 51 problems bundled in assets/, offline
+
+Reads:  the Hugging Face Hub, a local file, or assets/demo_problems.jsonl
+Writes: data/ (a datasets DatasetDict written with save_to_disk, plus download_info.json)
+Next:   prepare_data.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import common
+from common import StageError
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_local(path: Path):
+    from datasets import load_dataset
+
+    builder = LOCAL_FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise StageError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+    try:
+        return load_dataset(builder, data_files=str(path))
+    except Exception as error:  # malformed JSON or parquet
+        raise StageError(f"{path} could not be read as {builder}: {str(error).splitlines()[0][:200]}") from None
+
+
+def load_from_hub(name: str, config: str | None, revision: str | None):
+    from datasets import load_dataset
+    from huggingface_hub import HfApi
+
+    try:
+        # Fails in milliseconds when offline; load_dataset alone retries for half a minute first.
+        HfApi().dataset_info(name, revision=revision)
+    except Exception as error:
+        raise StageError(common.hub_error_message(error, f"dataset {name}"), common.EXIT_FAILED) from None
+    try:
+        return load_dataset(name, config, revision=revision)
+    except Exception as error:
+        raise StageError(f"loading {name} failed: {str(error).splitlines()[0][:200]}", common.EXIT_FAILED) from None
+
+
+def describe(dataset) -> str:
+    rows = ", ".join(f"{split}: {len(part)} rows" for split, part in dataset.items())
+    columns = next(iter(dataset.values())).column_names
+    return f"{rows}\ncolumns: {', '.join(columns)}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=common.DEFAULT_DATASET, help="Hub dataset name or a local .json/.jsonl/.parquet file (default: %(default)s)")
+    parser.add_argument("--config", default=None, help="dataset configuration on the Hub, e.g. 'sanitized' for mbpp (default: the dataset's default)")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub dataset (default: main)")
+    parser.add_argument("--out", default=common.DATA_DIR, help="output folder (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace an existing data folder instead of skipping")
+    parser.add_argument("--demo", action="store_true", help=f"write the bundled demo problems ({common.DEMO_PROBLEMS.name}) instead")
+    return parser
+
+
+@common.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    source = str(common.DEMO_PROBLEMS) if args.demo else args.dataset
+    local = Path(source)
+    is_local = args.demo or local.suffix.lower() in LOCAL_FORMATS or local.exists()
+    if is_local and not local.is_file():
+        raise StageError(f"dataset file {local} not found")
+    identity = {"source": "demo" if args.demo else ("local" if is_local else "hub"),
+                "dataset": str(local.resolve()) if is_local else source, "config": args.config, "revision": args.revision}
+
+    info_path = out / common.DOWNLOAD_INFO
+    if out.exists() and not args.force:
+        if info_path.is_file() and (out / "dataset_dict.json").is_file():
+            if common.read_json(info_path) == identity:
+                print(f"✓ {out}/ already holds {identity['dataset']}: skipping (use --force to download again)")
+                return 0
+            raise StageError(f"{out}/ already holds {common.read_json(info_path)['dataset']}; pass --force to replace it")
+        if any(out.iterdir()):
+            raise StageError(f"{out}/ exists but is not a complete dataset folder; pass --force to replace it")
+
+    common.quiet_libraries()
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the bars of a sub-second save are noise
+    dataset = load_local(local) if is_local else load_from_hub(source, args.config, args.revision)
+    if sum(len(part) for part in dataset.values()) == 0:
+        raise StageError(f"{source} has no rows")
+
+    with common.atomic_output_dir(out) as tmp:
+        dataset.save_to_disk(str(tmp))
+        common.write_json(tmp / common.DOWNLOAD_INFO, identity)
+    print(describe(dataset))
+    print(f"✓ saved in {out}/")
+    print("next: python prepare_data.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

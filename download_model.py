@@ -1,0 +1,229 @@
+"""Stage 1: download the base model and its tokenizer (or build the offline demo model).
+
+Run:
+    python download_model.py                      # Qwen/Qwen2.5-Coder-0.5B from the Hugging Face Hub
+    python download_model.py --model-id ./my-local-model
+    python download_model.py --demo               # tiny random Qwen2 model, offline, in seconds
+
+Reads:  the Hugging Face Hub, a local model folder, or (with --demo) assets/demo_problems.jsonl
+Writes: model/ (config.json, *.safetensors, tokenizer files, download_info.json)
+Next:   download_dataset.py
+
+Only .safetensors weights are fetched (no pickled .bin files), and no remote code is trusted: Qwen2 is native
+in transformers. An interrupted download resumes where it stopped: partial files are kept in .model.partial/
+until the download is complete, then the folder is renamed to model/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import common
+from common import StageError
+
+# Files a model folder needs; weights are .safetensors only.
+ALLOWED_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model", "*.tiktoken"]
+
+# The demo model: Qwen2 architecture, small enough to train on a laptop CPU in seconds.
+DEMO_MODEL_ID = "demo/tiny-qwen2"
+DEMO_VOCAB_SIZE = 1024
+DEMO_HIDDEN = 128
+DEMO_LAYERS = 4
+# A randomly initialised tied embedding (std 0.02) gives logits within about ±3, too flat for a model that
+# may only train LoRA adapters to become confident; scaling the embedding gives the output layer real range.
+# Measured: x6 lets LoRA memorise 8 problems (exact solution, then EOS) in 150 steps; x20 makes the residual
+# stream so dominated by the input token that training starts from a loss near 50.
+DEMO_EMBEDDING_SCALE = 6.0
+EOS_TOKEN = "<|endoftext|>"  # Qwen's EOS, and its pad token
+
+
+def model_folder_complete(path: Path) -> bool:
+    return (
+        (path / "config.json").is_file()
+        and any(path.glob("*.safetensors"))
+        and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file())
+        and (path / common.DOWNLOAD_INFO).is_file()
+    )
+
+
+def check_loads(path: Path) -> None:
+    """Fail before the rename if the config or tokenizer in `path` cannot be loaded."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path))
+        common.load_tokenizer(path)
+    except StageError:
+        raise
+    except Exception as error:  # a corrupt or incompatible file from the source
+        raise StageError(f"the downloaded model does not load: {str(error).splitlines()[0]}", common.EXIT_FAILED)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From the Hub or a local folder
+
+
+def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
+    """Download into a partial folder next to `out` and return it once complete and loadable."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        # Asking for the repository's info first fails in milliseconds when offline, and tells an unknown id
+        # apart from a network problem.
+        info = HfApi().model_info(model_id, revision=revision, files_metadata=False)
+    except Exception as error:
+        raise StageError(common.hub_error_message(error, model_id), common.EXIT_FAILED) from None
+    files = [s.rfilename for s in info.siblings or []]
+    if not any(name.endswith(".safetensors") for name in files):
+        raise StageError(f"{model_id} has no .safetensors weights; this pipeline does not load pickled .bin files")
+
+    # Partial downloads live here between attempts so that a rerun resumes instead of starting over.
+    partial = out.with_name(f".{out.name}.partial")
+    print(f"downloading {model_id} @ {info.sha[:10]} into {partial}/ (resumable)")
+    try:
+        snapshot_download(model_id, revision=info.sha, allow_patterns=ALLOWED_PATTERNS, local_dir=str(partial))
+    except Exception as error:
+        raise StageError(
+            common.hub_error_message(error, model_id) + f"; rerun to resume ({partial}/ keeps what was downloaded)",
+            common.EXIT_FAILED,
+        ) from None
+    shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
+    check_loads(partial)
+    common.write_json(partial / common.DOWNLOAD_INFO, {"source": "hub", "model_id": model_id, "revision": revision, "commit": info.sha})
+    return partial
+
+
+def copy_local_model(source: Path, destination: Path) -> None:
+    common.require_model_dir(source)
+    for pattern in ALLOWED_PATTERNS:
+        for file in source.glob(pattern):
+            if file.is_file() and file.name != common.DOWNLOAD_INFO:
+                shutil.copy2(file, destination / file.name)
+    check_loads(destination)
+    common.write_json(destination / common.DOWNLOAD_INFO, {"source": "local", "model_id": str(source.resolve())})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The offline demo model
+
+
+def demo_corpus() -> list[str]:
+    """Texts to train the demo tokenizer on: the bundled problems in every prompt template."""
+    corpus = []
+    with open(common.DEMO_PROBLEMS, encoding="utf-8") as f:
+        for line in f:
+            problem = json.loads(line)
+            for template in common.TEMPLATES:
+                prompt = common.format_prompt(template, problem["text"], problem["test_list"])
+                corpus.append(prompt + problem["code"])
+    return corpus
+
+
+def build_demo_tokenizer():
+    """A byte-level BPE tokenizer (the same kind as Qwen's) trained on the bundled problems."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=DEMO_VOCAB_SIZE,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(demo_corpus(), trainer)
+    # Like Qwen: no BOS, and the pad token is the EOS token.
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def build_demo_model(out: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_demo_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=DEMO_HIDDEN,
+        intermediate_size=4 * DEMO_HIDDEN,
+        num_hidden_layers=DEMO_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,  # as Qwen2.5-Coder-0.5B
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        # No pad_token_id: nn.Embedding(padding_idx=...) would zero the EOS row of the tied embedding, and the
+        # model could then never predict EOS. Padding is handled by attention masks and -100 labels instead.
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(DEMO_EMBEDDING_SCALE)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    common.write_json(out / common.DOWNLOAD_INFO, {"source": "demo", "model_id": DEMO_MODEL_ID, "seed": seed})
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-id", default=common.DEFAULT_MODEL_ID, help="Hub model id or a local model folder (default: %(default)s)")
+    parser.add_argument("--revision", default="main", help="branch, tag or commit on the Hub (default: %(default)s)")
+    parser.add_argument("--out", default=common.MODEL_DIR, help="output folder (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace a complete model folder instead of skipping")
+    parser.add_argument("--demo", action="store_true", help="write the tiny offline demo model instead (no download)")
+    return parser
+
+
+@common.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    model_id = DEMO_MODEL_ID if args.demo else args.model_id
+    local_source = None if args.demo else Path(args.model_id)
+    if local_source is not None and not local_source.is_dir():
+        if args.model_id.startswith((".", "/", "~")) or args.model_id.count("/") > 1:
+            raise StageError(f"local model folder {args.model_id} not found")
+        local_source = None
+    if local_source is not None:
+        model_id = str(local_source.resolve())
+
+    if out.exists() and not args.force:
+        if model_folder_complete(out):
+            info = common.read_json(out / common.DOWNLOAD_INFO)
+            same_revision = args.demo or local_source is not None or info.get("revision") == args.revision
+            if info.get("model_id") == model_id and same_revision:
+                print(f"✓ {out}/ already holds {model_id}: skipping (use --force to download again)")
+                return 0
+            raise StageError(f"{out}/ already holds {info.get('model_id')}; pass --force to replace it with {model_id}")
+        if any(out.iterdir()):
+            raise StageError(f"{out}/ exists but is not a complete model folder; pass --force to replace it")
+
+    common.quiet_libraries()
+    if args.demo:
+        with common.atomic_output_dir(out) as tmp:
+            build_demo_model(tmp)
+    elif local_source is not None:
+        with common.atomic_output_dir(out) as tmp:
+            copy_local_model(local_source, tmp)
+    else:
+        common.replace_dir(download_from_hub(args.model_id, args.revision, out), out)
+
+    size_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
+    print(f"✓ {model_id} saved in {out}/ ({size_mb:.1f} MB of safetensors weights)")
+    print("next: python download_dataset.py" + (" --demo" if args.demo else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

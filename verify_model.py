@@ -1,0 +1,110 @@
+"""Stage 5: smoke-test the base model, and optionally a trained adapter, with a ✓/✗ report.
+
+Run:
+    python verify_model.py                                # the base model in model/
+    python verify_model.py --adapter checkpoints/final    # base + the adapter train.py wrote
+
+Reads:  model/ (download_model.py), optionally an adapter folder (train.py)
+Writes: nothing; prints one ✓ or ✗ line per check and exits 0 only when every check passes
+Next:   evaluate.py (does the fine-tune write better code?)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import common
+
+SMOKE_TASK = "Write a function to return the sum of two numbers."
+SMOKE_TESTS = ["assert add(2, 3) == 5"]
+
+
+class Report:
+    """Runs checks in order; a failed check skips the checks that depend on it."""
+
+    def __init__(self):
+        self.failures = 0
+
+    def check(self, name: str, action):
+        try:
+            detail = action()
+        except Exception as error:  # every failure becomes one ✗ line, whatever raised it
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"✗ {name}: {message[:300]}")
+            self.failures += 1
+            return None
+        if isinstance(detail, str) or detail is None:  # a description to show, not a value to pass on
+            print(f"✓ {name}" + (f": {detail}" if detail else ""))
+            return True
+        print(f"✓ {name}")
+        return detail
+
+
+def require(condition: bool, message: str) -> str:
+    if not condition:
+        raise RuntimeError(message)
+    return ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=common.MODEL_DIR, help="base model folder (default: %(default)s)")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to check on top of the base, e.g. checkpoints/final")
+    parser.add_argument("--max-new-tokens", type=common.positive(int), default=24, help="length of the test generation (default: %(default)s)")
+    parser.add_argument("--no-4bit", action="store_true", help="load the base model unquantised instead of in 4-bit")
+    return parser
+
+
+@common.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    model_dir = Path(args.model)
+    report = Report()
+    common.quiet_libraries()
+
+    print(f"base model: {model_dir}/")
+    folder_ok = report.check("model folder exists", lambda: require(model_dir.is_dir(), f"{model_dir}/ not found: run download_model.py first"))
+    config_ok = folder_ok and report.check("config.json present", lambda: require((model_dir / "config.json").is_file(), "missing: not a model folder"))
+    report.check("weights in .safetensors", lambda: require(folder_ok and any(model_dir.glob("*.safetensors")), "no *.safetensors file"))
+    tokenizer = folder_ok and report.check("tokenizer loads", lambda: common.load_tokenizer(model_dir))
+    choice = common.pick_device()
+    load_in_4bit = not args.no_4bit and common.can_load_4bit(choice)
+    how = "4-bit NF4" if load_in_4bit else choice.dtype_name
+    model = config_ok and report.check(f"model loads ({how} on {choice.device})", lambda: common.load_for_inference(model_dir, None, choice, load_in_4bit))
+
+    template = common.DEFAULT_TEMPLATE
+    adapter_dir = Path(args.adapter) if args.adapter else None
+    if adapter_dir is not None:
+        settings = report.check(f"adapter files in {adapter_dir}/", lambda: common.read_adapter_settings(adapter_dir) or {"template": template})
+        if settings:
+            template = settings.get("template", template)
+
+    prompt = common.format_prompt(template, SMOKE_TASK, SMOKE_TESTS)
+
+    def smoke_generation(which):
+        result = common.generate(which, tokenizer, [prompt], args.max_new_tokens)[0][0]
+        return f"{result['completion'][:60]!r}" + (" (stopped by itself)" if result["stopped"] else "")
+
+    if model and tokenizer:
+        report.check("base model generates", lambda: smoke_generation(model))
+        if adapter_dir is not None and settings:
+            from peft import PeftModel
+
+            tuned = report.check("adapter loads onto the base model", lambda: PeftModel.from_pretrained(model, str(adapter_dir)).eval())
+            if tuned:
+                report.check("base + adapter generates", lambda: smoke_generation(tuned))
+    elif adapter_dir is not None:
+        print("✗ adapter not checked: the base model did not load")
+        report.failures += 1
+
+    if report.failures:
+        print(f"{report.failures} check(s) failed")
+        return common.EXIT_FAILED
+    print("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
