@@ -125,6 +125,12 @@ def report_errors(stage_main):
     return wrapper
 
 
+def short_error(error: BaseException, limit: int = 200) -> str:
+    """First line of an exception's message (or its type name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
 def fail_on_problems(problems: list[str]) -> None:
     """Report every problem at once (one line each) rather than the first only."""
     if problems:

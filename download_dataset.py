@@ -32,7 +32,7 @@ def load_local(path: Path):
     try:
         return load_dataset(builder, data_files=str(path))
     except Exception as error:  # malformed JSON or parquet
-        raise StageError(f"{path} could not be read as {builder}: {str(error).splitlines()[0][:200]}") from None
+        raise StageError(f"{path} could not be read as {builder}: {common.short_error(error)}") from None
 
 
 def load_from_hub(name: str, config: str | None, revision: str | None):
@@ -47,7 +47,7 @@ def load_from_hub(name: str, config: str | None, revision: str | None):
     try:
         return load_dataset(name, config, revision=revision)
     except Exception as error:
-        raise StageError(f"loading {name} failed: {str(error).splitlines()[0][:200]}", common.EXIT_FAILED) from None
+        raise StageError(f"loading {name} failed: {common.short_error(error)}", common.EXIT_FAILED) from None
 
 
 def describe(dataset) -> str:

@@ -31,8 +31,7 @@ class Report:
         try:
             detail = action()
         except Exception as error:  # every failure becomes one ✗ line, whatever raised it
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"✗ {name}: {message[:300]}")
+            print(f"✗ {name}: {common.short_error(error, 300)}")
             self.failures += 1
             return None
         if isinstance(detail, str) or detail is None:  # a description to show, not a value to pass on

@@ -1,0 +1,91 @@
+"""Shared fixtures: the demo model, data and prepared data are built once per test session, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
+
+import common  # noqa: E402
+import download_dataset  # noqa: E402
+import download_model  # noqa: E402
+import prepare_data  # noqa: E402
+import train  # noqa: E402
+
+# The memorisation run: short problems, a learning rate and step count measured to reach 8/8 exact
+# completions (loss ~0.01) on the demo model; the test asks for 7/8.
+MEMORISE_PROBLEMS = 10  # eval fraction 0.2 -> 8 training problems
+MEMORISE_ARGS = ["--max-steps", "150", "--lr", "3e-3", "--batch-size", "8", "--grad-accum", "1", "--save-steps", "1000", "--logging-steps", "50"]
+
+
+def demo_problems() -> list[dict]:
+    with open(common.DEMO_PROBLEMS, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def one_error_line(captured) -> str:
+    """The stage's message on stderr; asserts it is a single `error:` line without a traceback."""
+    err = captured.err.strip()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(line.startswith("error: ") for line in lines), err
+    return err
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "model"
+    assert download_model.main(["--demo", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "data"
+    assert download_dataset.main(["--demo", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(tmp_path_factory, demo_model, demo_data) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "prepared_data"
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_smoke(tmp_path_factory, demo_model, demo_prepared) -> Path:
+    """A 4-step QLoRA run on the demo data with a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("smoke") / "checkpoints"
+    code = train.main(["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(out),
+                       "--max-steps", "4", "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def memorised(tmp_path_factory, demo_model) -> dict:
+    """The demo model fine-tuned with 4-bit QLoRA until it reproduces 8 short problems."""
+    root = tmp_path_factory.mktemp("memorise")
+    shortest = sorted(demo_problems(), key=lambda p: len(p["code"]) + len(" ".join(p["test_list"])))[:MEMORISE_PROBLEMS]
+    source = write_jsonl(root / "problems.jsonl", shortest)
+    assert download_dataset.main(["--dataset", str(source), "--out", str(root / "data")]) == 0
+    assert prepare_data.main(["--data", str(root / "data"), "--model", str(demo_model), "--out", str(root / "prepared"),
+                              "--eval-fraction", "0.2"]) == 0
+    assert train.main(["--model", str(demo_model), "--data", str(root / "prepared"), "--out", str(root / "checkpoints"),
+                       *MEMORISE_ARGS]) == 0
+    return {"model": demo_model, "prepared": root / "prepared", "adapter": root / "checkpoints" / common.FINAL_ADAPTER}

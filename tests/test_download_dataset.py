@@ -1,0 +1,43 @@
+import json
+
+from conftest import demo_problems, one_error_line, write_jsonl
+
+import common
+import download_dataset
+
+
+def test_demo_writes_a_saved_dataset_with_every_bundled_problem(demo_data, capsys):
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(demo_data))
+    assert list(dataset) == ["train"] and len(dataset["train"]) == len(demo_problems())
+    assert {"task_id", "text", "code", "test_list", "test_setup_code"} <= set(dataset["train"].column_names)
+    assert json.loads((demo_data / common.DOWNLOAD_INFO).read_text())["source"] == "demo"
+
+
+def test_local_jsonl_file_prints_rows_and_columns(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "tasks.jsonl", demo_problems()[:3])
+    assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 0
+    out = capsys.readouterr().out
+    assert "train: 3 rows" in out and "columns: task_id, text, code, test_list, test_setup_code" in out
+
+
+def test_missing_file_empty_file_and_wrong_format_are_refused(tmp_path, capsys):
+    assert download_dataset.main(["--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "d1")]) == 2
+    assert "not found" in one_error_line(capsys.readouterr())
+    (tmp_path / "empty.jsonl").write_text("")
+    assert download_dataset.main(["--dataset", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "d2")]) == 2
+    one_error_line(capsys.readouterr())
+    (tmp_path / "tasks.csv").write_text("a,b\n1,2\n")
+    assert download_dataset.main(["--dataset", str(tmp_path / "tasks.csv"), "--out", str(tmp_path / "d3")]) == 2
+    assert "unsupported file type" in one_error_line(capsys.readouterr())
+    (tmp_path / "broken.json").write_text("{not json")
+    assert download_dataset.main(["--dataset", str(tmp_path / "broken.json"), "--out", str(tmp_path / "d4")]) == 2
+    one_error_line(capsys.readouterr())
+    assert not any((tmp_path / name).exists() for name in ("d1", "d2", "d3", "d4"))
+
+
+def test_offline_hub_dataset_fails_fast_with_a_clear_line(tmp_path, capsys):
+    assert download_dataset.main(["--dataset", "no-such-org/no-such-data", "--out", str(tmp_path / "data")]) == common.EXIT_FAILED
+    assert "no-such-org/no-such-data" in one_error_line(capsys.readouterr())
+    assert not (tmp_path / "data").exists()
