@@ -53,14 +53,18 @@ TEMPLATES = {
     "tests": "Task: {task}\nYour code should pass these tests:\n{tests}\nSolution:\n",
 }
 DEFAULT_TEMPLATE = "tests"
-# A new task header in the generated text means the model has moved on to inventing the next problem.
-STOP_SEQUENCES = ["\nTask:"]
+# Where a completion ends besides EOS: a new task header means the model has moved on to inventing the next
+# problem; top-level asserts, prints and a main guard are the model writing its own tests, which would run
+# against the real ones (the stop words of bigcode-evaluation-harness's MBPP task, in spirit).
+STOP_SEQUENCES = ["\nTask:", "\nassert ", "\nprint(", "\nif __name__", "\n```"]
 
 
 def format_prompt(template: str, task: str, tests: list[str] | None = None) -> str:
     """The prompt part of an example: everything before the solution."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+    if template == "tests" and not tests:
+        template = "guide"  # a task typed by hand comes without asserts: nothing to show
     return TEMPLATES[template].format(task=task.strip(), tests="\n".join(t.strip() for t in tests or []))
 
 
@@ -343,6 +347,20 @@ def read_adapter_settings(adapter_dir: str | Path) -> dict:
             raise StageError(f"{adapter_dir}/ has no {name}: it is not a finished adapter (train.py writes checkpoints/final/)")
     path = adapter_dir / TRAINING_SETTINGS
     return read_json(path) if path.is_file() else {}
+
+
+def resolve_adapter(requested: str | None, base_only: bool = False) -> Path | None:
+    """The adapter to use: the one asked for, else checkpoints/final/ when it exists, else none (base model)."""
+    if base_only:
+        return None
+    if requested:
+        read_adapter_settings(requested)  # fails with a clear line when it is not a finished adapter
+        return Path(requested)
+    default = Path(CHECKPOINTS_DIR) / FINAL_ADAPTER
+    if (default / "adapter_config.json").is_file():
+        return default
+    print(f"note: no adapter given and {default}/ does not exist: using the base model alone")
+    return None
 
 
 def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, choice: DeviceChoice, load_in_4bit: bool):

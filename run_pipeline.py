@@ -1,4 +1,4 @@
-"""Run every stage in order: download_model -> download_dataset -> prepare_data -> train -> verify_model.
+"""Run every stage in order: download_model -> download_dataset -> prepare_data -> train -> verify_model -> evaluate.
 
 Run:
     python run_pipeline.py --demo                 # offline demo on the CPU, about a minute
@@ -22,11 +22,15 @@ import time
 import common
 from common import StageError
 
-STAGES = ["download_model", "download_dataset", "prepare_data", "train", "verify_model"]
+STAGES = ["download_model", "download_dataset", "prepare_data", "train", "verify_model", "evaluate"]
 FOLDER_FLAGS = {"--model", "--data", "--out", "--adapter"}
 # The demo model is tiny and the demo data has 46 training problems: a larger learning rate and more epochs
 # than the real run's let it visibly learn in well under a minute on a CPU. Flags given by the user win.
-DEMO_TRAIN_DEFAULTS = {"--epochs": ["20"], "--batch-size": ["8"], "--grad-accum": ["1"], "--lr": ["3e-3"], "--save-steps": ["40"]}
+DEMO_DEFAULTS = {
+    "train": {"--epochs": ["20"], "--batch-size": ["8"], "--grad-accum": ["1"], "--lr": ["3e-3"], "--save-steps": ["40"]},
+    # The demo model writes no useful code either way; shorter completions keep the demo quick.
+    "evaluate": {"--max-new-tokens": ["128"]},
+}
 
 
 def group_flags(extra: list[str]) -> dict[str, list[str]]:
@@ -51,12 +55,14 @@ def stage_flags(parser: argparse.ArgumentParser) -> set[str]:
 
 def stage_argv(stage: str, flags: set[str], groups: dict[str, list[str]], demo: bool) -> list[str]:
     chosen = dict(groups)
-    if demo and stage == "train":
-        chosen = {**DEMO_TRAIN_DEFAULTS, **chosen}
+    if demo:
+        chosen = {**DEMO_DEFAULTS.get(stage, {}), **chosen}
     if demo and "--demo" in flags:
         chosen["--demo"] = []
-    if stage == "verify_model":
+    if stage in ("verify_model", "evaluate"):
         chosen["--adapter"] = [f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}"]
+    if stage == "evaluate":
+        chosen["--compare-base"] = []
     argv = []
     for flag, values in chosen.items():
         if flag in flags:
@@ -90,7 +96,8 @@ def main(argv=None) -> int:
         if code != 0:
             print(f"\nstopped: {stage}.py failed (exit {code}); fix the problem above and rerun (finished stages are skipped)", file=sys.stderr)
             return code
-    print(f"\n✓ pipeline finished in {time.time() - started:.0f}s; the adapter is in {common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}/")
+    print(f"\n✓ pipeline finished in {time.time() - started:.0f}s; the adapter is in {common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}/, "
+          f"the evaluation in {common.RESULTS_DIR}/; try: python generate.py --prompt \"Write a function to ...\"")
     return 0
 
 

@@ -30,8 +30,9 @@ def test_folder_and_unknown_flags_are_refused(capsys):
 
 def test_demo_pipeline_runs_every_stage_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run_pipeline.main(["--demo", "--max-steps", "3"]) == 0
+    assert run_pipeline.main(["--demo", "--max-steps", "3", "--limit", "4", "--max-new-tokens", "16"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out and "pipeline finished" in out
-    for folder in (common.MODEL_DIR, common.DATA_DIR, common.PREPARED_DIR, f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}"):
+    assert "| fine-tuned |" in out
+    for folder in (common.MODEL_DIR, common.DATA_DIR, common.PREPARED_DIR, f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}", common.RESULTS_DIR):
         assert (tmp_path / folder).is_dir()

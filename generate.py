@@ -1,0 +1,77 @@
+"""Write code for a task description with the fine-tuned model (or the base model).
+
+Run:
+    python generate.py --prompt "Write a function to reverse the words of a sentence."
+    python generate.py --prompt "Write a function to add two numbers." --test "assert add(2, 3) == 5"
+    python generate.py                      # interactive: one task per line on standard input, Ctrl-D to end
+
+Reads:  model/, the adapter (checkpoints/final/ by default, if it exists)
+Writes: nothing; prints each completion
+Before: train.py
+
+The prompt is built with the template the adapter was trained with (training_settings.json), exactly as in
+training and evaluation; with --test the asserts are shown too, which tells the model the function's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=common.MODEL_DIR, help="base model folder (default: %(default)s)")
+    parser.add_argument("--adapter", default=None, help="adapter folder (default: checkpoints/final if it exists)")
+    parser.add_argument("--base-only", action="store_true", help="use the base model without the adapter")
+    parser.add_argument("--prompt", default=None, help="the task description; without it, tasks are read from standard input")
+    parser.add_argument("--test", action="append", default=[], metavar="ASSERT", help="an assert the solution should pass (repeatable)")
+    parser.add_argument("--max-new-tokens", type=common.positive(int), default=256, help="longest completion in tokens (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), > 0 to sample")
+    parser.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
+    return parser
+
+
+@common.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    problems = []
+    if args.temperature < 0:
+        problems.append(f"--temperature must be 0 or more, got {args.temperature}")
+    try:
+        common.require_model_dir(args.model)
+    except common.StageError as error:
+        problems.append(str(error))
+    common.fail_on_problems(problems)
+
+    common.quiet_libraries()
+    adapter = common.resolve_adapter(args.adapter, args.base_only)
+    template = common.read_adapter_settings(adapter).get("template", common.DEFAULT_TEMPLATE) if adapter else common.DEFAULT_TEMPLATE
+    choice = common.pick_device()
+    tokenizer = common.load_tokenizer(args.model)
+    model = common.load_for_inference(args.model, adapter, choice, not args.no_4bit and common.can_load_4bit(choice))
+    print(f"model: {args.model}/" + (f" + {adapter}/" if adapter else " (base)") + f" · template '{template}' · {choice.device}", file=sys.stderr)
+
+    def complete(task: str) -> str:
+        prompt = common.format_prompt(template, task, args.test)
+        return common.generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature)[0][0]["completion"]
+
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise common.StageError("--prompt is empty: describe the function to write")
+        print(complete(args.prompt))
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Describe a function per line (Ctrl-D to quit).", file=sys.stderr)
+    for line in sys.stdin:
+        if line.strip():
+            print(complete(line.strip()))
+            print("-" * 40 if interactive else "", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

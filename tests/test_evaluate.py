@@ -1,0 +1,77 @@
+import json
+import math
+
+import pytest
+from conftest import one_error_line
+
+import common
+import evaluate
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (1, 1, 1, 1.0), (1, 0, 1, 0.0), (5, 2, 1, 0.4),
+    (5, 2, 2, 1 - math.comb(3, 2) / math.comb(5, 2)),  # 0.7
+    (10, 3, 5, 1 - math.comb(7, 5) / math.comb(10, 5)),  # 1 - 21/252
+    (4, 3, 2, 1.0),  # fewer failures than k: some sample must pass
+])
+def test_pass_at_k_matches_the_unbiased_estimator(n, c, k, expected):
+    assert evaluate.pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_summary_averages_pass_at_k_over_problems():
+    rows = [{"task_id": "a", "status": "passed"}, {"task_id": "a", "status": "failed"},
+            {"task_id": "b", "status": "timeout"}, {"task_id": "b", "status": "error"}]
+    summary = evaluate.summarize(rows, num_samples=2)
+    assert summary["pass@1"] == pytest.approx(0.25) and summary["pass@2"] == pytest.approx(0.5)
+    assert summary["counts"] == {"passed": 1, "failed": 1, "timeout": 1, "error": 1} and summary["problems"] == 2
+
+
+def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_path, monkeypatch, capsys):
+    from datasets import load_from_disk
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    rows = load_from_disk(str(demo_prepared))["train"].select(range(4))
+    completions = tmp_path / "completions.jsonl"
+    with open(completions, "w") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"task_id": row["task_id"], "completion": row["code"] if i < 3 else "def nothing(): pass"}) + "\n")
+    out = tmp_path / "results"
+    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--split", "train", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"completions.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}
+    summary = json.loads((out / "summary.json").read_text())["models"]["completions"]
+    assert summary["counts"] == {"passed": 3, "failed": 0, "timeout": 0, "error": 1}
+    assert summary["problems"] == 4 and summary["pass@1"] == pytest.approx(3 / 4)  # the problems the file covers
+    verdicts = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [v["status"] for v in verdicts] == ["passed", "passed", "passed", "error"]
+    assert "| completions |" in capsys.readouterr().out
+
+
+def test_bad_completions_and_flags_are_refused(demo_prepared, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "no-such-task", "completion": "x"}\n')
+    assert evaluate.main(["--completions", str(bad), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 2
+    assert "no-such-task" in one_error_line(capsys.readouterr())
+    bad.write_text("not json\n")
+    assert evaluate.main(["--completions", str(bad), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 2
+    assert "line 1" in one_error_line(capsys.readouterr())
+    assert evaluate.main(["--num-samples", "5", "--data", str(demo_prepared)]) == 2
+    assert "--temperature" in one_error_line(capsys.readouterr())
+    assert not (tmp_path / "r").exists()
+
+
+def test_fine_tuned_beats_base_on_the_memorised_problems(memorised, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = evaluate.main(["--model", str(memorised["model"]), "--adapter", str(memorised["adapter"]),
+                          "--data", str(memorised["prepared"]), "--split", "train", "--compare-base",
+                          "--max-new-tokens", "160", "--out", str(out)])
+    assert code == 0
+    models = json.loads((out / "summary.json").read_text())["models"]
+    assert models["fine-tuned"]["problems"] == 8 and models["fine-tuned"]["pass@1"] >= 7 / 8
+    assert models["base"]["pass@1"] < models["fine-tuned"]["pass@1"]
+    assert models["fine-tuned"]["identity"]["adapter"] == str(memorised["adapter"].resolve())
+    table = capsys.readouterr().out
+    assert "| base |" in table and "| fine-tuned |" in table
+    assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}

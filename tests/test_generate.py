@@ -1,0 +1,27 @@
+import io
+
+from conftest import one_error_line
+
+import generate
+
+
+def test_prompt_flag_prints_the_memorised_solution(memorised, capsys):
+    from datasets import load_from_disk
+
+    row = load_from_disk(str(memorised["prepared"]))["train"][0]
+    args = ["--model", str(memorised["model"]), "--adapter", str(memorised["adapter"]), "--prompt", row["task"]]
+    for test in row["tests"]:
+        args += ["--test", test]
+    assert generate.main(args) == 0
+    assert capsys.readouterr().out.strip() == row["code"]
+
+
+def test_tasks_are_read_line_by_line_from_stdin(memorised, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Write a function to add.\n\nWrite a function to subtract.\n"))
+    assert generate.main(["--model", str(memorised["model"]), "--adapter", str(memorised["adapter"]), "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.count("\n\n") >= 1  # one completion per non-empty line, each followed by a blank line
+
+
+def test_missing_adapter_is_refused(demo_model, tmp_path, capsys):
+    assert generate.main(["--model", str(demo_model), "--adapter", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    assert "train.py" in one_error_line(capsys.readouterr())

@@ -1,0 +1,86 @@
+"""The harness against hostile candidates: each gets the right status, in bounded time, harming nothing."""
+
+import os
+import time
+
+import pytest
+from conftest import demo_problems
+
+import sandbox
+
+ADD = "def add(a, b):\n    return a + b"
+TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
+
+HOSTILE = {
+    "infinite loop": ("while True:\n    pass", {"timeout"}),
+    "fork bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", {"timeout", "error"}),
+    "memory bomb": ("x = bytearray(8 * 2**30)", {"error"}),
+    "megabytes of output, then correct": ("import sys\nsys.stdout.write('x' * 20_000_000)\n" + ADD, {"passed"}),
+    "exit(0) before the asserts": ("exit(0)\n" + ADD, {"error"}),
+    "sys.exit() before the asserts": ("import sys\nsys.exit()\n" + ADD, {"error"}),
+    "os._exit(0) before the asserts": ("import os\nos._exit(0)\n" + ADD, {"error"}),
+    "raise SystemExit inside the function": (ADD.replace("return a + b", "raise SystemExit(0)"), {"error"}),
+    "os._exit(0) inside the function": (ADD.replace("return a + b", "import os; os._exit(0)"), {"error"}),
+    "catches SIGTERM and sleeps": ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.1)", {"timeout"}),
+    "deep recursion": ("def f(n):\n    return f(n + 1)\nf(0)", {"error"}),
+    "huge file": ("open('big', 'wb').write(b'x' * (64 * 2**20))\n" + ADD, {"error"}),
+    "daemon that leaves the process group": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\n" + ADD, {"passed"}),
+    "wrong answer": ("def add(a, b):\n    return a - b", {"failed"}),
+    "syntax error": ("def add(a, b) return", {"error"}),
+}
+
+
+@pytest.fixture(scope="module")
+def box():
+    return sandbox.Sandbox(sandbox.Limits(timeout=2, memory_mb=512), workers=os.cpu_count())
+
+
+def test_every_reference_solution_passes_and_a_wrong_one_fails(box):
+    problems = demo_problems()
+    programs = [sandbox.build_program(p["code"], p["test_list"], p["test_setup_code"]) for p in problems]
+    wrong = sandbox.build_program(problems[0]["code"].replace("total += n", "total -= n"), problems[0]["test_list"])
+    verdicts = box.run_many(programs + [wrong])
+    assert [v.status for v in verdicts[:-1]] == ["passed"] * len(problems), [v.message for v in verdicts if v.status != "passed"]
+    assert verdicts[-1].status == "failed"
+
+
+def test_hostile_battery_gets_the_right_status_in_bounded_time(box, tmp_path):
+    started = time.monotonic()
+    verdicts = box.run_many([sandbox.build_program(code, TESTS) for code, _ in HOSTILE.values()])
+    elapsed = time.monotonic() - started
+    for (name, (_, expected)), verdict in zip(HOSTILE.items(), verdicts):
+        assert verdict.status in expected, f"{name}: {verdict}"
+    # 4 candidates wait for their 2 s timeout; the rest end at once: bounded however the workers are scheduled.
+    assert elapsed < 4 * 2 + 20
+    assert all(verdict.seconds < 2 + 3 for verdict in verdicts)
+
+
+def test_secrets_in_the_environment_are_not_inherited(box, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_for_candidates")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")
+    probe = "import os\nassert 'HF_TOKEN' not in os.environ and 'AWS_SECRET_ACCESS_KEY' not in os.environ\n" + ADD
+    assert box.run(sandbox.build_program(probe, TESTS)).status == "passed"
+
+
+def test_stdin_is_empty(box):
+    assert box.run(sandbox.build_program("import sys\nassert sys.stdin.read() == ''\n" + ADD, TESTS)).status == "passed"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of the user running the harness are protected only when it runs as root")
+def test_files_outside_the_sandbox_are_untouched(box, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    tmp_path.chmod(0o755)
+    attacks = [f"import os\nos.remove({str(precious)!r})\n" + ADD,
+               f"open({str(precious)!r}, 'w').write('overwritten')\n" + ADD,
+               f"open({str(tmp_path / 'new.txt')!r}, 'w').write('x')\n" + ADD]
+    verdicts = box.run_many([sandbox.build_program(code, TESTS) for code in attacks])
+    assert [v.status for v in verdicts] == ["error"] * 3
+    assert precious.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+def test_nothing_is_left_running(box):
+    box.run(sandbox.build_program(HOSTILE["daemon that leaves the process group"][0], TESTS))
+    box.run(sandbox.build_program(HOSTILE["fork bomb"][0], TESTS))
+    if box.drop_privileges:
+        assert [pid for slot in range(box.workers) for pid in sandbox.processes_of(sandbox.SLOT_UID_BASE + slot)] == []
