@@ -12,8 +12,9 @@ Next:   verify_model.py --adapter checkpoints/final
 
 The recipe is QLoRA (Dettmers et al. 2023): the base weights frozen in 4-bit NF4 with double quantisation,
 LoRA adapters on every linear projection, gradient checkpointing, paged 8-bit AdamW, cosine schedule with
-warm-up. Batches are padded only to their longest example, and examples of similar length are batched
-together, so little compute goes to padding.
+warm-up. Two things keep it within a 6 GB GPU (see memory.py): the loss projects only the labelled positions
+onto the 151,936-entry vocabulary, a chunk at a time, instead of materialising logits for the whole batch;
+and batches are padded only to their longest example, with examples of similar length batched together.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import common
+import memory
 from common import StageError
 
 RUN_SETTINGS = "run_settings.json"  # in checkpoints/: what a --resume must agree with
@@ -60,6 +62,37 @@ def find_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def padding_share(dataloader) -> float:
+    """Share of the tokens of one epoch that are padding, with the batches the Trainer will really form."""
+    padded = total = 0
+    for batch in dataloader:
+        mask = batch["attention_mask"]
+        padded += int((mask == 0).sum())
+        total += mask.numel()
+    return padded / max(1, total)
+
+
+def cuda_batch_fits(model, compute_loss, batch: int, seq_len: int) -> bool:
+    """Try one forward and backward pass of `batch` examples of `seq_len` tokens, every position labelled (the
+    worst case), and keep 10 % of the GPU free for the optimiser state and fragmentation."""
+    import torch
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+    try:
+        outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        loss = compute_loss(outputs, ids) if compute_loss else model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        fits = torch.cuda.max_memory_allocated() < 0.9 * torch.cuda.get_device_properties(0).total_memory
+    except torch.cuda.OutOfMemoryError:
+        fits = False
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return fits
+
+
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
     return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum))
 
@@ -92,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-alpha", type=common.positive(float), default=None, help="LoRA scaling alpha (default: 2 x rank)")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input, in [0, 1) (default: %(default)s)")
     parser.add_argument("--no-4bit", action="store_true", help="load the base model unquantised in the compute dtype (needs more memory)")
+    # memory
+    parser.add_argument("--loss", choices=["chunked", "standard"], default="chunked",
+                        help="chunked: project only labelled positions, in chunks (default); standard: the model's own loss")
+    parser.add_argument("--auto-batch-size", action="store_true",
+                        help="on CUDA, use the largest micro-batch that fits and keep the effective batch by raising --grad-accum")
     # checkpoints and logging
     parser.add_argument("--save-steps", type=common.positive(int), default=50, help="checkpoint and eval loss every N steps (default: %(default)s)")
     parser.add_argument("--keep-last", type=common.positive(int), default=3, help="checkpoints to keep (default: %(default)s)")
@@ -166,6 +204,7 @@ def run_settings(args, stats: dict, choice, load_in_4bit: bool, optim: str) -> d
         "lr_scheduler": "cosine",
         "warmup_ratio": args.warmup_ratio,
         "optim": optim,
+        "loss": args.loss,
         "seed": args.seed,
     }
 
@@ -203,6 +242,8 @@ def build_model(args, choice, load_in_4bit: bool):
     if load_in_4bit:
         # Casts norms to fp32 for stability and makes the frozen inputs carry gradients for checkpointing.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=checkpointing)
+        # The frozen tied embedding / output layer gains nothing from the fp32 upcast done above.
+        memory.keep_embedding_in_compute_dtype(model, choice.dtype)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
@@ -285,6 +326,16 @@ def main(argv=None) -> int:
     tokenizer = common.load_tokenizer(args.model)
     model = build_model(args, choice, load_in_4bit)
 
+    compute_loss, restore_head = memory.install_chunked_loss(model) if args.loss == "chunked" else (None, lambda: None)
+    longest = max(train_rows["length"])
+    if args.auto_batch_size:
+        if choice.device == "cuda":
+            model.train()  # gradient checkpointing is active in train mode only
+            fitted = memory.fit_batch(args.batch_size, args.grad_accum, lambda b: cuda_batch_fits(model, compute_loss, b, longest))
+            print(f"--auto-batch-size: micro-batch {fitted[0]} x accumulation {fitted[1]} (asked {args.batch_size} x {args.grad_accum})")
+            args.batch_size, args.grad_accum = fitted
+        else:
+            print(f"--auto-batch-size measures GPU memory and needs CUDA: keeping micro-batch {args.batch_size}")
     per_epoch = steps_per_epoch(len(train_rows), args.batch_size, args.grad_accum)
     total_steps = args.max_steps or math.ceil(per_epoch * args.epochs)
     trainable, total = model.get_nb_trainable_parameters()
@@ -294,6 +345,11 @@ def main(argv=None) -> int:
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     print(f"examples: train {len(train_rows)}, eval {len(eval_rows)} · effective batch {args.batch_size} x {args.grad_accum} = "
           f"{args.batch_size * args.grad_accum} · {per_epoch} steps/epoch · {total_steps} steps in total · optimiser {optim}")
+    estimate = memory.estimate_peak_memory(model.config, args.batch_size, longest, args.lora_r, load_in_4bit,
+                                           dtype_bytes=2 if choice.device == "cuda" else 4,
+                                           optimizer_bytes=2 if "8bit" in optim else 8, chunked_loss=args.loss == "chunked")
+    where = "" if choice.device == "cuda" else " (were this a GPU run)"
+    print(f"estimated peak GPU memory{where} at micro-batch {args.batch_size} x {longest} tokens: {memory.describe_estimate(estimate)}")
     print("one training example (only the part in ⟦ ⟧ is trained):\n" + show_trained_span(tokenizer, train_rows[0]))
 
     multiple = 8 if choice.device == "cuda" else 1  # tensor cores like multiples of 8
@@ -320,6 +376,7 @@ def main(argv=None) -> int:
         train_sampling_strategy="group_by_length",  # batches of similar length: little padding
         length_column_name="length",
         remove_unused_columns=False,  # pad_batch picks the model inputs itself
+        prediction_loss_only=True,  # evaluation needs the loss only, not every position's logits
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=choice.device == "cuda",
@@ -331,7 +388,10 @@ def main(argv=None) -> int:
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=lambda features: pad_batch(features, tokenizer.pad_token_id, multiple),
+        compute_loss_func=compute_loss,
     )
+    padding = padding_share(trainer.get_train_dataloader())
+    print(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their longest)")
     trainer.remove_callback(PrinterCallback)  # which of the two the Trainer adds depends on the log level
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(make_log_callback(total_steps))
@@ -345,6 +405,7 @@ def main(argv=None) -> int:
     logged = [entry["eval_loss"] for entry in last if "eval_loss" in entry and entry.get("step") == trainer.state.global_step]
     eval_loss = logged[0] if logged else trainer.evaluate()["eval_loss"]
     runtime = time.time() - started
+    restore_head()
 
     final = out / common.FINAL_ADAPTER
     with common.atomic_output_dir(final) as tmp:
@@ -354,7 +415,7 @@ def main(argv=None) -> int:
         common.write_json(tmp / common.TRAINING_SETTINGS, {
             **settings,
             "base_model_id": common.read_json(model_info).get("model_id") if model_info.is_file() else settings["model"],
-            "result": {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
+            "result": {"global_step": trainer.state.global_step, "train_loss": result.training_loss, "padding_share": round(padding, 4),
                        "eval_loss": eval_loss, "runtime_s": round(runtime, 1)},
         })
     print(f"✓ trained {trainer.state.global_step} steps in {runtime:.0f}s: train loss {result.training_loss:.4f}, eval loss {eval_loss:.4f}")

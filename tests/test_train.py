@@ -37,6 +37,7 @@ def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_
     settings = json.loads((final / common.TRAINING_SETTINGS).read_text())
     assert settings["template"] == common.DEFAULT_TEMPLATE and settings["load_in_4bit"] is True
     assert settings["base_model_id"] == "demo/tiny-qwen2" and settings["result"]["global_step"] == 4
+    assert settings["loss"] == "chunked" and 0 <= settings["result"]["padding_share"] < 0.5
     adapter = json.loads((final / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == set(common.LORA_TARGET_MODULES) and adapter["r"] == 16
 
