@@ -121,7 +121,7 @@ def report_errors(stage_main):
             print(f"error: {error}", file=sys.stderr)
             return error.exit_code
         except KeyboardInterrupt:
-            print("interrupted: nothing was written to the output folder", file=sys.stderr)
+            print("interrupted: anything half-written was discarded; earlier complete output is kept", file=sys.stderr)
             return 130
 
     wrapper.__name__ = stage_main.__name__
@@ -243,6 +243,18 @@ def hub_error_message(error: Exception, what: str) -> str:
         f"cannot reach the Hugging Face Hub for {what} ({type(error).__name__}): check your internet connection "
         f"or proxy, pass a local folder instead, or use --demo to run offline"
     )
+
+
+def check_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
+    """Stop with a clear message rather than failing halfway through a write."""
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    margin = 100 * 2**20
+    if free < needed_bytes + margin:
+        raise StageError(f"not enough disk space for {what}: {free / 2**20:.0f} MB free in {folder}/, about "
+                         f"{(needed_bytes + margin) / 2**20:.0f} MB needed; free some space and run again", 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ until the download is complete, then the folder is renamed to model/.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shutil
 import sys
@@ -74,7 +75,7 @@ def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
     try:
         # Asking for the repository's info first fails in milliseconds when offline, and tells an unknown id
         # apart from a network problem.
-        info = HfApi().model_info(model_id, revision=revision, files_metadata=False)
+        info = HfApi().model_info(model_id, revision=revision, files_metadata=True)
     except Exception as error:
         raise StageError(common.hub_error_message(error, model_id), common.EXIT_FAILED) from None
     files = [s.rfilename for s in info.siblings or []]
@@ -83,6 +84,9 @@ def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
 
     # Partial downloads live here between attempts so that a rerun resumes instead of starting over.
     partial = out.with_name(f".{out.name}.partial")
+    wanted = [s for s in info.siblings or [] if any(fnmatch.fnmatch(s.rfilename, p) for p in ALLOWED_PATTERNS)]
+    have = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.exists() else 0
+    common.check_free_space(out.parent, sum(s.size or 0 for s in wanted) - have, f"downloading {model_id}")
     print(f"downloading {model_id} @ {info.sha[:10]} into {partial}/ (resumable)")
     try:
         snapshot_download(model_id, revision=info.sha, allow_patterns=ALLOWED_PATTERNS, local_dir=str(partial))

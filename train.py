@@ -6,6 +6,8 @@ Run:
     python train.py --resume                 # continue from the newest checkpoint in checkpoints/
 
 Reads:  model/ (download_model.py), prepared_data/ (prepare_data.py)
+Stop:   Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and says how to resume; a second
+        Ctrl-C stops at once. Checkpoints are written atomically (see checkpoints.py).
 Writes: checkpoints/checkpoint-<step>/ (every --save-steps, the last --keep-last kept),
         checkpoints/final/ (adapter_config.json, adapter_model.safetensors, tokenizer, training_settings.json)
 Next:   verify_model.py --adapter checkpoints/final
@@ -21,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
+import checkpoints
 import common
 import memory
+import monitoring
+from checkpoints import find_checkpoints
 from common import StageError
 
 RUN_SETTINGS = "run_settings.json"  # in checkpoints/: what a --resume must agree with
@@ -54,12 +61,6 @@ def show_trained_span(tokenizer, example: dict) -> str:
     ids, labels = example["input_ids"], example["labels"]
     first = next(i for i, label in enumerate(labels) if label != common.IGNORE_INDEX)
     return tokenizer.decode(ids[:first]) + "⟦" + tokenizer.decode(ids[first:]) + "⟧"
-
-
-def find_checkpoints(out: Path) -> list[Path]:
-    """checkpoint-<step> folders, oldest first."""
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def padding_share(dataloader) -> float:
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logging-steps", type=common.positive(int), default=10, help="one log line every N steps (default: %(default)s)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue from the newest checkpoint in --out, or from PATH")
+    parser.add_argument("--force-resume", action="store_true", help="resume even though key settings (model, data, LoRA) differ from the checkpoint's")
     parser.add_argument("--overwrite", action="store_true", help="delete the checkpoints of an earlier run in --out and start over")
     return parser
 
@@ -215,19 +217,21 @@ def resume_point(args, settings: dict) -> str | None:
         return None
     out = Path(args.out)
     if args.resume == "latest":
-        checkpoints = find_checkpoints(out)
-        if not checkpoints:
-            print(f"--resume: no checkpoint in {out}/ yet: starting from step 0")
+        checkpoint = checkpoints.latest_valid_checkpoint(out)
+        if checkpoint is None:
+            print(f"--resume: no usable checkpoint in {out}/ yet: starting from step 0")
             return None
-        checkpoint = checkpoints[-1]
     else:
         checkpoint = Path(args.resume)
+        problem = checkpoints.checkpoint_problem(checkpoint)
+        if problem:
+            raise StageError(f"cannot resume from {checkpoint}: {problem}; try --resume without a path to pick the newest good one")
     saved_path = out / RUN_SETTINGS
     if saved_path.is_file():
         saved = common.read_json(saved_path)
         differing = [f"{key} {saved.get(key)!r} -> {settings[key]!r}" for key in RESUME_KEYS if saved.get(key) != settings[key]]
-        if differing:
-            raise StageError(f"cannot resume {checkpoint}: it was trained with other settings ({'; '.join(differing)}); use --overwrite to start over")
+        if differing and not args.force_resume:
+            raise StageError(f"cannot resume {checkpoint}: it was trained with other settings ({'; '.join(differing)}); use --overwrite to start over, or --force-resume")
     return str(checkpoint)
 
 
@@ -260,34 +264,6 @@ def build_model(args, choice, load_in_4bit: bool):
     return get_peft_model(model, lora)
 
 
-def make_log_callback(total_steps: int):
-    """A progress bar plus one readable line per log, in place of the Trainer's raw dictionaries."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class ReadableProgress(ProgressCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.time()
-            return super().on_train_begin(args, state, control, **kwargs)
-
-        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            pass  # a second, nested bar for a few seconds of evaluation is noise; the eval loss line follows
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            elapsed = time.time() - self.started
-            if "loss" in logs:
-                line = (f"step {state.global_step}/{total_steps} · epoch {logs.get('epoch', state.epoch):.2f} · loss {logs['loss']:.4f}"
-                        f" · lr {logs.get('learning_rate', 0):.2e} · grad norm {logs.get('grad_norm', float('nan')):.3f} · {elapsed:.0f}s")
-            elif "eval_loss" in logs:
-                line = f"step {state.global_step}/{total_steps} · eval loss {logs['eval_loss']:.4f}"
-            else:
-                return
-            (self.training_bar.write if self.training_bar is not None else print)(line)
-
-    return ReadableProgress()
-
-
 @common.report_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -302,6 +278,7 @@ def main(argv=None) -> int:
     import torch
     from datasets import load_from_disk
     from transformers import Trainer, TrainingArguments
+    from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     choice = common.pick_device()
@@ -319,7 +296,9 @@ def main(argv=None) -> int:
         for old in find_checkpoints(out) + [out / common.FINAL_ADAPTER]:
             shutil.rmtree(old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / RUN_SETTINGS, settings)
+    checkpoints.remove_staging(out)  # half-written checkpoints of an interrupted save
+    if not (checkpoint and (out / RUN_SETTINGS).is_file()):
+        common.write_json(out / RUN_SETTINGS, settings)
 
     data = load_from_disk(args.data)
     train_rows, eval_rows = data["train"], data["eval"]
@@ -377,12 +356,14 @@ def main(argv=None) -> int:
         length_column_name="length",
         remove_unused_columns=False,  # pad_batch picks the model inputs itself
         prediction_loss_only=True,  # evaluation needs the loss only, not every position's logits
-        report_to="none",
+        report_to="none",  # TensorBoard is added below, writing to <out>/logs
+        include_num_input_tokens_seen="non_padding",  # for trained tokens per second
         dataloader_num_workers=0,
         dataloader_pin_memory=choice.device == "cuda",
         disable_tqdm=False,
     )
-    trainer = Trainer(
+    trainer_class = checkpoints.atomic_checkpoint_trainer(monitoring.monitored_trainer(Trainer), trainable)
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_rows,
@@ -394,12 +375,23 @@ def main(argv=None) -> int:
     print(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their longest)")
     trainer.remove_callback(PrinterCallback)  # which of the two the Trainer adds depends on the log level
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(make_log_callback(total_steps))
+    trainer.add_callback(monitoring.run_monitor(out, total_steps))
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(out / monitoring.LOGS)
+    trainer.add_callback(tensorboard)
+    stop = checkpoints.graceful_stop_callback()
+    trainer.add_callback(stop)
 
     started = time.time()
     if checkpoint:
         print(f"resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.signal_name is not None:
+        saved = find_checkpoints(out)
+        command = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--resume"]
+        print(f"stopped by {stop.signal_name} at step {trainer.state.global_step}/{total_steps}; checkpoint saved in {saved[-1]}/\n"
+              f"resume with: python train.py {shlex.join(command + ['--resume'])}")
+        return 128 + getattr(signal, stop.signal_name)
     # The last step is often an evaluation step already; evaluate again only when it was not.
     last = trainer.state.log_history[-2:] if trainer.state.log_history else []
     logged = [entry["eval_loss"] for entry in last if "eval_loss" in entry and entry.get("step") == trainer.state.global_step]
@@ -419,7 +411,8 @@ def main(argv=None) -> int:
                        "eval_loss": eval_loss, "runtime_s": round(runtime, 1)},
         })
     print(f"✓ trained {trainer.state.global_step} steps in {runtime:.0f}s: train loss {result.training_loss:.4f}, eval loss {eval_loss:.4f}")
-    print(f"✓ adapter saved in {final}/")
+    print(f"✓ adapter saved in {final}/; curves in {out / monitoring.CURVES}, history in {out / monitoring.METRICS}, "
+          f"TensorBoard: tensorboard --logdir {out / monitoring.LOGS}")
     if torch.cuda.is_available():
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print(f"next: python verify_model.py --model {args.model} --adapter {final}")

@@ -1,0 +1,152 @@
+"""Long runs that survive: graceful stop, resume that really continues, crash safety, fallback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import checkpoints
+import common
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_args(model, prepared, out, *extra):
+    return ["--model", str(model), "--data", str(prepared), "--out", str(out), "--batch-size", "4", "--grad-accum", "1",
+            "--logging-steps", "1", "--lr", "1e-3", *extra]
+
+
+def logged(checkpoint: Path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, learning rate) from a checkpoint's trainer_state.json."""
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: (entry["loss"], entry["learning_rate"]) for entry in history if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_model, demo_prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "checkpoints"
+    assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "6", "--save-steps", "3")) == 0
+    return out
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo_model, demo_prepared, uninterrupted,
+                                                                            tmp_path, monkeypatch, capsys):
+    make_callback = checkpoints.graceful_stop_callback
+
+    def ctrl_c_at_step_2():
+        callback = make_callback()
+        on_step_end = callback.on_step_end
+
+        def press_ctrl_c(args, state, control, **kwargs):
+            if state.global_step == 2 and callback.signal_name is None:
+                signal.raise_signal(signal.SIGINT)  # handled by the real signal handler
+            return on_step_end(args, state, control, **kwargs)
+
+        callback.on_step_end = press_ctrl_c
+        return callback
+
+    out = tmp_path / "checkpoints"
+    monkeypatch.setattr(checkpoints, "graceful_stop_callback", ctrl_c_at_step_2)
+    args = run_args(demo_model, demo_prepared, out, "--max-steps", "6", "--save-steps", "3")
+    assert train.main(args) == 128 + signal.SIGINT
+    printed = capsys.readouterr()
+    assert "SIGINT received" in printed.err and "--resume" in printed.out
+    assert [p.name for p in checkpoints.find_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / common.FINAL_ADAPTER).exists()
+
+    monkeypatch.setattr(checkpoints, "graceful_stop_callback", make_callback)
+    assert train.main(args + ["--resume"]) == 0
+    resumed, reference = logged(out / "checkpoint-6"), logged(uninterrupted / "checkpoint-6")
+    assert sorted(resumed) == sorted(reference) == [1, 2, 3, 4, 5, 6]
+    for step in (3, 4, 5, 6):
+        assert resumed[step][0] == pytest.approx(reference[step][0], rel=1e-3), step  # same data, weights, optimiser
+        assert resumed[step][1] == pytest.approx(reference[step][1], rel=1e-6), step  # same learning-rate schedule
+    assert json.loads((out / common.FINAL_ADAPTER / common.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 6
+
+
+def test_resume_falls_back_when_the_newest_checkpoint_is_broken(demo_model, demo_prepared, tmp_path, capsys):
+    out = tmp_path / "checkpoints"
+    args = run_args(demo_model, demo_prepared, out, "--max-steps", "4", "--save-steps", "2")
+    assert train.main(args) == 0
+    weights = out / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk
+    assert checkpoints.latest_valid_checkpoint(out) == out / "checkpoint-2"
+    assert "skipping" in capsys.readouterr().err
+    (out / "checkpoint-2" / "optimizer.pt").unlink()
+    assert checkpoints.checkpoint_problem(out / "checkpoint-2") == "optimizer.pt is missing"
+    assert checkpoints.latest_valid_checkpoint(out) is None
+
+
+def test_resume_continues_from_the_previous_good_checkpoint(demo_model, demo_prepared, tmp_path, capsys):
+    out = tmp_path / "checkpoints"
+    args = run_args(demo_model, demo_prepared, out, "--max-steps", "4", "--save-steps", "2")
+    assert train.main(args) == 0
+    (out / "checkpoint-4" / "adapter_model.safetensors").unlink()
+    assert train.main(args + ["--resume"]) == 0
+    assert "resuming from " + str(out / "checkpoint-2") in capsys.readouterr().out
+    assert checkpoints.checkpoint_problem(out / "checkpoint-4") is None
+
+
+def test_resume_with_other_key_settings_is_refused_unless_forced(demo_model, demo_prepared, tmp_path, capsys):
+    out = tmp_path / "checkpoints"
+    assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "2", "--save-steps", "2")) == 0
+    capsys.readouterr()
+    assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "2", "--save-steps", "2", "--lora-r", "8", "--resume")) == 2
+    assert "lora_r" in capsys.readouterr().err
+
+
+def start_training(model, prepared, out, *extra) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "train.py"), *run_args(model, prepared, out, *extra)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_line(process, text: str, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    for line in process.stdout:
+        if text in line:
+            return
+        if time.monotonic() > deadline:
+            break
+    process.kill()
+    raise AssertionError(f"never printed {text!r}")
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(demo_model, demo_prepared, tmp_path):
+    out = tmp_path / "checkpoints"
+    process = start_training(demo_model, demo_prepared, out, "--max-steps", "40", "--save-steps", "100")
+    wait_for_line(process, "step 2/40 · epoch")
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    saved = checkpoints.find_checkpoints(out)
+    assert len(saved) == 1 and checkpoints.checkpoint_problem(saved[0]) is None
+    assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "6", "--save-steps", "100", "--resume", "--force-resume")) == 0
+
+
+def test_kill_9_at_any_moment_leaves_a_run_that_resume_completes(demo_model, demo_prepared, tmp_path):
+    """kill -9 during steps and during checkpoint writes (a checkpoint every step): never a half checkpoint
+    that --resume would take, never the last good one deleted; the resumed run reaches the target step."""
+    out = tmp_path / "checkpoints"
+    args = ("--max-steps", "8", "--save-steps", "1", "--keep-last", "2")
+    for delay in (0.0, 0.3):  # after a log line: mid-step, mid-save, or between
+        process = start_training(demo_model, demo_prepared, out, *args, *(["--resume"] if checkpoints.find_checkpoints(out) else []))
+        wait_for_line(process, "/8 · epoch")
+        wait_for_line(process, "/8 · epoch")  # a second step trained: the first one's checkpoint was saved before it
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        good = checkpoints.latest_valid_checkpoint(out)
+        assert good is not None, f"no resumable checkpoint after kill -9 (delay {delay})"
+    assert train.main(run_args(demo_model, demo_prepared, out, *args, "--resume")) == 0
+    final = out / common.FINAL_ADAPTER
+    assert json.loads((final / common.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 8
+    model = common.load_for_inference(demo_model, final, common.pick_device(), load_in_4bit=True)
+    assert model is not None
+    assert not list(out.glob(checkpoints.STAGING + "*"))
