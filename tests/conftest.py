@@ -69,10 +69,10 @@ def demo_prepared(tmp_path_factory, demo_model, demo_data) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_smoke(tmp_path_factory, demo_model, demo_prepared) -> Path:
-    """A 4-step QLoRA run on the demo data with a checkpoint every 2 steps."""
+    """A 4-step QLoRA run on the demo data with a checkpoint and an evaluation every 2 steps, a log every step."""
     out = tmp_path_factory.mktemp("smoke") / "checkpoints"
-    code = train.main(["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(out),
-                       "--max-steps", "4", "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1"])
+    code = train.main(["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(out), "--max-steps", "4",
+                       "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1"])
     assert code == 0
     return out
 

@@ -31,7 +31,7 @@ def test_trained_span_is_shown_between_markers(demo_model, demo_prepared):
 
 def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_model):
     names = {p.name for p in trained_smoke.iterdir()}
-    assert names == {"checkpoint-4", common.FINAL_ADAPTER, train.RUN_SETTINGS}  # --keep-last 1
+    assert names == {"checkpoint-4", common.FINAL_ADAPTER, train.RUN_SETTINGS, "metrics.json", "training_curves.png", "logs"}  # --keep-last 1
     final = trained_smoke / common.FINAL_ADAPTER
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", common.TRAINING_SETTINGS} <= {p.name for p in final.iterdir()}
     settings = json.loads((final / common.TRAINING_SETTINGS).read_text())
@@ -56,8 +56,8 @@ def test_training_uses_bitsandbytes_4bit_on_cpu(demo_model):
 
 
 def test_rerun_with_same_settings_skips_and_an_earlier_run_is_not_overwritten(trained_smoke, demo_model, demo_prepared, capsys):
-    same = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(trained_smoke),
-            "--max-steps", "4", "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1"]
+    same = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(trained_smoke), "--max-steps", "4",
+            "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1"]
     assert train.main(same) == 0
     assert "skipping" in capsys.readouterr().out
     assert train.main(same[:-1] + ["2"]) == 2  # other settings, same folder

@@ -1,0 +1,201 @@
+"""Watching training: readable progress lines, warnings, TensorBoard scalars, metrics.json, training_curves.png.
+
+Used by train.py; tools/training_dashboard.py reads what it writes. Everything a log line shows is also in
+the Trainer's log history (and so in each checkpoint's trainer_state.json), which is why a resumed run's
+metrics.json and curves continue where the interrupted run stopped.
+
+Writes, in the run's folder (checkpoints/ by default):
+  metrics.json           the full history (step, epoch, losses, learning rate, gradient norm, tokens, tokens/s,
+                         memory, elapsed time) and the run's totals; rewritten atomically at every log
+  training_curves.png    train and eval loss, learning rate; refreshed at every evaluation and at the end
+  logs/                  TensorBoard event files: tensorboard --logdir checkpoints/logs
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import common
+
+METRICS = "metrics.json"
+CURVES = "training_curves.png"
+LOGS = "logs"
+RISING_LOGS = 3  # warn when the training loss rose this many logs in a row
+GIB = 2**30
+
+
+def memory_in_use() -> tuple[float, str]:
+    """Peak GPU memory allocated by this process on CUDA, else this process's resident memory, in GiB."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / GIB, "GPU peak"
+    import psutil
+
+    return psutil.Process().memory_info().rss / GIB, "RAM"
+
+
+def monitored_trainer(trainer_class):
+    """A Trainer subclass whose logs also carry trained tokens per second, memory and elapsed time, so that
+    every consumer (console, TensorBoard, metrics.json, checkpoints) sees them."""
+
+    class MonitoredTrainer(trainer_class):
+        def log(self, logs, start_time=None):
+            now = time.time()
+            if not hasattr(self, "_elapsed_before"):  # first log of this session
+                # After a resume the history up to the checkpoint is restored: the clock continues from it.
+                self._elapsed_before = max((e.get("elapsed_s", 0.0) for e in self.state.log_history), default=0.0)
+                self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0))
+            if "loss" in logs:
+                last_time, last_tokens = self._last_log
+                tokens = self.state.num_input_tokens_seen
+                logs["tokens_per_second"] = round((tokens - last_tokens) / max(now - last_time, 1e-9), 1)
+                self._last_log = (now, tokens)
+                logs["memory_gib"] = round(memory_in_use()[0], 3)
+            logs["elapsed_s"] = round(now - self._monitor_start + self._elapsed_before, 1)
+            super().log(logs, start_time)
+
+        def train(self, *args, **kwargs):
+            self._monitor_start = time.time()
+            return super().train(*args, **kwargs)
+
+    return MonitoredTrainer
+
+
+def loss_warning(losses: list[float]) -> str | None:
+    """A warning when the latest training loss is not a number, or has risen RISING_LOGS logs in a row."""
+    if not losses:
+        return None
+    if not math.isfinite(losses[-1]):
+        return ("the training loss is not a number: the usual causes are a learning rate that is too high (try --lr 1e-4) "
+                "or fp16 overflow on a GPU without bf16 (lower --lr; --max-grad-norm is 1.0)")
+    recent = losses[-(RISING_LOGS + 1):]
+    if len(recent) == RISING_LOGS + 1 and all(b > a for a, b in zip(recent, recent[1:])):
+        return (f"the training loss rose {RISING_LOGS} logs in a row ({recent[0]:.4f} -> {recent[-1]:.4f}): "
+                f"if it keeps rising, lower the learning rate (try --lr 1e-4)")
+    return None
+
+
+def history_of(log_history: list[dict]) -> list[dict]:
+    """The Trainer's log history reduced to the rows a user reads (train and eval logs)."""
+    keys = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_input_tokens_seen",
+            "tokens_per_second", "memory_gib", "elapsed_s")
+    return [{key: entry[key] for key in keys if key in entry} for entry in log_history if "loss" in entry or "eval_loss" in entry]
+
+
+def totals_of(history: list[dict], total_steps: int, finished: bool) -> dict:
+    train = [row for row in history if "loss" in row]
+    evals = [row for row in history if "eval_loss" in row]
+    best = min(evals, key=lambda row: row["eval_loss"]) if evals else None
+    return {
+        "step": history[-1]["step"] if history else 0,
+        "total_steps": total_steps,
+        "finished": finished,
+        "elapsed_s": max((row.get("elapsed_s", 0) for row in history), default=0),
+        "tokens": max((row.get("num_input_tokens_seen", 0) for row in history), default=0),
+        "last_train_loss": train[-1]["loss"] if train else None,
+        "best_eval_loss": best["eval_loss"] if best else None,
+        "best_eval_step": best["step"] if best else None,
+        "peak_memory_gib": max((row.get("memory_gib", 0) for row in history), default=0),
+    }
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Train and eval loss over steps, and the learning rate; written atomically, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [row for row in history if "loss" in row]
+    evals = [row for row in history if "eval_loss" in row]
+    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[2, 1])
+    if train:
+        loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", color="tab:blue")
+        lr_ax.plot([r["step"] for r in train], [r.get("learning_rate", 0) for r in train], color="tab:green")
+    if evals:
+        loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", color="tab:orange")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend()
+    loss_ax.grid(alpha=0.3)
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("optimiser step")
+    lr_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_monitor(out: Path, total_steps: int):
+    """The console progress bar and lines, warnings, metrics.json and the curves, as one Trainer callback."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class RunMonitor(ProgressCallback):
+        def __init__(self):
+            super().__init__()
+            self.warned = None
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            pass  # a second, nested bar for a few seconds of evaluation is noise; the eval loss line follows
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            line = self.describe(state, logs)
+            if line:
+                (self.training_bar.write if self.training_bar is not None else print)(line)
+            losses = [row["loss"] for row in state.log_history if "loss" in row]
+            warning = loss_warning(losses) if "loss" in logs else None
+            if warning and warning != self.warned:
+                (self.training_bar.write if self.training_bar is not None else print)(f"warning: {warning}")
+            self.warned = warning
+            self.write(state, finished=False)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            super().on_evaluate(args, state, control, **kwargs)
+            if state.is_world_process_zero:
+                plot_curves(history_of(state.log_history), out / CURVES)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            super().on_train_end(args, state, control, **kwargs)
+            if state.is_world_process_zero:
+                self.write(state, finished=state.global_step >= total_steps)
+                plot_curves(history_of(state.log_history), out / CURVES)
+
+        def describe(self, state, logs) -> str | None:
+            step = f"step {state.global_step}/{total_steps}"
+            if "eval_loss" in logs:
+                return f"{step} · eval loss {logs['eval_loss']:.4f}"
+            if "loss" not in logs:
+                return None
+            elapsed = logs.get("elapsed_s", 0.0)
+            done = max(1, state.global_step)
+            eta = elapsed / done * (total_steps - state.global_step) if state.global_step else 0.0
+            memory, where = memory_in_use()
+            parts = [step, f"epoch {logs.get('epoch', state.epoch or 0):.2f}", f"loss {logs['loss']:.4f}",
+                     f"lr {logs.get('learning_rate', 0):.2e}", f"grad norm {logs.get('grad_norm', float('nan')):.3f}",
+                     f"{logs.get('tokens_per_second', 0):,.0f} tok/s", f"{where} {memory:.2f} GiB",
+                     f"{format_seconds(elapsed)} elapsed", f"ETA {format_seconds(eta)}"]
+            return " · ".join(parts)
+
+        def write(self, state, finished: bool) -> None:
+            history = history_of(state.log_history)
+            common.write_json(out / METRICS, {"history": history, "totals": totals_of(history, total_steps, finished)})
+
+    return RunMonitor()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def text_bar(fraction: float, width: int = 30) -> str:
+    """[#####-----] for a fraction in [0, 1], for terminal views."""
+    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"

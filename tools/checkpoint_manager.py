@@ -1,0 +1,166 @@
+"""Manage the checkpoints of a run: list them, keep the last N, delete one, find the best, try one out.
+
+Run:
+    python tools/checkpoint_manager.py list
+    python tools/checkpoint_manager.py best                  # lowest eval loss
+    python tools/checkpoint_manager.py cleanup --keep 2
+    python tools/checkpoint_manager.py delete checkpoints/checkpoint-50
+    python tools/checkpoint_manager.py test checkpoints/checkpoint-100   # its completions beside the base model's
+
+Reads:  checkpoints/ (train.py), model/ for `test`
+Writes: only `cleanup` and `delete` remove checkpoint folders; checkpoints/final/ is never removed by cleanup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import checkpoints  # noqa: E402
+import common  # noqa: E402
+from common import StageError  # noqa: E402
+
+TEST_PROBLEMS = 3  # bundled problems used by `test`
+
+
+def losses_at(folder: Path, step: int) -> tuple[float | None, float | None]:
+    """The last train loss logged up to `step` and the eval loss at `step`, from a checkpoint's trainer state."""
+    state_path = folder / "trainer_state.json"
+    if not state_path.is_file():
+        return None, None
+    history = json.loads(state_path.read_text()).get("log_history", [])
+    train = [entry["loss"] for entry in history if "loss" in entry and entry["step"] <= step]
+    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry and entry["step"] == step]
+    return (train[-1] if train else None), (evals[-1] if evals else None)
+
+
+def describe(run: Path) -> list[dict]:
+    rows = []
+    for folder in checkpoints.find_checkpoints(run):
+        step = checkpoints.step_of(folder)
+        train_loss, eval_loss = losses_at(folder, step)
+        rows.append({"path": folder, "step": step, "train_loss": train_loss, "eval_loss": eval_loss, "final": False,
+                     "problem": checkpoints.checkpoint_problem(folder)})
+    final = run / common.FINAL_ADAPTER
+    if (final / "adapter_config.json").is_file():
+        settings_path = final / common.TRAINING_SETTINGS
+        result = json.loads(settings_path.read_text()).get("result", {}) if settings_path.is_file() else {}
+        rows.append({"path": final, "step": result.get("global_step"), "train_loss": result.get("train_loss"),
+                     "eval_loss": result.get("eval_loss"), "final": True, "problem": None})
+    for row in rows:
+        files = [f for f in row["path"].rglob("*") if f.is_file()]
+        row["size_mb"] = sum(f.stat().st_size for f in files) / 1e6
+        row["date"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(max((f.stat().st_mtime for f in files), default=0)))
+    return rows
+
+
+def fmt(value, pattern="{:.4f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def command_list(run: Path) -> int:
+    rows = describe(run)
+    if not rows:
+        print(f"no checkpoints in {run}/")
+        return 0
+    print(f"{'checkpoint':28s} {'step':>6s} {'train loss':>11s} {'eval loss':>10s} {'size':>9s}  date")
+    for row in rows:
+        note = "  <- final adapter" if row["final"] else (f"  (unusable: {row['problem']})" if row["problem"] else "")
+        print(f"{str(row['path']):28s} {fmt(row['step'], '{}'):>6s} {fmt(row['train_loss']):>11s} {fmt(row['eval_loss']):>10s} "
+              f"{row['size_mb']:7.1f}MB  {row['date']}{note}")
+    return 0
+
+
+def command_best(run: Path) -> int:
+    rated = [row for row in describe(run) if row["eval_loss"] is not None and not row["problem"]]
+    if not rated:
+        raise StageError(f"no checkpoint in {run}/ has an eval loss yet (train.py evaluates every --save-steps)")
+    best = min(rated, key=lambda row: (row["eval_loss"], row["final"]))
+    print(f"best: {best['path']} (step {best['step']}, eval loss {best['eval_loss']:.4f})")
+    return 0
+
+
+def command_cleanup(run: Path, keep: int) -> int:
+    found = checkpoints.find_checkpoints(run)
+    doomed = found[:-keep] if keep else found
+    for folder in doomed:
+        shutil.rmtree(folder)
+        print(f"deleted {folder}")
+    print(f"kept {len(found) - len(doomed)} checkpoint(s)" + (" and the final adapter" if (run / common.FINAL_ADAPTER).is_dir() else ""))
+    return 0
+
+
+def command_delete(path: Path) -> int:
+    if not (path / "adapter_config.json").is_file():
+        raise StageError(f"{path} is not a checkpoint or adapter folder (no adapter_config.json): nothing deleted")
+    shutil.rmtree(path)
+    print(f"deleted {path}")
+    return 0
+
+
+def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> int:
+    common.read_adapter_settings(path)  # a clear line when it is not an adapter
+    common.require_model_dir(model_dir)
+    settings_path = run / "run_settings.json"
+    template = json.loads(settings_path.read_text()).get("template", common.DEFAULT_TEMPLATE) if settings_path.is_file() else common.DEFAULT_TEMPLATE
+    problems = [json.loads(line) for line in common.DEMO_PROBLEMS.read_text().splitlines()[:TEST_PROBLEMS]]
+    prompts = [common.format_prompt(template, p["text"], p["test_list"]) for p in problems]
+    common.quiet_libraries()
+    choice = common.pick_device()
+    tokenizer = common.load_tokenizer(model_dir)
+    model = common.load_for_inference(model_dir, None, choice, common.can_load_4bit(choice))
+    base = common.generate(model, tokenizer, prompts, max_new_tokens)
+    from peft import PeftModel
+
+    tuned = common.generate(PeftModel.from_pretrained(model, str(path)).eval(), tokenizer, prompts, max_new_tokens)
+    for problem, before, after in zip(problems, base, tuned):
+        print(f"=== {problem['text']}")
+        print(f"--- base model:\n{before[0]['completion'].rstrip()}")
+        print(f"--- {path}:\n{after[0]['completion'].rstrip()}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=common.CHECKPOINTS_DIR, help="the run's folder (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every checkpoint with its step, losses, size and date")
+    commands.add_parser("best", help="the checkpoint with the lowest eval loss")
+    cleanup = commands.add_parser("cleanup", help="delete all but the newest N checkpoints (never the final adapter)")
+    cleanup.add_argument("--keep", type=int, required=True, help="checkpoints to keep")
+    delete = commands.add_parser("delete", help="delete one checkpoint folder")
+    delete.add_argument("path")
+    test = commands.add_parser("test", help="completions of a few bundled problems: base model vs this checkpoint")
+    test.add_argument("path")
+    test.add_argument("--model", default=common.MODEL_DIR, help="base model folder (default: %(default)s)")
+    test.add_argument("--max-new-tokens", type=common.positive(int), default=128)
+    return parser
+
+
+@common.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run = Path(args.run)
+    if args.command in ("list", "best", "cleanup") and not run.is_dir():
+        raise StageError(f"{run}/ not found: train.py writes its checkpoints there (or pass --run)")
+    if args.command == "cleanup" and args.keep < 0:
+        raise StageError("--keep must be 0 or more")
+    if args.command == "list":
+        return command_list(run)
+    if args.command == "best":
+        return command_best(run)
+    if args.command == "cleanup":
+        return command_cleanup(run, args.keep)
+    if args.command == "delete":
+        return command_delete(Path(args.path))
+    return command_test(run, Path(args.path), args.model, args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Progress of a training run from its metrics.json: steps, loss trend, best eval loss, speed, ETA.
+
+Run:
+    python tools/training_dashboard.py                       # the run in checkpoints/
+    python tools/training_dashboard.py checkpoints --watch   # refresh every 5 s while it trains
+
+Reads:  <run>/metrics.json (written by train.py at every log), or a metrics.json path.
+Writes: nothing. Works on a running or a finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+import monitoring  # noqa: E402
+
+
+def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average, as TensorBoard's smoothing slider."""
+    out, last = [], None
+    for value in values:
+        last = value if last is None else weight * last + (1 - weight) * value
+        out.append(last)
+    return out
+
+
+def trend(values: list[float], window: int = 10) -> str:
+    recent = smoothed(values)[-window:]
+    if len(recent) < 3:
+        return "too early to tell"
+    change = (recent[-1] - recent[0]) / max(abs(recent[0]), 1e-9)
+    if change < -0.02:
+        return f"falling ({100 * change:+.1f}% over the last {len(recent)} logs)"
+    if change > 0.02:
+        return f"rising ({100 * change:+.1f}% over the last {len(recent)} logs): consider a lower --lr"
+    return f"flat ({100 * change:+.1f}% over the last {len(recent)} logs)"
+
+
+def render(metrics: dict, source: Path) -> str:
+    history, totals = metrics["history"], metrics["totals"]
+    train = [row for row in history if "loss" in row]
+    evals = [row for row in history if "eval_loss" in row]
+    step, total = totals["step"], max(1, totals["total_steps"])
+    elapsed = totals.get("elapsed_s") or 0.0
+    per_step = elapsed / step if step else 0.0
+    state = "finished" if totals.get("finished") else "running or stopped"
+    lines = [f"run: {source} ({state})",
+             f"progress: {monitoring.text_bar(step / total)} {step}/{total} steps ({100 * step / total:.0f}%) · "
+             f"elapsed {monitoring.format_seconds(elapsed)} · {per_step:.2f} s/step · "
+             f"ETA {monitoring.format_seconds(per_step * (total - step)) if not totals.get('finished') else '-'}"]
+    if train:
+        losses = [row["loss"] for row in train]
+        best = min(train, key=lambda row: row["loss"])
+        lines.append(f"train loss: last {losses[-1]:.4f} · smoothed {smoothed(losses)[-1]:.4f} · lowest {best['loss']:.4f} "
+                     f"at step {best['step']} · first {losses[0]:.4f}")
+        lines.append(f"trend: {trend(losses)}")
+    if evals:
+        lines.append(f"eval loss: best {totals['best_eval_loss']:.4f} at step {totals['best_eval_step']} · last "
+                     f"{evals[-1]['eval_loss']:.4f} ({len(evals)} evaluations)")
+    else:
+        lines.append("eval loss: not computed yet")
+    speeds = [row["tokens_per_second"] for row in train if row.get("tokens_per_second")]
+    if speeds:
+        lines.append(f"speed: {sum(speeds) / len(speeds):,.0f} trained tok/s on average · {totals.get('tokens', 0):,} tokens so far")
+    lines.append(f"peak memory: {totals.get('peak_memory_gib', 0):.2f} GiB")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", default=common.CHECKPOINTS_DIR, help="run folder or metrics.json (default: %(default)s)")
+    parser.add_argument("--watch", action="store_true", help="refresh until the run finishes (Ctrl-C to quit)")
+    parser.add_argument("--interval", type=common.positive(float), default=5.0, help="seconds between refreshes (default: %(default)s)")
+    return parser
+
+
+@common.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    source = Path(args.run)
+    path = source if source.suffix == ".json" else source / monitoring.METRICS
+    while True:
+        try:
+            metrics = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise common.StageError(f"{path} not found: train.py writes it at the first log of a run") from None
+        except json.JSONDecodeError:
+            raise common.StageError(f"{path} is not valid JSON") from None
+        text = render(metrics, source)
+        if not args.watch:
+            print(text)
+            return 0
+        print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + "(Ctrl-C to quit)\n" + text, flush=True)
+        if metrics["totals"].get("finished"):
+            return 0
+        time.sleep(args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
