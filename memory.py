@@ -16,7 +16,7 @@ import torch
 
 from common import IGNORE_INDEX
 
-DEFAULT_CHUNK = 256  # rows of logits at a time: 256 x 151,936 x 4 bytes = 156 MB
+DEFAULT_CHUNK = 128  # rows of logits at a time: 128 x 151,936 x 4 bytes = 78 MB
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -30,12 +30,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = (hidden[rows] @ weight.t()).float()  # the only [chunk, vocab] tensor alive
-            log_norm = torch.logsumexp(logits, dim=-1)
             target = targets[rows]
-            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)
+            # log-sum-exp and softmax in the logits' own memory: no second [chunk, vocab] buffer
+            row_max = logits.max(dim=-1, keepdim=True).values
+            exp = logits.sub_(row_max).exp_()
+            sum_exp = exp.sum(dim=-1, keepdim=True)
+            total += ((sum_exp.log() + row_max).squeeze(1) - target_logit).sum()
             if want_grad:
-                # d CE / d logits = softmax - one_hot(target), computed in place in the logits' memory.
-                probs = logits.sub_(log_norm[:, None]).exp_()
+                # d CE / d logits = softmax - one_hot(target)
+                probs = exp.div_(sum_exp)
                 probs[torch.arange(len(target), device=probs.device), target] -= 1.0
                 grad_hidden[rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
@@ -138,7 +142,8 @@ def estimate_peak_memory(config, micro_batch: int, seq_len: int, lora_r: int, lo
     checkpoints = tokens * hidden * dtype_bytes * layers
     one_layer = tokens * (10 * hidden + 3 * inter) * dtype_bytes
     if chunked_loss:
-        loss = min(chunk_size, tokens) * vocab * 4 * 2 + tokens * labelled_share * hidden * 4 * 2
+        # one chunk of logits in the compute dtype and in fp32, and the gradient of the labelled hidden states
+        loss = min(chunk_size, tokens) * vocab * (dtype_bytes + 4) + tokens * labelled_share * hidden * 4 * 2
     else:
         # logits in the compute dtype, their fp32 upcast, log-softmax and its gradient, over every position
         loss = tokens * vocab * (dtype_bytes + 4 + 4 + 4)
