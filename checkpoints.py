@@ -98,6 +98,8 @@ def atomic_checkpoint_trainer(trainer_class, trainable_params: int):
             staging = run_dir / f"{STAGING}{step}"
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()  # every process writes its RNG state into the staging folder
+
             # The Trainer writes to <output_dir>/checkpoint-<step>: point output_dir at the staging folder
             # while it does, and keep its own rotation (which would run before the rename) off.
             limit, self.args.output_dir, self.args.save_total_limit = self.args.save_total_limit, str(staging), None
@@ -105,6 +107,7 @@ def atomic_checkpoint_trainer(trainer_class, trainable_params: int):
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir, self.args.save_total_limit = str(run_dir), limit
+            self.accelerator.wait_for_everyone()  # all of it written before the rename
             if self.args.should_save:
                 if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
                     shutil.rmtree(final)
@@ -136,6 +139,16 @@ def graceful_stop_callback():
                 self.previous[sig] = signal.signal(sig, self._handle)
 
         def on_step_end(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                # Every process must stop after the same step, whichever of them got the signal.
+                import torch
+
+                flag = torch.tensor([getattr(signal, self.signal_name) if self.signal_name else 0], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() and self.signal_name is None:
+                    self.signal_name = signal.Signals(int(flag.item())).name
             if self.signal_name is not None:
                 control.should_save = True
                 control.should_training_stop = True

@@ -332,10 +332,11 @@ def load_model(model_dir: str | Path, choice: DeviceChoice, load_in_4bit: bool):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=choice.dtype,
         )
-        kwargs["device_map"] = {"": 0} if choice.device == "cuda" else {"": choice.device}
+        # Each process of a multi-GPU run (torchrun, accelerate) loads its own copy on its own GPU.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if choice.device == "cuda" else {"": choice.device}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if not load_in_4bit:
-        model.to(choice.device)
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if choice.device == "cuda" else choice.device)
     if torch.cuda.is_available() and choice.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     return model

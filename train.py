@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import signal
 import sys
@@ -211,7 +212,7 @@ def run_settings(args, stats: dict, choice, load_in_4bit: bool, optim: str) -> d
     }
 
 
-def resume_point(args, settings: dict) -> str | None:
+def resume_point(args, settings: dict, say=print) -> str | None:
     """The checkpoint to resume from, after checking it belongs to a run with the same key settings."""
     if not args.resume:
         return None
@@ -219,7 +220,7 @@ def resume_point(args, settings: dict) -> str | None:
     if args.resume == "latest":
         checkpoint = checkpoints.latest_valid_checkpoint(out)
         if checkpoint is None:
-            print(f"--resume: no usable checkpoint in {out}/ yet: starting from step 0")
+            say(f"--resume: no usable checkpoint in {out}/ yet: starting from step 0")
             return None
     else:
         checkpoint = Path(args.resume)
@@ -268,10 +269,13 @@ def build_model(args, choice, load_in_4bit: bool):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.lora_alpha = args.lora_alpha or 2 * args.lora_r
+    # Under torchrun or accelerate launch every process runs this; only the first one writes and talks.
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    say = print if rank == 0 else (lambda *_, **__: None)
     stats = check_args(args)
     if finished_before(args, stats):
-        print(f"✓ {args.out}/{common.FINAL_ADAPTER}/ already holds an adapter trained with these settings: skipping "
-              f"(use --overwrite to train again)")
+        say(f"✓ {args.out}/{common.FINAL_ADAPTER}/ already holds an adapter trained with these settings: skipping "
+            f"(use --overwrite to train again)")
         return 0
 
     common.quiet_libraries()
@@ -284,21 +288,22 @@ def main(argv=None) -> int:
     choice = common.pick_device()
     load_in_4bit = not args.no_4bit
     if load_in_4bit and not common.can_load_4bit(choice):
-        print(f"note: bitsandbytes 4-bit does not run on {choice.device}: loading the model unquantised")
+        say(f"note: bitsandbytes 4-bit does not run on {choice.device}: loading the model unquantised")
         load_in_4bit = False
     optim = args.optim or default_optimizer(choice, load_in_4bit)
     settings = run_settings(args, stats, choice, load_in_4bit, optim)
     out = Path(args.out)
-    checkpoint = resume_point(args, settings)
-    if args.overwrite:
-        import shutil
+    checkpoint = resume_point(args, settings, say)
+    if rank == 0:
+        if args.overwrite:
+            import shutil
 
-        for old in find_checkpoints(out) + [out / common.FINAL_ADAPTER]:
-            shutil.rmtree(old, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoints.remove_staging(out)  # half-written checkpoints of an interrupted save
-    if not (checkpoint and (out / RUN_SETTINGS).is_file()):
-        common.write_json(out / RUN_SETTINGS, settings)
+            for old in find_checkpoints(out) + [out / common.FINAL_ADAPTER]:
+                shutil.rmtree(old, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_staging(out)  # half-written checkpoints of an interrupted save
+        if not (checkpoint and (out / RUN_SETTINGS).is_file()):
+            common.write_json(out / RUN_SETTINGS, settings)
 
     data = load_from_disk(args.data)
     train_rows, eval_rows = data["train"], data["eval"]
@@ -311,25 +316,27 @@ def main(argv=None) -> int:
         if choice.device == "cuda":
             model.train()  # gradient checkpointing is active in train mode only
             fitted = memory.fit_batch(args.batch_size, args.grad_accum, lambda b: cuda_batch_fits(model, compute_loss, b, longest))
-            print(f"--auto-batch-size: micro-batch {fitted[0]} x accumulation {fitted[1]} (asked {args.batch_size} x {args.grad_accum})")
+            say(f"--auto-batch-size: micro-batch {fitted[0]} x accumulation {fitted[1]} (asked {args.batch_size} x {args.grad_accum})")
             args.batch_size, args.grad_accum = fitted
         else:
-            print(f"--auto-batch-size measures GPU memory and needs CUDA: keeping micro-batch {args.batch_size}")
-    per_epoch = steps_per_epoch(len(train_rows), args.batch_size, args.grad_accum)
+            say(f"--auto-batch-size measures GPU memory and needs CUDA: keeping micro-batch {args.batch_size}")
+    per_epoch = steps_per_epoch(len(train_rows), args.batch_size * world_size, args.grad_accum)
     total_steps = args.max_steps or math.ceil(per_epoch * args.epochs)
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"device: {choice.reason}")
-    print(f"model: {settings['model']} ({'4-bit NF4' if load_in_4bit else choice.dtype_name}), "
-          f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {', '.join(common.LORA_TARGET_MODULES)}")
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    print(f"examples: train {len(train_rows)}, eval {len(eval_rows)} · effective batch {args.batch_size} x {args.grad_accum} = "
-          f"{args.batch_size * args.grad_accum} · {per_epoch} steps/epoch · {total_steps} steps in total · optimiser {optim}")
+    say(f"device: {choice.reason}")
+    say(f"model: {settings['model']} ({'4-bit NF4' if load_in_4bit else choice.dtype_name}), "
+        f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {', '.join(common.LORA_TARGET_MODULES)}")
+    say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    say(f"examples: train {len(train_rows)}, eval {len(eval_rows)} · effective batch {args.batch_size} x {args.grad_accum}"
+        f"{processes} = {args.batch_size * args.grad_accum * world_size} · {per_epoch} steps/epoch · "
+        f"{total_steps} steps in total · optimiser {optim}")
     estimate = memory.estimate_peak_memory(model.config, args.batch_size, longest, args.lora_r, load_in_4bit,
                                            dtype_bytes=2 if choice.device == "cuda" else 4,
                                            optimizer_bytes=2 if "8bit" in optim else 8, chunked_loss=args.loss == "chunked")
     where = "" if choice.device == "cuda" else " (were this a GPU run)"
-    print(f"estimated peak GPU memory{where} at micro-batch {args.batch_size} x {longest} tokens: {memory.describe_estimate(estimate)}")
-    print("one training example (only the part in ⟦ ⟧ is trained):\n" + show_trained_span(tokenizer, train_rows[0]))
+    say(f"estimated peak GPU memory{where} at micro-batch {args.batch_size} x {longest} tokens: {memory.describe_estimate(estimate)}")
+    say("one training example (only the part in ⟦ ⟧ is trained):\n" + show_trained_span(tokenizer, train_rows[0]))
 
     multiple = 8 if choice.device == "cuda" else 1  # tensor cores like multiples of 8
     training_args = TrainingArguments(
@@ -360,6 +367,9 @@ def main(argv=None) -> int:
         include_num_input_tokens_seen="non_padding",  # for trained tokens per second
         dataloader_num_workers=0,
         dataloader_pin_memory=choice.device == "cuda",
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no search needed
+        use_cpu=choice.device == "cpu",
+        ddp_backend="gloo" if choice.device == "cpu" and world_size > 1 else None,  # several CPU processes (tests)
         disable_tqdm=False,
     )
     trainer_class = checkpoints.atomic_checkpoint_trainer(monitoring.monitored_trainer(Trainer), trainable)
@@ -372,7 +382,7 @@ def main(argv=None) -> int:
         compute_loss_func=compute_loss,
     )
     padding = padding_share(trainer.get_train_dataloader())
-    print(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their longest)")
+    say(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their longest)")
     trainer.remove_callback(PrinterCallback)  # which of the two the Trainer adds depends on the log level
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(monitoring.run_monitor(out, total_steps))
@@ -384,13 +394,13 @@ def main(argv=None) -> int:
 
     started = time.time()
     if checkpoint:
-        print(f"resuming from {checkpoint}")
+        say(f"resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if stop.signal_name is not None:
         saved = find_checkpoints(out)
         command = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--resume"]
-        print(f"stopped by {stop.signal_name} at step {trainer.state.global_step}/{total_steps}; checkpoint saved in {saved[-1]}/\n"
-              f"resume with: python train.py {shlex.join(command + ['--resume'])}")
+        say(f"stopped by {stop.signal_name} at step {trainer.state.global_step}/{total_steps}; checkpoint saved in {saved[-1]}/\n"
+            f"resume with: python train.py {shlex.join(command + ['--resume'])}")
         return 128 + getattr(signal, stop.signal_name)
     # The last step is often an evaluation step already; evaluate again only when it was not.
     last = trainer.state.log_history[-2:] if trainer.state.log_history else []
@@ -400,6 +410,8 @@ def main(argv=None) -> int:
     restore_head()
 
     final = out / common.FINAL_ADAPTER
+    if rank != 0:
+        return 0  # the first process saves the adapter
     with common.atomic_output_dir(final) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -408,14 +420,16 @@ def main(argv=None) -> int:
             **settings,
             "base_model_id": common.read_json(model_info).get("model_id") if model_info.is_file() else settings["model"],
             "result": {"global_step": trainer.state.global_step, "train_loss": result.training_loss, "padding_share": round(padding, 4),
+                       "last_train_loss": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
                        "eval_loss": eval_loss, "runtime_s": round(runtime, 1)},
         })
-    print(f"✓ trained {trainer.state.global_step} steps in {runtime:.0f}s: train loss {result.training_loss:.4f}, eval loss {eval_loss:.4f}")
-    print(f"✓ adapter saved in {final}/; curves in {out / monitoring.CURVES}, history in {out / monitoring.METRICS}, "
-          f"TensorBoard: tensorboard --logdir {out / monitoring.LOGS}")
+    say(f"✓ trained {trainer.state.global_step} steps in {runtime:.0f}s: mean train loss {result.training_loss:.4f}, "
+        f"eval loss {eval_loss:.4f}")
+    say(f"✓ adapter saved in {final}/; curves in {out / monitoring.CURVES}, history in {out / monitoring.METRICS}, "
+        f"TensorBoard: tensorboard --logdir {out / monitoring.LOGS}")
     if torch.cuda.is_available():
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print(f"next: python verify_model.py --model {args.model} --adapter {final}")
+        say(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    say(f"next: python verify_model.py --model {args.model} --adapter {final}")
     return 0
 
 

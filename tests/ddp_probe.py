@@ -1,0 +1,50 @@
+"""train.py under torchrun, recording what each process did, for test_distributed.py.
+
+Run by the test as: torchrun --nproc_per_node 2 tests/ddp_probe.py RECORD_DIR <train.py flags>
+Each process writes RECORD_DIR/rank<N>.json: the task ids of the training examples its batches held, and a
+checksum of every LoRA weight at the end of training.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import checkpoints  # noqa: E402
+import train  # noqa: E402
+
+record_dir, train_argv = Path(sys.argv[1]), sys.argv[2:]
+seen: list[str] = []
+pad_batch = train.pad_batch
+
+
+def recording_pad_batch(features, *args, **kwargs):
+    seen.extend(str(feature["task_id"]) for feature in features)
+    return pad_batch(features, *args, **kwargs)
+
+
+make_stop_callback = checkpoints.graceful_stop_callback
+
+
+def recording_callback():
+    callback = make_stop_callback()
+    on_train_begin, on_train_end = callback.on_train_begin, callback.on_train_end
+
+    def start(args, state, control, **kwargs):
+        seen.clear()  # train.py measured the padding of an epoch before training: not training batches
+        return on_train_begin(args, state, control, **kwargs)
+
+    def record(args, state, control, model=None, **kwargs):
+        weights = {name: float(p.detach().double().sum()) for name, p in model.named_parameters() if p.requires_grad}
+        (record_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"seen": seen[:], "weights": weights}))
+        return on_train_end(args, state, control, model=model, **kwargs)
+
+    callback.on_train_begin, callback.on_train_end = start, record
+    return callback
+
+
+train.pad_batch = recording_pad_batch
+checkpoints.graceful_stop_callback = recording_callback
+sys.exit(train.main(train_argv))

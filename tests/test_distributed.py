@@ -1,0 +1,71 @@
+"""train.py under torchrun with 2 CPU processes (gloo): one adapter, weights in sync, data split, loss falls."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import common
+import monitoring
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def runs(demo_model, demo_prepared, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    common_flags = ["--model", str(demo_model), "--data", str(demo_prepared), "--grad-accum", "1", "--lr", "2e-3",
+                    "--epochs", "3", "--save-steps", "1000", "--logging-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          str(ROOT / "tests" / "ddp_probe.py"), str(root), *common_flags, "--batch-size", "2",
+                          "--out", str(root / "two")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *common_flags, "--batch-size", "4", "--out", str(root / "one")],
+                         capture_output=True, text=True, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "2"}, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    return {"root": root, "two": root / "two", "one": root / "one", "stdout": two.stdout}
+
+
+def test_one_final_adapter_and_one_metrics_history(runs, demo_model):
+    out = runs["two"]
+    assert (out / common.FINAL_ADAPTER / "adapter_model.safetensors").is_file()
+    assert [p.name for p in out.iterdir() if p.name.startswith((common.FINAL_ADAPTER, ".staging", ".final"))] == [common.FINAL_ADAPTER]
+    assert len(list(out.rglob(monitoring.METRICS))) == 1 and len(list((out / monitoring.LOGS).rglob("events.out.tfevents.*"))) == 1
+    assert common.load_for_inference(demo_model, out / common.FINAL_ADAPTER, common.pick_device(), True) is not None
+    assert "x 2 processes = 4" in runs["stdout"]  # effective batch: micro-batch x accumulation x processes
+    assert runs["stdout"].count("trainable parameters") == 1  # only the first process talks
+
+
+def test_both_processes_end_with_identical_lora_weights(runs):
+    rank0 = json.loads((runs["root"] / "rank0.json").read_text())["weights"]
+    rank1 = json.loads((runs["root"] / "rank1.json").read_text())["weights"]
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert rank0 == rank1
+
+
+def test_each_process_saw_a_different_half_of_the_data(runs, demo_prepared):
+    from datasets import load_from_disk
+
+    train_ids = set(load_from_disk(str(demo_prepared))["train"]["task_id"])
+    # The recording also holds the final evaluation's batches: keep the training examples.
+    seen0 = [t for t in json.loads((runs["root"] / "rank0.json").read_text())["seen"] if t in train_ids]
+    seen1 = [t for t in json.loads((runs["root"] / "rank1.json").read_text())["seen"] if t in train_ids]
+    assert abs(len(seen0) - len(seen1)) <= 2 and len(seen0) + len(seen1) >= 3 * len(train_ids)  # 3 epochs
+    first_epoch0, first_epoch1 = set(seen0[: len(train_ids) // 2]), set(seen1[: len(train_ids) // 2])
+    assert len(first_epoch0 & first_epoch1) <= 2  # at most the examples repeated to even out the last batch
+    assert set(seen0) | set(seen1) == train_ids
+
+
+def test_loss_falls_as_in_a_single_process_run_with_the_same_effective_batch(runs):
+    def train_losses(out):
+        history = json.loads((out / monitoring.METRICS).read_text())["history"]
+        return [row["loss"] for row in history if "loss" in row]
+
+    two, one = train_losses(runs["two"]), train_losses(runs["one"])
+    assert len(two) == len(one)  # same number of optimiser steps
+    assert two[-1] < 0.8 * two[0] and one[-1] < 0.8 * one[0]
+    assert abs(two[-1] - one[-1]) < 0.15 * one[-1]
