@@ -51,7 +51,7 @@ def describe(run: Path) -> list[dict]:
     if (final / "adapter_config.json").is_file():
         settings_path = final / common.TRAINING_SETTINGS
         result = json.loads(settings_path.read_text()).get("result", {}) if settings_path.is_file() else {}
-        rows.append({"path": final, "step": result.get("global_step"), "train_loss": result.get("train_loss"),
+        rows.append({"path": final, "step": result.get("global_step"), "train_loss": result.get("last_train_loss"),
                      "eval_loss": result.get("eval_loss"), "final": True, "problem": None})
     for row in rows:
         files = [f for f in row["path"].rglob("*") if f.is_file()]

@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     import psutil
     import torch
 
+    import common
+
+    common.quiet_libraries()  # bitsandbytes' note about optional Hub kernels is not a problem here
     vram, bf16, device = None, False, "cpu"
     if torch.cuda.is_available():
         device = "cuda"
