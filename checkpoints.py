@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import common
-from common import StageError
 
 PREFIX = "checkpoint-"
 STAGING = ".staging-"  # checkpoints/.staging-<step>/checkpoint-<step>/ while being written

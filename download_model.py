@@ -61,7 +61,7 @@ def check_loads(path: Path) -> None:
     except StageError:
         raise
     except Exception as error:  # a corrupt or incompatible file from the source
-        raise StageError(f"the downloaded model does not load: {common.short_error(error)}", common.EXIT_FAILED)
+        raise StageError(f"the downloaded model does not load: {common.short_error(error)}", common.EXIT_FAILED) from None
 
 
 # ----------------------------------------------------------------------------------------------------------

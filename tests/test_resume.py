@@ -150,3 +150,16 @@ def test_kill_9_at_any_moment_leaves_a_run_that_resume_completes(demo_model, dem
     model = common.load_for_inference(demo_model, final, common.pick_device(), load_in_4bit=True)
     assert model is not None
     assert not list(out.glob(checkpoints.STAGING + "*"))
+
+
+def test_a_full_disk_stops_the_run_with_a_clear_message(demo_model, demo_prepared, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    out = tmp_path / "checkpoints"
+    assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "2", "--save-steps", "1")) == 1
+    err = capsys.readouterr().err
+    assert "not enough disk space for checkpoint 1" in err and "Traceback" not in err
+    assert checkpoints.find_checkpoints(out) == [] and not list(out.glob(checkpoints.STAGING + "*"))

@@ -1,5 +1,3 @@
-from conftest import one_error_line  # noqa: F401
-
 import verify_model
 
 
