@@ -254,7 +254,7 @@ def check_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
     margin = 100 * 2**20
     if free < needed_bytes + margin:
         raise StageError(f"not enough disk space for {what}: {free / 2**20:.0f} MB free in {folder}/, about "
-                         f"{(needed_bytes + margin) / 2**20:.0f} MB needed; free some space and run again", 1)
+                         f"{(needed_bytes + margin) / 2**20:.0f} MB needed; free some space and run again", EXIT_FAILED)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,6 +324,8 @@ def load_model(model_dir: str | Path, choice: DeviceChoice, load_in_4bit: bool):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    # Each process of a multi-GPU run (torchrun, accelerate) loads its own copy on its own GPU.
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if choice.device == "cuda" else choice.device
     kwargs = {"dtype": choice.dtype}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -332,11 +334,10 @@ def load_model(model_dir: str | Path, choice: DeviceChoice, load_in_4bit: bool):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=choice.dtype,
         )
-        # Each process of a multi-GPU run (torchrun, accelerate) loads its own copy on its own GPU.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if choice.device == "cuda" else {"": choice.device}
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if not load_in_4bit:
-        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if choice.device == "cuda" else choice.device)
+        model.to(device)
     if torch.cuda.is_available() and choice.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     return model

@@ -71,6 +71,7 @@ def check_loads(path: Path) -> None:
 def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
     """Download into a partial folder next to `out` and return it once complete and loadable."""
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import enable_progress_bars
 
     try:
         # Asking for the repository's info first fails in milliseconds when offline, and tells an unknown id
@@ -88,6 +89,7 @@ def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
     have = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.exists() else 0
     common.check_free_space(out.parent, sum(s.size or 0 for s in wanted) - have, f"downloading {model_id}")
     print(f"downloading {model_id} @ {info.sha[:10]} into {partial}/ (resumable)")
+    enable_progress_bars()  # quiet_libraries() turned them off with transformers' bars: a 1 GB download needs one
     try:
         snapshot_download(model_id, revision=info.sha, allow_patterns=ALLOWED_PATTERNS, local_dir=str(partial))
     except Exception as error:
