@@ -27,15 +27,22 @@ RISING_LOGS = 3  # warn when the training loss rose this many logs in a row
 GIB = 2**30
 
 
-def memory_in_use() -> tuple[float, str]:
+def memory_label() -> str:
+    """What memory_in_use() measures here, for log lines."""
+    import torch
+
+    return "GPU peak" if torch.cuda.is_available() else "RAM"
+
+
+def memory_in_use() -> float:
     """Peak GPU memory allocated by this process on CUDA, else this process's resident memory, in GiB."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / GIB, "GPU peak"
+        return torch.cuda.max_memory_allocated() / GIB
     import psutil
 
-    return psutil.Process().memory_info().rss / GIB, "RAM"
+    return psutil.Process().memory_info().rss / GIB
 
 
 def monitored_trainer(trainer_class):
@@ -54,7 +61,7 @@ def monitored_trainer(trainer_class):
                 tokens = self.state.num_input_tokens_seen
                 logs["tokens_per_second"] = round((tokens - last_tokens) / max(now - last_time, 1e-9), 1)
                 self._last_log = (now, tokens)
-                logs["memory_gib"] = round(memory_in_use()[0], 3)
+                logs["memory_gib"] = round(memory_in_use(), 3)
             logs["elapsed_s"] = round(now - self._monitor_start + self._elapsed_before, 1)
             super().log(logs, start_time)
 
@@ -176,10 +183,9 @@ def run_monitor(out: Path, total_steps: int):
             elapsed = logs.get("elapsed_s", 0.0)
             done = max(1, state.global_step)
             eta = elapsed / done * (total_steps - state.global_step) if state.global_step else 0.0
-            memory, where = memory_in_use()
             parts = [step, f"epoch {logs.get('epoch', state.epoch or 0):.2f}", f"loss {logs['loss']:.4f}",
                      f"lr {logs.get('learning_rate', 0):.2e}", f"grad norm {logs.get('grad_norm', float('nan')):.3f}",
-                     f"{logs.get('tokens_per_second', 0):,.0f} tok/s", f"{where} {memory:.2f} GiB",
+                     f"{logs.get('tokens_per_second', 0):,.0f} tok/s", f"{memory_label()} {logs.get('memory_gib', 0):.2f} GiB",
                      f"{format_seconds(elapsed)} elapsed", f"ETA {format_seconds(eta)}"]
             return " · ".join(parts)
 

@@ -84,8 +84,10 @@ def cuda_batch_fits(model, compute_loss, batch: int, seq_len: int) -> bool:
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
     try:
-        outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        loss = compute_loss(outputs, ids) if compute_loss else model(input_ids=ids, labels=ids).loss
+        if compute_loss:
+            loss = compute_loss(model(input_ids=ids, attention_mask=torch.ones_like(ids)), ids)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         fits = torch.cuda.max_memory_allocated() < 0.9 * torch.cuda.get_device_properties(0).total_memory
     except torch.cuda.OutOfMemoryError:
