@@ -1,8 +1,8 @@
-"""Shared facts of the pipeline: prompt templates, default folders, device and dtype choice, model loading,
-atomic output folders and the one-line error convention.
+"""What every stage shares: the facts (folders, file names, the prompt template), the command-line conventions
+(one-line errors, flag types), safe folder writes, and loading a model folder on the right device.
 
-Every stage imports this module; nothing heavy (torch, transformers) is imported at module level, so
-`python stage.py --help` is instant and tests can import the pure functions cheaply.
+Needs:  nothing else from this project. Every stage imports it; nothing heavy (torch, transformers) is imported
+at module level, so `python stage.py --help` is instant and tests can import the pure functions cheaply.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from pathlib import Path
 # ----------------------------------------------------------------------------------------------------------
 # Defaults shared by several stages
 
-DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B"
-DEFAULT_DATASET = "code-rag-bench/mbpp"
 MODEL_DIR = "model"
 DATA_DIR = "data"
 PREPARED_DIR = "prepared_data"
@@ -32,14 +30,16 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEMO_PROBLEMS = REPO_ROOT / "assets" / "demo_problems.jsonl"
 
 IGNORE_INDEX = -100  # label value that the loss skips (PyTorch's cross_entropy default ignore_index)
-
-# All linear projections of a Qwen2 decoder layer: attention (q, k, v, o) and MLP (gate, up, down).
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GIB = 2**30
 
 # Files written beside artifacts so that later stages reuse the settings that made them.
-DOWNLOAD_INFO = "download_info.json"  # in model/
-PREPARED_STATS = "stats.json"  # in prepared_data/
-TRAINING_SETTINGS = "training_settings.json"  # in checkpoints/final/
+DOWNLOAD_INFO = "download_info.json"  # in model/ and data/: where they came from
+PREPARED_STATS = "stats.json"  # in prepared_data/: its settings (template, max length, model) and counts
+RUN_SETTINGS = "run_settings.json"  # in checkpoints/: the settings of the run that owns the folder
+TRAINING_SETTINGS = "training_settings.json"  # in checkpoints/final/ and every checkpoint-N/: what made the adapter
+ADAPTER_CONFIG = "adapter_config.json"  # peft's files in an adapter folder
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # any one of them
 
 # ----------------------------------------------------------------------------------------------------------
 # The prompt template: the only place it is written down.
@@ -53,10 +53,6 @@ TEMPLATES = {
     "tests": "Task: {task}\nYour code should pass these tests:\n{tests}\nSolution:\n",
 }
 DEFAULT_TEMPLATE = "tests"
-# Where a completion ends besides EOS: a new task header means the model has moved on to inventing the next
-# problem; top-level asserts, prints and a main guard are the model writing its own tests, which would run
-# against the real ones (the stop words of bigcode-evaluation-harness's MBPP task, in spirit).
-STOP_SEQUENCES = ["\nTask:", "\nassert ", "\nprint(", "\nif __name__", "\n```"]
 
 
 def format_prompt(template: str, task: str, tests: list[str] | None = None) -> str:
@@ -86,14 +82,6 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt ids as training saw them (with BOS where the tokenizer adds one; Qwen adds none)."""
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
-
-def cut_at_stop(text: str) -> str:
-    """Cut generated text at the first stop sequence."""
-    for stop in STOP_SEQUENCES:
-        index = text.find(stop)
-        if index != -1:
-            text = text[:index]
-    return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,16 +153,26 @@ def positive(kind):
 # Folders: checks with a message that names the stage to run first, and atomic writes.
 
 
-def require_model_dir(path: str | Path) -> Path:
+def model_folder_problem(path: str | Path) -> str | None:
+    """Why `path` is not a model folder the stages can use (with the command that fixes it), or None."""
     path = Path(path)
     if not path.is_dir():
-        raise StageError(f"model folder {path}/ not found: run download_model.py first (or --demo for the offline demo)")
+        return f"model folder {path}/ not found: run download_model.py first (or --demo for the offline demo)"
     if not (path / "config.json").is_file():
         hint = " (it looks like a dataset folder)" if (path / "dataset_dict.json").exists() else ""
-        raise StageError(f"{path}/ has no config.json{hint}: it is not a model folder; run download_model.py --out {path}")
+        return f"{path}/ has no config.json{hint}: it is not a model folder; run download_model.py --out {path}"
     if not any(path.glob("*.safetensors")):
-        raise StageError(f"{path}/ has no .safetensors weights: run download_model.py --force --out {path}")
-    return path
+        return f"{path}/ has no .safetensors weights: run download_model.py --force --out {path}"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return f"{path}/ has no tokenizer files ({', '.join(TOKENIZER_FILES)}): run download_model.py --force --out {path}"
+    return None
+
+
+def require_model_dir(path: str | Path) -> Path:
+    problem = model_folder_problem(path)
+    if problem:
+        raise StageError(problem)
+    return Path(path)
 
 
 def require_dataset_dir(path: str | Path, stage_hint: str) -> Path:
@@ -199,6 +197,21 @@ def write_json(path: str | Path, data: dict) -> None:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def model_id(model_dir: str | Path) -> str:
+    """The model a folder holds: its Hub id (from download_info.json), else the folder's absolute path."""
+    info = Path(model_dir) / DOWNLOAD_INFO
+    recorded = read_json(info).get("model_id") if info.is_file() else None
+    return recorded or str(Path(model_dir).resolve())
+
+
+def prepared_settings(data_dir: str | Path) -> dict:
+    """The settings prepared_data/ was made with (template, max_length, model, ...), from its stats.json."""
+    path = Path(data_dir) / PREPARED_STATS
+    if not path.is_file():
+        raise StageError(f"{data_dir}/ has no {PREPARED_STATS}: run prepare_data.py again")
+    return read_json(path)["settings"]
 
 
 @contextlib.contextmanager
@@ -343,88 +356,11 @@ def load_model(model_dir: str | Path, choice: DeviceChoice, load_in_4bit: bool):
     return model
 
 
-def can_load_4bit(choice: DeviceChoice) -> bool:
-    return choice.device in ("cuda", "cpu")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Inference: shared by verify_model.py, evaluate.py and generate.py.
-
-
-def read_adapter_settings(adapter_dir: str | Path) -> dict:
-    """The training settings saved beside an adapter (template, base model, LoRA and run settings)."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise StageError(f"adapter folder {adapter_dir}/ not found: run train.py first")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter_dir / name).is_file():
-            raise StageError(f"{adapter_dir}/ has no {name}: it is not a finished adapter (train.py writes checkpoints/final/)")
-    path = adapter_dir / TRAINING_SETTINGS
-    return read_json(path) if path.is_file() else {}
-
-
-def resolve_adapter(requested: str | None, base_only: bool = False) -> Path | None:
-    """The adapter to use: the one asked for, else checkpoints/final/ when it exists, else none (base model)."""
-    if base_only:
-        return None
-    if requested:
-        read_adapter_settings(requested)  # fails with a clear line when it is not a finished adapter
-        return Path(requested)
-    default = Path(CHECKPOINTS_DIR) / FINAL_ADAPTER
-    if (default / "adapter_config.json").is_file():
-        return default
-    print(f"note: no adapter given and {default}/ does not exist: using the base model alone")
-    return None
-
-
-def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, choice: DeviceChoice, load_in_4bit: bool):
-    """Base model (plus the LoRA adapter, if given) in eval mode with the KV cache on."""
-    model = load_model(model_dir, choice, load_in_4bit)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.config.use_cache = True
-    return model.eval()
-
-
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-             batch_size: int = 16, num_samples: int = 1, progress: bool = False) -> list[list[dict]]:
-    """Complete each prompt `num_samples` times. Returns, per prompt, a list of
-    {"completion": text cut at EOS or a stop sequence, "stopped": whether it ended by itself}.
-
-    Prompts are batched with left padding (so every row's next token is at the end) and decoded with the KV
-    cache; a row stops at EOS or at a stop sequence such as a new "Task:" line.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    jobs = [(index, encode_prompt(tokenizer, prompt)) for index, prompt in enumerate(prompts) for _ in range(num_samples)]
-    # Similar lengths in one batch waste less compute on padding; results are put back in order below.
-    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
-    results: list[list[dict]] = [[] for _ in prompts]
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
-    bar = tqdm(total=len(jobs), desc="generating", unit="completion", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = [jobs[j] for j in order[start:start + batch_size]]
-        longest = max(len(ids) for _, ids in chunk)
-        input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for _, ids in chunk], device=device)
-        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for _, ids in chunk], device=device)
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-                stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, **sampling,
-            )
-        for (index, _), row in zip(chunk, output[:, longest:].tolist()):
-            ended_at_eos = tokenizer.eos_token_id in row
-            if ended_at_eos:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            cut = cut_at_stop(text)
-            results[index].append({"completion": cut, "stopped": ended_at_eos or cut != text})
-        bar.update(len(chunk))
-    bar.close()
-    return results
+def use_4bit(choice: DeviceChoice, no_4bit: bool, say=print) -> bool:
+    """Whether to load the base model in 4-bit: unless --no-4bit, wherever bitsandbytes runs (CUDA and CPU)."""
+    if no_4bit:
+        return False
+    if choice.device not in ("cuda", "cpu"):
+        say(f"note: bitsandbytes 4-bit does not run on {choice.device}: loading the model unquantised")
+        return False
+    return True

@@ -8,6 +8,7 @@ Run:
 
 Reads:  the Hugging Face Hub, a local file, or assets/demo_problems.jsonl
 Writes: data/ (a datasets DatasetDict written with save_to_disk, plus download_info.json)
+Needs:  common.py
 Next:   prepare_data.py
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import common
 from common import StageError
 
+DEFAULT_DATASET = "code-rag-bench/mbpp"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -58,7 +60,7 @@ def describe(dataset) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=common.DEFAULT_DATASET, help="Hub dataset name or a local .json/.jsonl/.parquet file (default: %(default)s)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="Hub dataset name or a local .json/.jsonl/.parquet file (default: %(default)s)")
     parser.add_argument("--config", default=None, help="dataset configuration on the Hub, e.g. 'sanitized' for mbpp (default: the dataset's default)")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub dataset (default: main)")
     parser.add_argument("--out", default=common.DATA_DIR, help="output folder (default: %(default)s)")

@@ -7,6 +7,7 @@ Run:
 
 Reads:  the Hugging Face Hub, a local model folder, or (with --demo) assets/demo_problems.jsonl
 Writes: model/ (config.json, *.safetensors, tokenizer files, download_info.json)
+Needs:  common.py
 Next:   download_dataset.py
 
 Only .safetensors weights are fetched (no pickled .bin files), and no remote code is trusted: Qwen2 is native
@@ -26,6 +27,7 @@ from pathlib import Path
 import common
 from common import StageError
 
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B"
 # Files a model folder needs; weights are .safetensors only.
 ALLOWED_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model", "*.tiktoken"]
 
@@ -43,12 +45,7 @@ EOS_TOKEN = "<|endoftext|>"  # Qwen's EOS, and its pad token
 
 
 def model_folder_complete(path: Path) -> bool:
-    return (
-        (path / "config.json").is_file()
-        and any(path.glob("*.safetensors"))
-        and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file())
-        and (path / common.DOWNLOAD_INFO).is_file()
-    )
+    return common.model_folder_problem(path) is None and (path / common.DOWNLOAD_INFO).is_file()
 
 
 def check_loads(path: Path) -> None:
@@ -183,7 +180,7 @@ def build_demo_model(out: Path, seed: int = 0) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-id", default=common.DEFAULT_MODEL_ID, help="Hub model id or a local model folder (default: %(default)s)")
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="Hub model id or a local model folder (default: %(default)s)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit on the Hub (default: %(default)s)")
     parser.add_argument("--out", default=common.MODEL_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a complete model folder instead of skipping")

@@ -8,6 +8,7 @@ Run:
 
 Reads:  model/, the adapter (checkpoints/final/ by default), prepared_data/ (task text and asserts of each problem)
 Writes: results/ (<model>.jsonl: one row per candidate; summary.json; comparison.md; pass_at_k.png)
+Needs:  common.py, inference.py, sandbox.py
 Before: train.py
 
 Each completion runs with its problem's asserts in a hardened subprocess (see sandbox.py): it passes only if
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 
 import common
+import inference
+import sandbox
 from common import StageError
 
 PLOT_NAME = "pass_at_k.png"
@@ -47,7 +50,7 @@ def summarize(rows: list[dict], num_samples: int) -> dict:
     scores = {}
     for k in range(1, num_samples + 1):
         scores[f"pass@{k}"] = sum(pass_at_k(len(s), s.count("passed"), k) for s in by_task.values()) / max(1, len(by_task))
-    counts = {status: sum(row["status"] == status for row in rows) for status in ("passed", "failed", "timeout", "error")}
+    counts = {status: sum(row["status"] == status for row in rows) for status in sandbox.STATUSES}
     return {"problems": len(by_task), "candidates": len(rows), **scores, "counts": counts}
 
 
@@ -93,8 +96,6 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
     """Run every completion against its problem's asserts; one row per candidate."""
     from tqdm.auto import tqdm
 
-    import sandbox
-
     jobs = [(p, index, text) for p in problems for index, text in enumerate(completions.get(p["task_id"], []))]
     programs = [sandbox.build_program(text, p["tests"], p["test_setup_code"]) for p, _, text in jobs]
     with tqdm(total=len(programs), desc=f"testing {label}", unit="candidate") as bar:
@@ -105,7 +106,7 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
 
 def generate_completions(model, tokenizer, problems: list[dict], template: str, args) -> dict[str, list[str]]:
     prompts = [common.format_prompt(template, p["task"], p["tests"]) for p in problems]
-    results = common.generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
+    results = inference.generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
                               args.batch_size, args.num_samples, progress=True)
     return {p["task_id"]: [r["completion"] for r in samples] for p, samples in zip(problems, results)}
 
@@ -191,12 +192,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     common.quiet_libraries()
-    import sandbox
-
     problems = load_problems(args.data, args.split, args.limit)
     box = sandbox.Sandbox(sandbox.Limits(timeout=args.timeout, memory_mb=args.memory_mb), workers=args.workers)
-    stats_path = Path(args.data) / common.PREPARED_STATS
-    template = common.read_json(stats_path)["settings"]["template"] if stats_path.is_file() else common.DEFAULT_TEMPLATE
+    template = common.prepared_settings(args.data)["template"]
     settings = {key: getattr(args, key) for key in ("split", "limit", "num_samples", "temperature", "max_new_tokens", "timeout", "memory_mb")}
     settings["workers"] = box.workers
     settings["sandbox_user"] = "unprivileged uid per worker" if box.drop_privileges else "the current user"
@@ -213,15 +211,12 @@ def main(argv=None) -> int:
     if args.completions:
         record("completions", read_completions(args.completions, problems), {"completions": str(Path(args.completions).resolve())}, 0.0)
     else:
-        adapter = common.resolve_adapter(args.adapter, args.base_only)
-        if adapter is not None:
-            template = common.read_adapter_settings(adapter).get("template", template)
-        info_path = Path(args.model) / common.DOWNLOAD_INFO
-        base_id = common.read_json(info_path).get("model_id") if info_path.is_file() else str(args.model)
+        adapter = inference.resolve_adapter(args.adapter, args.base_only)
+        template = inference.adapter_template(adapter, default=template)
+        base_id = common.model_id(args.model)
         choice = common.pick_device()
-        load_in_4bit = not args.no_4bit and common.can_load_4bit(choice)
         tokenizer = common.load_tokenizer(args.model)
-        model = common.load_for_inference(args.model, None, choice, load_in_4bit)
+        model = inference.load_for_inference(args.model, None, choice, common.use_4bit(choice, args.no_4bit))
         print(f"{len(problems)} problems from the {args.split} split · template '{template}' · {choice.reason}")
         if adapter is None or args.compare_base:
             started = time.time()

@@ -7,6 +7,7 @@ Run:
 
 Reads:  model/, the adapter (checkpoints/final/ by default, if it exists)
 Writes: nothing; prints each completion
+Needs:  common.py, inference.py
 Before: train.py
 
 The prompt is built with the template the adapter was trained with (training_settings.json), exactly as in
@@ -19,6 +20,7 @@ import argparse
 import sys
 
 import common
+import inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,16 +49,16 @@ def main(argv=None) -> int:
     common.fail_on_problems(problems)
 
     common.quiet_libraries()
-    adapter = common.resolve_adapter(args.adapter, args.base_only)
-    template = common.read_adapter_settings(adapter).get("template", common.DEFAULT_TEMPLATE) if adapter else common.DEFAULT_TEMPLATE
+    adapter = inference.resolve_adapter(args.adapter, args.base_only)
+    template = inference.adapter_template(adapter)
     choice = common.pick_device()
     tokenizer = common.load_tokenizer(args.model)
-    model = common.load_for_inference(args.model, adapter, choice, not args.no_4bit and common.can_load_4bit(choice))
+    model = inference.load_for_inference(args.model, adapter, choice, common.use_4bit(choice, args.no_4bit, say=lambda m: print(m, file=sys.stderr)))
     print(f"model: {args.model}/" + (f" + {adapter}/" if adapter else " (base)") + f" · template '{template}' · {choice.device}", file=sys.stderr)
 
     def complete(task: str) -> str:
         prompt = common.format_prompt(template, task, args.test)
-        return common.generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature)[0][0]["completion"]
+        return inference.generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature)[0][0]["completion"]
 
     if args.prompt is not None:
         if not args.prompt.strip():

@@ -1,6 +1,7 @@
 """Watching training: readable progress lines, warnings, TensorBoard scalars, metrics.json, training_curves.png.
 
-Used by train.py; tools/training_dashboard.py reads what it writes. Everything a log line shows is also in
+Used by trainer.py (during training) and tools/training_dashboard.py (which reads what it writes).
+Needs:  common.py. Nothing heavy is imported at module level. Everything a log line shows is also in
 the Trainer's log history (and so in each checkpoint's trainer_state.json), which is why a resumed run's
 metrics.json and curves continue where the interrupted run stopped.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 
 import common
@@ -24,7 +24,6 @@ METRICS = "metrics.json"
 CURVES = "training_curves.png"
 LOGS = "logs"
 RISING_LOGS = 3  # warn when the training loss rose this many logs in a row
-GIB = 2**30
 
 
 def memory_label() -> str:
@@ -39,37 +38,10 @@ def memory_in_use() -> float:
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / GIB
+        return torch.cuda.max_memory_allocated() / common.GIB
     import psutil
 
-    return psutil.Process().memory_info().rss / GIB
-
-
-def monitored_trainer(trainer_class):
-    """A Trainer subclass whose logs also carry trained tokens per second, memory and elapsed time, so that
-    every consumer (console, TensorBoard, metrics.json, checkpoints) sees them."""
-
-    class MonitoredTrainer(trainer_class):
-        def log(self, logs, start_time=None):
-            now = time.time()
-            if not hasattr(self, "_elapsed_before"):  # first log of this session
-                # After a resume the history up to the checkpoint is restored: the clock continues from it.
-                self._elapsed_before = max((e.get("elapsed_s", 0.0) for e in self.state.log_history), default=0.0)
-                self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0))
-            if "loss" in logs:
-                last_time, last_tokens = self._last_log
-                tokens = self.state.num_input_tokens_seen
-                logs["tokens_per_second"] = round((tokens - last_tokens) / max(now - last_time, 1e-9), 1)
-                self._last_log = (now, tokens)
-                logs["memory_gib"] = round(memory_in_use(), 3)
-            logs["elapsed_s"] = round(now - self._monitor_start + self._elapsed_before, 1)
-            super().log(logs, start_time)
-
-        def train(self, *args, **kwargs):
-            self._monitor_start = time.time()
-            return super().train(*args, **kwargs)
-
-    return MonitoredTrainer
+    return psutil.Process().memory_info().rss / common.GIB
 
 
 def loss_warning(losses: list[float]) -> str | None:
@@ -136,64 +108,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-def run_monitor(out: Path, total_steps: int):
-    """The console progress bar and lines, warnings, metrics.json and the curves, as one Trainer callback."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class RunMonitor(ProgressCallback):
-        def __init__(self):
-            super().__init__()
-            self.warned = None
-
-        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            pass  # a second, nested bar for a few seconds of evaluation is noise; the eval loss line follows
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            line = self.describe(state, logs)
-            if line:
-                (self.training_bar.write if self.training_bar is not None else print)(line)
-            losses = [row["loss"] for row in state.log_history if "loss" in row]
-            warning = loss_warning(losses) if "loss" in logs else None
-            if warning and warning != self.warned:
-                (self.training_bar.write if self.training_bar is not None else print)(f"warning: {warning}")
-            self.warned = warning
-            self.write(state, finished=False)
-
-        def on_evaluate(self, args, state, control, **kwargs):
-            super().on_evaluate(args, state, control, **kwargs)
-            if state.is_world_process_zero:
-                plot_curves(history_of(state.log_history), out / CURVES)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            super().on_train_end(args, state, control, **kwargs)
-            if state.is_world_process_zero:
-                self.write(state, finished=state.global_step >= total_steps)
-                plot_curves(history_of(state.log_history), out / CURVES)
-
-        def describe(self, state, logs) -> str | None:
-            step = f"step {state.global_step}/{total_steps}"
-            if "eval_loss" in logs:
-                return f"{step} · eval loss {logs['eval_loss']:.4f}"
-            if "loss" not in logs:
-                return None
-            elapsed = logs.get("elapsed_s", 0.0)
-            done = max(1, state.global_step)
-            eta = elapsed / done * (total_steps - state.global_step) if state.global_step else 0.0
-            parts = [step, f"epoch {logs.get('epoch', state.epoch or 0):.2f}", f"loss {logs['loss']:.4f}",
-                     f"lr {logs.get('learning_rate', 0):.2e}", f"grad norm {logs.get('grad_norm', float('nan')):.3f}",
-                     f"{logs.get('tokens_per_second', 0):,.0f} tok/s", f"{memory_label()} {logs.get('memory_gib', 0):.2f} GiB",
-                     f"{format_seconds(elapsed)} elapsed", f"ETA {format_seconds(eta)}"]
-            return " · ".join(parts)
-
-        def write(self, state, finished: bool) -> None:
-            history = history_of(state.log_history)
-            common.write_json(out / METRICS, {"history": history, "totals": totals_of(history, total_steps, finished)})
-
-    return RunMonitor()
 
 
 def format_seconds(seconds: float) -> str:

@@ -6,6 +6,7 @@ Run:
 
 Reads:  data/ (from download_dataset.py), model/ (its tokenizer, from download_model.py)
 Writes: prepared_data/ (DatasetDict with `train` and `eval` splits, stats.json)
+Needs:  common.py
 Next:   train.py
 
 Each example is `prompt + solution + EOS`. The prompt tokens are masked in the labels (-100) so that only the
@@ -156,12 +157,11 @@ def main(argv=None) -> int:
     lengths = [row["length"] for split in splits.values() for row in split]
     solution_lengths = [sum(1 for label in row["labels"] if label != common.IGNORE_INDEX) for split in splits.values() for row in split]
 
-    model_info_path = Path(args.model) / common.DOWNLOAD_INFO
     data_info_path = Path(args.data) / common.DOWNLOAD_INFO
     summary = {
         "settings": {
             "template": args.template, "max_length": args.max_length, "eval_fraction": args.eval_fraction, "seed": args.seed,
-            "model": common.read_json(model_info_path).get("model_id") if model_info_path.is_file() else str(args.model),
+            "model": common.model_id(args.model),
             "data": common.read_json(data_info_path).get("dataset") if data_info_path.is_file() else str(args.data),
             "eos_token_id": tokenizer.eos_token_id,
         },

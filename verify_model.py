@@ -6,6 +6,7 @@ Run:
 
 Reads:  model/ (download_model.py), optionally an adapter folder (train.py)
 Writes: nothing; prints one ✓ or ✗ line per check and exits 0 only when every check passes
+Needs:  common.py, inference.py
 Next:   evaluate.py (does the fine-tune write better code?)
 """
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import common
+import inference
 
 SMOKE_TASK = "Write a function to return the sum of two numbers."
 SMOKE_TESTS = ["assert add(2, 3) == 5"]
@@ -64,26 +66,26 @@ def main(argv=None) -> int:
     common.quiet_libraries()
 
     print(f"base model: {model_dir}/")
-    folder_ok = report.check("model folder exists", lambda: require(model_dir.is_dir(), f"{model_dir}/ not found: run download_model.py first"))
-    config_ok = folder_ok and report.check("config.json present", lambda: require((model_dir / "config.json").is_file(), "missing: not a model folder"))
-    report.check("weights in .safetensors", lambda: require(folder_ok and any(model_dir.glob("*.safetensors")), "no *.safetensors file"))
+    folder_problem = common.model_folder_problem(model_dir)
+    folder_ok = report.check("model folder complete (config.json, .safetensors weights, tokenizer files)",
+                             lambda: require(folder_problem is None, folder_problem))
     tokenizer = folder_ok and report.check("tokenizer loads", lambda: common.load_tokenizer(model_dir))
     choice = common.pick_device()
-    load_in_4bit = not args.no_4bit and common.can_load_4bit(choice)
+    load_in_4bit = common.use_4bit(choice, args.no_4bit)
     how = "4-bit NF4" if load_in_4bit else choice.dtype_name
-    model = config_ok and report.check(f"model loads ({how} on {choice.device})", lambda: common.load_for_inference(model_dir, None, choice, load_in_4bit))
+    model = folder_ok and report.check(f"model loads ({how} on {choice.device})", lambda: inference.load_for_inference(model_dir, None, choice, load_in_4bit))
 
     template = common.DEFAULT_TEMPLATE
     adapter_dir = Path(args.adapter) if args.adapter else None
     if adapter_dir is not None:
-        settings = report.check(f"adapter files in {adapter_dir}/", lambda: common.read_adapter_settings(adapter_dir) or {"template": template})
+        settings = report.check(f"adapter files in {adapter_dir}/", lambda: inference.adapter_settings(adapter_dir) or {"template": template})
         if settings:
             template = settings.get("template", template)
 
     prompt = common.format_prompt(template, SMOKE_TASK, SMOKE_TESTS)
 
     def smoke_generation(which):
-        result = common.generate(which, tokenizer, [prompt], args.max_new_tokens)[0][0]
+        result = inference.generate(which, tokenizer, [prompt], args.max_new_tokens)[0][0]
         return f"{result['completion'][:60]!r}" + (" (stopped by itself)" if result["stopped"] else "")
 
     if model and tokenizer:

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
+import inference  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,12 +55,12 @@ def main(argv=None) -> int:
     prompts = [common.format_prompt(common.DEFAULT_TEMPLATE, p["text"], p["test_list"]) for p in problems]
     choice = common.pick_device()
     tokenizer = common.load_tokenizer(model_dir)
-    model = common.load_for_inference(model_dir, None, choice, common.can_load_4bit(choice))
-    common.generate(model, tokenizer, prompts[:2], 4)  # warm-up
+    model = inference.load_for_inference(model_dir, None, choice, common.use_4bit(choice, no_4bit=False))
+    inference.generate(model, tokenizer, prompts[:2], 4)  # warm-up
 
     # A random model rarely emits EOS, so both runs generate max_new_tokens for every prompt: equal work.
-    one_s, _ = timed(lambda: [common.generate(model, tokenizer, [p], args.max_new_tokens, batch_size=1) for p in prompts])
-    batch_s, _ = timed(lambda: common.generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.batch_size))
+    one_s, _ = timed(lambda: [inference.generate(model, tokenizer, [p], args.max_new_tokens, batch_size=1) for p in prompts])
+    batch_s, _ = timed(lambda: inference.generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.batch_size))
 
     programs = [sandbox.build_program(p["code"], p["test_list"], p["test_setup_code"]) for p in problems]
     serial_s, serial = timed(lambda: sandbox.Sandbox(workers=1).run_many(programs))

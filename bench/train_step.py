@@ -1,5 +1,8 @@
 """Benchmark: one QLoRA training step of the real Qwen2.5-Coder-0.5B architecture, per loss and padding variant.
 
+This is the isolated step only; a user lives with the whole train.py process (model loading, evaluation,
+checkpoints), which this benchmark does not measure.
+
 Run:
     python bench/train_step.py                      # all variants, ~10 minutes on a 2-core CPU, ~1 minute on a GPU
     python bench/train_step.py --variants guide project
@@ -28,6 +31,7 @@ Prints a table and, last, one line of JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -55,11 +59,11 @@ def mbpp_like_lengths(n: int = 877, seed: int = 0) -> list[int]:
     return sample.clamp(60, MAX_LEN).int().tolist()
 
 
-def epoch_padding(lengths: list[int], order: list[int] | None, pad_to: int | None = None) -> float:
-    order = order if order is not None else list(range(len(lengths)))
-    batches = [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
-    padded = sum((pad_to or max(lengths[i] for i in b)) * len(b) for b in batches)
-    return 1 - sum(lengths) / padded
+def epoch_padding(lengths: list[int], order: list[int], pad_to: int | None = None) -> float:
+    import train
+
+    batches = [[lengths[i] for i in order[start:start + BATCH]] for start in range(0, len(order), BATCH)]
+    return train.padding_share(batches, pad_to)
 
 
 def make_batch(variant: str, vocab: int):
@@ -119,19 +123,15 @@ def run_variant(variant: str, model_dir: str) -> dict:
     import torch
 
     import common
-    import memory
     import train
 
     common.quiet_libraries()
     choice = common.pick_device()
-
-    class Args:
-        model, seed, lora_r, lora_alpha, lora_dropout = model_dir, 0, 16, 32, 0.05
-
-    model = train.build_model(Args, choice, load_in_4bit=True)
+    model = train.build_model(model_dir, choice, True, lora_r=16, lora_alpha=32, lora_dropout=0.05, seed=0)
     model.train()
     chunked = variant in ("chunked-4x512", "project")
-    compute_loss = memory.install_chunked_loss(model)[0] if chunked else None
+    # The loss stays installed for the rest of this one-step process: the stack is never closed.
+    compute_loss = contextlib.ExitStack().enter_context(train.loss_for(model, "chunked" if chunked else "standard"))
     import bitsandbytes as bnb
 
     optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -46,6 +46,19 @@ def one_error_line(captured) -> str:
     return err
 
 
+def assert_adapter_loaded(model, adapter_dir: Path) -> None:
+    """Every LoRA tensor saved in adapter_dir is in `model`, with the same values (not a fresh initialisation)."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(adapter_dir) / common.ADAPTER_WEIGHTS))
+    params = dict(model.named_parameters())
+    assert saved, adapter_dir
+    for name, tensor in saved.items():
+        loaded = params[name.replace(".weight", ".default.weight")]
+        assert torch.equal(loaded.detach().cpu().to(tensor.dtype), tensor), name
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "model"

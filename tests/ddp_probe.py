@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import checkpoints  # noqa: E402
 import train  # noqa: E402
+import trainer  # noqa: E402
 
 record_dir, train_argv = Path(sys.argv[1]), sys.argv[2:]
 seen: list[str] = []
@@ -25,26 +25,20 @@ def recording_pad_batch(features, *args, **kwargs):
     return pad_batch(features, *args, **kwargs)
 
 
-make_stop_callback = checkpoints.graceful_stop_callback
+on_train_begin, on_train_end = trainer.GracefulStop.on_train_begin, trainer.GracefulStop.on_train_end
 
 
-def recording_callback():
-    callback = make_stop_callback()
-    on_train_begin, on_train_end = callback.on_train_begin, callback.on_train_end
+def start(self, args, state, control, **kwargs):
+    seen.clear()  # train.py measured the padding of an epoch before training: not training batches
+    return on_train_begin(self, args, state, control, **kwargs)
 
-    def start(args, state, control, **kwargs):
-        seen.clear()  # train.py measured the padding of an epoch before training: not training batches
-        return on_train_begin(args, state, control, **kwargs)
 
-    def record(args, state, control, model=None, **kwargs):
-        weights = {name: float(p.detach().double().sum()) for name, p in model.named_parameters() if p.requires_grad}
-        (record_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"seen": seen[:], "weights": weights}))
-        return on_train_end(args, state, control, model=model, **kwargs)
-
-    callback.on_train_begin, callback.on_train_end = start, record
-    return callback
+def record(self, args, state, control, model=None, **kwargs):
+    weights = {name: float(p.detach().double().sum()) for name, p in model.named_parameters() if p.requires_grad}
+    (record_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"seen": seen[:], "weights": weights}))
+    return on_train_end(self, args, state, control, model=model, **kwargs)
 
 
 train.pad_batch = recording_pad_batch
-checkpoints.graceful_stop_callback = recording_callback
+trainer.GracefulStop.on_train_begin, trainer.GracefulStop.on_train_end = start, record
 sys.exit(train.main(train_argv))

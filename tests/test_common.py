@@ -4,6 +4,7 @@ import pytest
 from conftest import demo_problems
 
 import common
+import inference
 
 
 class FakeTokenizer:
@@ -41,8 +42,8 @@ def test_prompt_is_masked_and_eos_is_trained_although_pad_equals_eos():
 
 
 def test_cut_at_stop_removes_an_invented_next_task():
-    assert common.cut_at_stop("def f():\n    pass\nTask: another one") == "def f():\n    pass"
-    assert common.cut_at_stop("def f(): pass") == "def f(): pass"
+    assert inference.cut_at_stop("def f():\n    pass\nTask: another one") == "def f():\n    pass"
+    assert inference.cut_at_stop("def f(): pass") == "def f(): pass"
 
 
 def test_atomic_output_dir_keeps_previous_output_when_writing_fails(tmp_path):

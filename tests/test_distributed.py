@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_adapter_loaded
 
 import common
+import inference
 import monitoring
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +37,8 @@ def test_one_final_adapter_and_one_metrics_history(runs, demo_model):
     assert (out / common.FINAL_ADAPTER / "adapter_model.safetensors").is_file()
     assert [p.name for p in out.iterdir() if p.name.startswith((common.FINAL_ADAPTER, ".staging", ".final"))] == [common.FINAL_ADAPTER]
     assert len(list(out.rglob(monitoring.METRICS))) == 1 and len(list((out / monitoring.LOGS).rglob("events.out.tfevents.*"))) == 1
-    assert common.load_for_inference(demo_model, out / common.FINAL_ADAPTER, common.pick_device(), True) is not None
+    model = inference.load_for_inference(demo_model, out / common.FINAL_ADAPTER, common.pick_device(), True)
+    assert_adapter_loaded(model, out / common.FINAL_ADAPTER)
     assert "x 2 processes = 4" in runs["stdout"]  # effective batch: micro-batch x accumulation x processes
     assert runs["stdout"].count("trainable parameters") == 1  # only the first process talks
 

@@ -19,7 +19,9 @@ def test_prompt_flag_prints_the_memorised_solution(memorised, capsys):
 def test_tasks_are_read_line_by_line_from_stdin(memorised, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("Write a function to add.\n\nWrite a function to subtract.\n"))
     assert generate.main(["--model", str(memorised["model"]), "--adapter", str(memorised["adapter"]), "--max-new-tokens", "8"]) == 0
-    assert capsys.readouterr().out.count("\n\n") >= 1  # one completion per non-empty line, each followed by a blank line
+    out = capsys.readouterr().out
+    # Not interactive: each completion is followed by one empty line, and the blank input line is skipped.
+    assert out.endswith("\n\n") and len([block for block in out.split("\n\n") if block.strip()]) == 2, out
 
 
 def test_missing_adapter_is_refused(demo_model, tmp_path, capsys):

@@ -79,8 +79,9 @@ def test_files_outside_the_sandbox_are_untouched(box, tmp_path):
     assert precious.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="leftovers are found and killed by their worker uid, which needs root")
 def test_nothing_is_left_running(box):
+    assert box.drop_privileges
     box.run(sandbox.build_program(HOSTILE["daemon that leaves the process group"][0], TESTS))
     box.run(sandbox.build_program(HOSTILE["fork bomb"][0], TESTS))
-    if box.drop_privileges:
-        assert [pid for slot in range(box.workers) for pid in sandbox.processes_of(sandbox.SLOT_UID_BASE + slot)] == []
+    assert [pid for slot in range(box.workers) for pid in sandbox.processes_of(sandbox.SLOT_UID_BASE + slot)] == []

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -31,24 +32,29 @@ def test_trained_span_is_shown_between_markers(demo_model, demo_prepared):
 
 def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_model):
     names = {p.name for p in trained_smoke.iterdir()}
-    assert names == {"checkpoint-4", common.FINAL_ADAPTER, train.RUN_SETTINGS, "metrics.json", "training_curves.png", "logs"}  # --keep-last 1
+    assert names == {"checkpoint-4", common.FINAL_ADAPTER, common.RUN_SETTINGS, "metrics.json", "training_curves.png", "logs"}  # --keep-last 1
     final = trained_smoke / common.FINAL_ADAPTER
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", common.TRAINING_SETTINGS} <= {p.name for p in final.iterdir()}
+    assert {p.name for p in final.iterdir()} == {common.ADAPTER_CONFIG, common.ADAPTER_WEIGHTS, "README.md", "tokenizer.json",
+                                                 "tokenizer_config.json", common.TRAINING_SETTINGS}
+    assert {p.name for p in (trained_smoke / "checkpoint-4").iterdir()} == {
+        common.ADAPTER_CONFIG, common.ADAPTER_WEIGHTS, "README.md", common.TRAINING_SETTINGS, "optimizer.pt", "scheduler.pt",
+        "rng_state.pth", "trainer_state.json", "training_args.bin"}
     settings = json.loads((final / common.TRAINING_SETTINGS).read_text())
     assert settings["template"] == common.DEFAULT_TEMPLATE and settings["load_in_4bit"] is True
     assert settings["base_model_id"] == "demo/tiny-qwen2" and settings["result"]["global_step"] == 4
     assert settings["loss"] == "chunked" and 0 <= settings["result"]["padding_share"] < 0.5
-    adapter = json.loads((final / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == set(common.LORA_TARGET_MODULES) and adapter["r"] == 16
+    # The checkpoint carries the same settings, so an adapter taken from it is prompted the same way.
+    in_checkpoint = json.loads((trained_smoke / "checkpoint-4" / common.TRAINING_SETTINGS).read_text())
+    assert in_checkpoint == {key: value for key, value in settings.items() if key != "result"}
+    assert json.loads((trained_smoke / common.RUN_SETTINGS).read_text()) == in_checkpoint
+    adapter = json.loads((final / common.ADAPTER_CONFIG).read_text())
+    assert set(adapter["target_modules"]) == set(train.LORA_TARGET_MODULES) and adapter["r"] == 16
 
 
 def test_training_uses_bitsandbytes_4bit_on_cpu(demo_model):
     import bitsandbytes as bnb
 
-    class Args:
-        model, seed, lora_r, lora_alpha, lora_dropout = str(demo_model), 0, 4, 8, 0.0
-
-    model = train.build_model(Args, common.pick_device(), load_in_4bit=True)
+    model = train.build_model(str(demo_model), common.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and layer.base_layer.weight.quant_type == "nf4"
     trainable = {name.split(".")[-3] for name, p in model.named_parameters() if p.requires_grad}
@@ -93,13 +99,45 @@ def test_gradients_reach_lora_weights_with_gradient_checkpointing(demo_model, de
     """from_pretrained returns eval mode, where checkpointing is off: train mode must be on for the real path."""
     from datasets import load_from_disk
 
-    class Args:
-        model, seed, lora_r, lora_alpha, lora_dropout = str(demo_model), 0, 4, 8, 0.0
-
-    model = train.build_model(Args, common.pick_device(), load_in_4bit=True)
+    model = train.build_model(str(demo_model), common.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
     model.train()
     rows = load_from_disk(str(demo_prepared))["train"]
     batch = train.pad_batch([rows[i] for i in range(2)], 0)
     model(**batch).loss.backward()
     grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_auto_batch_size_settles_the_plan_before_it_is_recorded(demo_prepared):
+    """--auto-batch-size replaces the asked micro-batch and accumulation; the plan holds the fitted ones, the
+    command line as given, and the steps that follow from the fitted batch, so the recorded settings agree."""
+    args = train.build_parser().parse_args(["--data", str(demo_prepared), "--batch-size", "4", "--grad-accum", "4", "--auto-batch-size"])
+    stats = json.loads((demo_prepared / common.PREPARED_STATS).read_text())
+    choice = common.DeviceChoice("cuda", "bfloat16", "a 6 GB GPU (planned only)")
+    asked = train.plan_run(args, stats, choice, True, n_train=100, processes=1)
+    fitted = train.plan_run(args, stats, choice, True, n_train=100, processes=1, fitted_batch=(8, 2))
+    assert (asked.batch_size, asked.grad_accum, asked.steps_per_epoch) == (4, 4, 7)
+    assert (fitted.batch_size, fitted.grad_accum, fitted.steps_per_epoch) == (8, 2, 7)
+    assert fitted.effective_batch == asked.effective_batch == 16 and fitted.total_steps == 21
+    assert fitted.arguments["batch_size"] == 4 and fitted.arguments["grad_accum"] == 4  # what the user typed
+    assert fitted.optim == "paged_adamw_8bit" and fitted.lora_alpha == 32
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fitted.batch_size = 1
+
+
+def test_help_imports_no_torch():
+    """`python train.py --help` (and every stage's, tool's and shared module's import) stays light."""
+    import subprocess
+    import sys
+
+    modules = ["train", "prepare_data", "download_model", "download_dataset", "verify_model", "evaluate", "generate",
+               "run_pipeline", "common", "inference", "checkpoints", "monitoring", "sandbox"]
+    probe = ("import sys; sys.path[:0] = ['.', 'tools']\n"
+             f"for name in {modules + ['checkpoint_manager', 'training_dashboard', 'gpu_monitor', 'system_check']!r}:\n"
+             "    __import__(name).build_parser() if hasattr(__import__(name), 'build_parser') else None\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes') if m in sys.modules)\n"
+             "print(heavy)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=common.REPO_ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    helped = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=common.REPO_ROOT)
+    assert helped.returncode == 0 and "Needs:" in helped.stdout

@@ -9,6 +9,7 @@ Run:
 
 Reads:  checkpoints/ (train.py), model/ for `test`
 Writes: only `cleanup` and `delete` remove checkpoint folders; checkpoints/final/ is never removed by cleanup.
+Needs:  common.py, checkpoints.py, inference.py (from the folder above)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import checkpoints  # noqa: E402
 import common  # noqa: E402
+import inference  # noqa: E402
 from common import StageError  # noqa: E402
 
 TEST_PROBLEMS = 3  # bundled problems used by `test`
@@ -48,7 +50,7 @@ def describe(run: Path) -> list[dict]:
         rows.append({"path": folder, "step": step, "train_loss": train_loss, "eval_loss": eval_loss, "final": False,
                      "problem": checkpoints.checkpoint_problem(folder)})
     final = run / common.FINAL_ADAPTER
-    if (final / "adapter_config.json").is_file():
+    if (final / common.ADAPTER_CONFIG).is_file():
         settings_path = final / common.TRAINING_SETTINGS
         result = json.loads(settings_path.read_text()).get("result", {}) if settings_path.is_file() else {}
         rows.append({"path": final, "step": result.get("global_step"), "train_loss": result.get("last_train_loss"),
@@ -97,7 +99,7 @@ def command_cleanup(run: Path, keep: int) -> int:
 
 
 def command_delete(path: Path) -> int:
-    if not (path / "adapter_config.json").is_file():
+    if not (path / common.ADAPTER_CONFIG).is_file():
         raise StageError(f"{path} is not a checkpoint or adapter folder (no adapter_config.json): nothing deleted")
     shutil.rmtree(path)
     print(f"deleted {path}")
@@ -105,20 +107,18 @@ def command_delete(path: Path) -> int:
 
 
 def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> int:
-    common.read_adapter_settings(path)  # a clear line when it is not an adapter
+    template = inference.adapter_template(path)  # also a clear line when it is not an adapter
     common.require_model_dir(model_dir)
-    settings_path = run / "run_settings.json"
-    template = json.loads(settings_path.read_text()).get("template", common.DEFAULT_TEMPLATE) if settings_path.is_file() else common.DEFAULT_TEMPLATE
     problems = [json.loads(line) for line in common.DEMO_PROBLEMS.read_text().splitlines()[:TEST_PROBLEMS]]
     prompts = [common.format_prompt(template, p["text"], p["test_list"]) for p in problems]
     common.quiet_libraries()
     choice = common.pick_device()
     tokenizer = common.load_tokenizer(model_dir)
-    model = common.load_for_inference(model_dir, None, choice, common.can_load_4bit(choice))
-    base = common.generate(model, tokenizer, prompts, max_new_tokens)
+    model = inference.load_for_inference(model_dir, None, choice, common.use_4bit(choice, no_4bit=False))
+    base = inference.generate(model, tokenizer, prompts, max_new_tokens)
     from peft import PeftModel
 
-    tuned = common.generate(PeftModel.from_pretrained(model, str(path)).eval(), tokenizer, prompts, max_new_tokens)
+    tuned = inference.generate(PeftModel.from_pretrained(model, str(path)).eval(), tokenizer, prompts, max_new_tokens)
     for problem, before, after in zip(problems, base, tuned):
         print(f"=== {problem['text']}")
         print(f"--- base model:\n{before[0]['completion'].rstrip()}")

@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_adapter_loaded, one_error_line
 
 import checkpoints
 import common
+import inference
 import train
+import trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,22 +40,15 @@ def uninterrupted(demo_model, demo_prepared, tmp_path_factory):
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo_model, demo_prepared, uninterrupted,
                                                                             tmp_path, monkeypatch, capsys):
-    make_callback = checkpoints.graceful_stop_callback
+    on_step_end = trainer.GracefulStop.on_step_end
 
-    def ctrl_c_at_step_2():
-        callback = make_callback()
-        on_step_end = callback.on_step_end
-
-        def press_ctrl_c(args, state, control, **kwargs):
-            if state.global_step == 2 and callback.signal_name is None:
-                signal.raise_signal(signal.SIGINT)  # handled by the real signal handler
-            return on_step_end(args, state, control, **kwargs)
-
-        callback.on_step_end = press_ctrl_c
-        return callback
+    def press_ctrl_c_at_step_2(self, args, state, control, **kwargs):
+        if state.global_step == 2 and self.signal_name is None:
+            signal.raise_signal(signal.SIGINT)  # handled by the real signal handler
+        return on_step_end(self, args, state, control, **kwargs)
 
     out = tmp_path / "checkpoints"
-    monkeypatch.setattr(checkpoints, "graceful_stop_callback", ctrl_c_at_step_2)
+    monkeypatch.setattr(trainer.GracefulStop, "on_step_end", press_ctrl_c_at_step_2)
     args = run_args(demo_model, demo_prepared, out, "--max-steps", "6", "--save-steps", "3")
     assert train.main(args) == 128 + signal.SIGINT
     printed = capsys.readouterr()
@@ -60,7 +56,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo_
     assert [p.name for p in checkpoints.find_checkpoints(out)] == ["checkpoint-2"]
     assert not (out / common.FINAL_ADAPTER).exists()
 
-    monkeypatch.setattr(checkpoints, "graceful_stop_callback", make_callback)
+    monkeypatch.setattr(trainer.GracefulStop, "on_step_end", on_step_end)
     assert train.main(args + ["--resume"]) == 0
     resumed, reference = logged(out / "checkpoint-6"), logged(uninterrupted / "checkpoint-6")
     assert sorted(resumed) == sorted(reference) == [1, 2, 3, 4, 5, 6]
@@ -97,8 +93,15 @@ def test_resume_with_other_key_settings_is_refused_unless_forced(demo_model, dem
     out = tmp_path / "checkpoints"
     assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "2", "--save-steps", "2")) == 0
     capsys.readouterr()
-    assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "2", "--save-steps", "2", "--lora-r", "8", "--resume")) == 2
-    assert "lora_r" in capsys.readouterr().err
+    other = run_args(demo_model, demo_prepared, out, "--max-steps", "4", "--save-steps", "2", "--lr", "5e-4", "--lora-alpha", "8", "--resume")
+    assert train.main(other) == 2
+    assert "lora_alpha 32 -> 8" in one_error_line(capsys.readouterr())
+    assert not (out / "checkpoint-4").exists()
+    # Forced: it continues from step 2 with the checkpoint's weights, to step 4.
+    assert train.main(other + ["--force-resume"]) == 0
+    assert "resuming from " + str(out / "checkpoint-2") in capsys.readouterr().out
+    assert sorted(logged(out / "checkpoint-4")) == [1, 2, 3, 4]
+    assert json.loads((out / common.FINAL_ADAPTER / common.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 4
 
 
 def start_training(model, prepared, out, *extra) -> subprocess.Popen:
@@ -147,8 +150,8 @@ def test_kill_9_at_any_moment_leaves_a_run_that_resume_completes(demo_model, dem
     assert train.main(run_args(demo_model, demo_prepared, out, *args, "--resume")) == 0
     final = out / common.FINAL_ADAPTER
     assert json.loads((final / common.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 8
-    model = common.load_for_inference(demo_model, final, common.pick_device(), load_in_4bit=True)
-    assert model is not None
+    model = inference.load_for_inference(demo_model, final, common.pick_device(), load_in_4bit=True)
+    assert_adapter_loaded(model, final)
     assert not list(out.glob(checkpoints.STAGING + "*"))
 
 

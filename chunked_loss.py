@@ -1,5 +1,7 @@
-"""What makes QLoRA training of Qwen2.5-Coder fit a 6 GB GPU: a memory-efficient causal-LM loss and a
-peak-memory estimate. Used by train.py and bench/train_step.py.
+"""The chunked causal-LM loss: what makes QLoRA training of Qwen2.5-Coder fit a 6 GB GPU.
+
+Used by train.py (imported once training starts: this module imports torch) and bench/train_step.py.
+Needs:  common.py.
 
 The output layer of Qwen2.5-Coder has 151,936 entries: the standard loss materialises logits for every position
 of the batch (4 x 512 x 151,936 values, ~1.2 GB in fp32) several times over (logits, upcast, softmax,
@@ -10,7 +12,7 @@ Liger Kernel's fused linear cross-entropy, in plain PyTorch so that it runs on C
 
 from __future__ import annotations
 
-import math
+import contextlib
 
 import torch
 
@@ -82,24 +84,24 @@ class _PassThroughHead(torch.nn.Module):
         return hidden_states
 
 
-def install_chunked_loss(model, chunk_size: int = DEFAULT_CHUNK):
-    """Make `model` (a PeftModel or a causal LM) return hidden states instead of logits.
-
-    Returns (compute_loss_func for the Trainer, restore) where restore() puts the output layer back.
-    """
+@contextlib.contextmanager
+def output_layer_skipped(model, chunk_size: int = DEFAULT_CHUNK):
+    """Within this block `model` (a PeftModel or a causal LM) returns hidden states instead of logits, and the
+    yielded function (the Trainer's compute_loss_func) projects only the labelled positions, chunk by chunk.
+    The output layer is put back on leaving, also after an error, so the adapter is saved with the real model."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = causal_lm.lm_head
     if getattr(head, "bias", None) is not None:
         raise ValueError("the chunked loss supports output layers without bias (Qwen2 has none)")
-    causal_lm.lm_head = _PassThroughHead()
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         return causal_lm_loss(outputs.logits, head.weight, labels, num_items_in_batch, chunk_size)
 
-    def restore():
+    causal_lm.lm_head = _PassThroughHead()
+    try:
+        yield compute_loss
+    finally:
         causal_lm.lm_head = head
-
-    return compute_loss, restore
 
 
 def keep_embedding_in_compute_dtype(model, dtype: torch.dtype) -> None:
@@ -111,57 +113,3 @@ def keep_embedding_in_compute_dtype(model, dtype: torch.dtype) -> None:
     embedding = model.get_input_embeddings()
     if embedding.weight.dtype != dtype:
         embedding.to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Peak memory estimate (CUDA). Deliberately simple: which terms dominate, and how they scale.
-
-GIB = 2**30
-
-
-def estimate_peak_memory(config, micro_batch: int, seq_len: int, lora_r: int, load_in_4bit: bool = True,
-                         dtype_bytes: int = 2, optimizer_bytes: float = 2.0, chunked_loss: bool = True,
-                         labelled_share: float = 0.5, chunk_size: int = DEFAULT_CHUNK) -> dict:
-    """Estimated bytes of GPU memory at the peak of a training step, by component.
-
-    config: a transformers config of the Qwen2 family; optimizer_bytes: bytes of optimiser state per trainable
-    parameter (2 for 8-bit AdamW's two moments, 8 for fp32 AdamW); labelled_share: share of positions that carry
-    a label (the solution; the prompt is masked).
-    """
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    inter = config.intermediate_size
-    kv = hidden * config.num_key_value_heads // config.num_attention_heads
-    per_layer_linear = hidden * hidden * 2 + hidden * kv * 2 + hidden * inter * 3  # q, o, k, v, gate, up, down
-    linear_params = per_layer_linear * layers
-    # NF4 with double quantisation: 4 bits per weight plus ~0.13 bits of quantisation constants.
-    weight_bytes = linear_params * (4.13 / 8 if load_in_4bit else dtype_bytes) + vocab * hidden * dtype_bytes
-    lora_params = lora_r * layers * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))
-    lora_bytes = lora_params * (4 + 4 + optimizer_bytes)  # fp32 weights, fp32 gradients, optimiser state
-    tokens = micro_batch * seq_len
-    # Gradient checkpointing keeps each layer's input; one layer's activations are live during recompute.
-    checkpoints = tokens * hidden * dtype_bytes * layers
-    one_layer = tokens * (10 * hidden + 3 * inter) * dtype_bytes
-    if chunked_loss:
-        # one chunk of logits in the compute dtype and in fp32, and the gradient of the labelled hidden states
-        loss = min(chunk_size, tokens) * vocab * (dtype_bytes + 4) + tokens * labelled_share * hidden * 4 * 2
-    else:
-        # logits in the compute dtype, their fp32 upcast, log-softmax and its gradient, over every position
-        loss = tokens * vocab * (dtype_bytes + 4 + 4 + 4)
-    parts = {"weights": weight_bytes, "lora_and_optimizer": lora_bytes, "activations": checkpoints + one_layer, "loss": loss}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def describe_estimate(parts: dict) -> str:
-    detail = ", ".join(f"{name.replace('_', ' ')} {value / GIB:.2f}" for name, value in parts.items() if name != "total")
-    return f"{parts['total'] / GIB:.2f} GiB ({detail}; CUDA's own context adds ~0.3-0.5 GiB outside this)"
-
-
-def fit_batch(requested_batch: int, grad_accum: int, fits) -> tuple[int, int]:
-    """Largest micro-batch <= the effective batch for which fits(batch) holds, and the accumulation that keeps
-    the effective batch (micro-batch x accumulation) as close as possible to what was asked."""
-    effective = requested_batch * grad_accum
-    batch = effective
-    while batch > 1 and not fits(batch):
-        batch //= 2
-    return batch, max(1, math.ceil(effective / batch))

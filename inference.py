@@ -1,0 +1,113 @@
+"""Using a model after training: the adapter's settings, loading base + adapter for inference, batched generation.
+
+Used by verify_model.py, evaluate.py, generate.py and tools/checkpoint_manager.py.
+Needs:  common.py. Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import common
+from common import StageError
+
+# Where a completion ends besides EOS: a new task header means the model has moved on to inventing the next
+# problem; top-level asserts, prints and a main guard are the model writing its own tests, which would run
+# against the real ones (the stop words of bigcode-evaluation-harness's MBPP task, in spirit).
+STOP_SEQUENCES = ["\nTask:", "\nassert ", "\nprint(", "\nif __name__", "\n```"]
+
+
+def cut_at_stop(text: str) -> str:
+    """Cut generated text at the first stop sequence."""
+    for stop in STOP_SEQUENCES:
+        index = text.find(stop)
+        if index != -1:
+            text = text[:index]
+    return text
+
+
+def adapter_settings(adapter_dir: str | Path) -> dict:
+    """The training settings saved with an adapter (template, base model, LoRA and run settings); train.py writes
+    them into checkpoints/final/ and into every checkpoint-N/. Fails with one line when it is not an adapter."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise StageError(f"adapter folder {adapter_dir}/ not found: run train.py first")
+    for name in (common.ADAPTER_CONFIG, common.ADAPTER_WEIGHTS):
+        if not (adapter_dir / name).is_file():
+            raise StageError(f"{adapter_dir}/ has no {name}: it is not a finished adapter (train.py writes checkpoints/final/)")
+    path = adapter_dir / common.TRAINING_SETTINGS
+    return common.read_json(path) if path.is_file() else {}
+
+
+def adapter_template(adapter_dir: str | Path | None, default: str = common.DEFAULT_TEMPLATE) -> str:
+    """The prompt template an adapter was trained with, so that it is prompted the same way; `default` without one."""
+    if adapter_dir is None:
+        return default
+    return adapter_settings(adapter_dir).get("template", default)
+
+
+def resolve_adapter(requested: str | None, base_only: bool = False) -> Path | None:
+    """The adapter to use: the one asked for, else checkpoints/final/ when it exists, else none (base model)."""
+    if base_only:
+        return None
+    if requested:
+        adapter_settings(requested)  # fails with a clear line when it is not a finished adapter
+        return Path(requested)
+    default = Path(common.CHECKPOINTS_DIR) / common.FINAL_ADAPTER
+    if (default / common.ADAPTER_CONFIG).is_file():
+        return default
+    print(f"note: no adapter given and {default}/ does not exist: using the base model alone")
+    return None
+
+
+def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, choice, load_in_4bit: bool):
+    """Base model (plus the LoRA adapter, if given) in eval mode with the KV cache on."""
+    model = common.load_model(model_dir, choice, load_in_4bit)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.config.use_cache = True
+    return model.eval()
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+             batch_size: int = 16, num_samples: int = 1, progress: bool = False) -> list[list[dict]]:
+    """Complete each prompt `num_samples` times. Returns, per prompt, a list of
+    {"completion": text cut at EOS or a stop sequence, "stopped": whether it ended by itself}.
+
+    Prompts are batched with left padding (so every row's next token is at the end) and decoded with the KV
+    cache; a row stops at EOS or at a stop sequence such as a new "Task:" line.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    jobs = [(index, common.encode_prompt(tokenizer, prompt)) for index, prompt in enumerate(prompts) for _ in range(num_samples)]
+    # Similar lengths in one batch waste less compute on padding; results are put back in order below.
+    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
+    results: list[list[dict]] = [[] for _ in prompts]
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+    bar = tqdm(total=len(jobs), desc="generating", unit="completion", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = [jobs[j] for j in order[start:start + batch_size]]
+        longest = max(len(ids) for _, ids in chunk)
+        input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for _, ids in chunk], device=device)
+        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for _, ids in chunk], device=device)
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, **sampling,
+            )
+        for (index, _), row in zip(chunk, output[:, longest:].tolist()):
+            ended_at_eos = tokenizer.eos_token_id in row
+            if ended_at_eos:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            cut = cut_at_stop(text)
+            results[index].append({"completion": cut, "stopped": ended_at_eos or cut != text})
+        bar.update(len(chunk))
+    bar.close()
+    return results

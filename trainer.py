@@ -1,0 +1,195 @@
+"""The Trainer this pipeline trains with: transformers' Trainer plus what a long run on a small GPU needs.
+
+What it does beyond the stock Trainer, all in this file:
+  * checkpoints are atomic: written into .staging-<step>/, renamed to checkpoint-<step>/ when complete, old ones
+    rotated (--keep-last) only afterwards; each carries training_settings.json like the final adapter; the disk
+    is checked for room first;
+  * every log also carries trained tokens per second, memory and elapsed time (console, TensorBoard,
+    metrics.json and the checkpoints' trainer_state.json all see them);
+  * RunMonitor replaces the stock log printer: readable lines, loss warnings, metrics.json, training_curves.png;
+  * GracefulStop: the first Ctrl-C or SIGTERM finishes the optimiser step, saves a checkpoint and stops (every
+    process after the same step); a second Ctrl-C stops at once.
+
+Used by train.py, which imports it once training starts (this module imports torch and transformers).
+Needs:  common.py, checkpoints.py, monitoring.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import rotate_checkpoints
+
+import checkpoints
+import common
+import monitoring
+
+
+class PipelineTrainer(Trainer):
+    """Trainer(..., run_dir=, total_steps=, settings=, trainable_params=) with the additions listed above."""
+
+    def __init__(self, *args, run_dir: Path, total_steps: int, settings: dict, trainable_params: int, **kwargs):
+        self.run_dir, self.settings, self.trainable_params = Path(run_dir), settings, trainable_params
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(self.run_dir / monitoring.LOGS)
+        self.stop = GracefulStop()
+        super().__init__(*args, callbacks=[RunMonitor(self.run_dir, total_steps), tensorboard, self.stop], **kwargs)
+        # The Trainer always adds its own printer of raw log dicts; RunMonitor (a ProgressCallback) replaces it.
+        for stock in [c for c in self.callback_handler.callbacks if type(c) in (PrinterCallback, ProgressCallback)]:
+            self.remove_callback(stock)
+
+    # ---- monitoring: extra figures in every log -----------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        self._monitor_start = time.time()
+        return super().train(*args, **kwargs)
+
+    def log(self, logs, start_time=None):
+        now = time.time()
+        if not hasattr(self, "_elapsed_before"):  # first log of this session
+            # After a resume the history up to the checkpoint is restored: the clock continues from it.
+            self._elapsed_before = max((e.get("elapsed_s", 0.0) for e in self.state.log_history), default=0.0)
+            self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0))
+        if "loss" in logs:
+            last_time, last_tokens = self._last_log
+            tokens = self.state.num_input_tokens_seen
+            logs["tokens_per_second"] = round((tokens - last_tokens) / max(now - last_time, 1e-9), 1)
+            self._last_log = (now, tokens)
+            logs["memory_gib"] = round(monitoring.memory_in_use(), 3)
+        logs["elapsed_s"] = round(now - self._monitor_start + self._elapsed_before, 1)
+        super().log(logs, start_time)
+
+    # ---- atomic checkpoints ---------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        step = self.state.global_step
+        final = self.run_dir / f"{checkpoints.PREFIX}{step}"
+        previous = checkpoints.find_checkpoints(self.run_dir)
+        needed = checkpoints.checkpoint_size(previous[-1] if previous else None, self.trainable_params)
+        common.check_free_space(self.run_dir, needed, f"checkpoint {step}")
+        staging = self.run_dir / f"{checkpoints.STAGING}{step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # every process writes its RNG state into the staging folder
+
+        # The Trainer writes to <output_dir>/checkpoint-<step>: point output_dir at the staging folder while it
+        # does, and keep its own rotation (which would run before the rename) off.
+        limit, self.args.output_dir, self.args.save_total_limit = self.args.save_total_limit, str(staging), None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = str(self.run_dir), limit
+        if self.args.should_save:
+            # The adapter knows its template and base model wherever it is taken from, as in final/.
+            common.write_json(staging / final.name / common.TRAINING_SETTINGS, self.settings)
+        self.accelerator.wait_for_everyone()  # all of it written before the rename
+        if self.args.should_save:
+            if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
+                shutil.rmtree(final)
+            os.replace(staging / final.name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(self.run_dir), save_total_limit=limit, use_mtime=False)
+
+
+class GracefulStop(TrainerCallback):
+    """First SIGINT/SIGTERM: finish the optimiser step, save a checkpoint, stop. Second SIGINT: stop now."""
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            raise KeyboardInterrupt  # the second one: stop at once
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: finishing this step and saving a checkpoint "
+              f"(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # Every process must stop after the same step, whichever of them got the signal.
+            flag = torch.tensor([getattr(signal, self.signal_name) if self.signal_name else 0], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self.signal_name is None:
+                self.signal_name = signal.Signals(int(flag.item())).name
+        if self.signal_name is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class RunMonitor(ProgressCallback):
+    """The console progress bar and lines, warnings, metrics.json and the curves."""
+
+    def __init__(self, out: Path, total_steps: int):
+        super().__init__()
+        self.out, self.total_steps = out, total_steps
+        self.warned = None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass  # a second, nested bar for a few seconds of evaluation is noise; the eval loss line follows
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        say = self.training_bar.write if self.training_bar is not None else print
+        line = self.describe(state, logs)
+        if line:
+            say(line)
+        losses = [row["loss"] for row in state.log_history if "loss" in row]
+        warning = monitoring.loss_warning(losses) if "loss" in logs else None
+        if warning and warning != self.warned:
+            say(f"warning: {warning}")
+        self.warned = warning
+        self.write(state, finished=False)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        super().on_evaluate(args, state, control, **kwargs)
+        if state.is_world_process_zero:
+            monitoring.plot_curves(monitoring.history_of(state.log_history), self.out / monitoring.CURVES)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        if state.is_world_process_zero:
+            self.write(state, finished=state.global_step >= self.total_steps)
+            monitoring.plot_curves(monitoring.history_of(state.log_history), self.out / monitoring.CURVES)
+
+    def describe(self, state, logs) -> str | None:
+        step = f"step {state.global_step}/{self.total_steps}"
+        if "eval_loss" in logs:
+            return f"{step} · eval loss {logs['eval_loss']:.4f}"
+        if "loss" not in logs:
+            return None
+        elapsed = logs.get("elapsed_s", 0.0)
+        done = max(1, state.global_step)
+        eta = elapsed / done * (self.total_steps - state.global_step) if state.global_step else 0.0
+        parts = [step, f"epoch {logs.get('epoch', state.epoch or 0):.2f}", f"loss {logs['loss']:.4f}",
+                 f"lr {logs.get('learning_rate', 0):.2e}", f"grad norm {logs.get('grad_norm', float('nan')):.3f}",
+                 f"{logs.get('tokens_per_second', 0):,.0f} tok/s",
+                 f"{monitoring.memory_label()} {logs.get('memory_gib', 0):.2f} GiB",
+                 f"{monitoring.format_seconds(elapsed)} elapsed", f"ETA {monitoring.format_seconds(eta)}"]
+        return " · ".join(parts)
+
+    def write(self, state, finished: bool) -> None:
+        history = monitoring.history_of(state.log_history)
+        common.write_json(self.out / monitoring.METRICS,
+                          {"history": history, "totals": monitoring.totals_of(history, self.total_steps, finished)})
