@@ -243,6 +243,23 @@ def replace_dir(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def skip_download(out: Path, force: bool, complete: bool, holds: str | None, same: bool, wanted: str, kind: str) -> bool:
+    """For the download stages: True when `out` already holds what was asked (`complete` and `same`), so the
+    stage can skip. Refuses, naming --force, when it holds something else or an incomplete folder."""
+    if force or not out.exists():
+        return False
+    if not out.is_dir():
+        raise StageError(f"--out {out} is a file, not a folder: choose another --out")
+    if complete and same:
+        print(f"✓ {out}/ already holds {wanted}: skipping (use --force to download again)")
+        return True
+    if complete:
+        raise StageError(f"{out}/ already holds {holds}; pass --force to replace it with {wanted}")
+    if any(out.iterdir()):
+        raise StageError(f"{out}/ exists but is not a complete {kind} folder; pass --force to replace it")
+    return False
+
+
 def hub_error_message(error: Exception, what: str) -> str:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 

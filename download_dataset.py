@@ -82,14 +82,10 @@ def main(argv=None) -> int:
                 "dataset": str(local.resolve()) if is_local else source, "config": args.config, "revision": args.revision}
 
     info_path = out / common.DOWNLOAD_INFO
-    if out.exists() and not args.force:
-        if info_path.is_file() and (out / "dataset_dict.json").is_file():
-            if common.read_json(info_path) == identity:
-                print(f"✓ {out}/ already holds {identity['dataset']}: skipping (use --force to download again)")
-                return 0
-            raise StageError(f"{out}/ already holds {common.read_json(info_path)['dataset']}; pass --force to replace it")
-        if any(out.iterdir()):
-            raise StageError(f"{out}/ exists but is not a complete dataset folder; pass --force to replace it")
+    complete = info_path.is_file() and (out / "dataset_dict.json").is_file()
+    held = common.read_json(info_path) if complete else {}
+    if common.skip_download(out, args.force, complete, held.get("dataset"), held == identity, identity["dataset"], "dataset"):
+        return 0
 
     common.quiet_libraries()
     from datasets.utils.logging import disable_progress_bar

@@ -201,16 +201,12 @@ def main(argv=None) -> int:
     if local_source is not None:
         model_id = str(local_source.resolve())
 
-    if out.exists() and not args.force:
-        if model_folder_complete(out):
-            info = common.read_json(out / common.DOWNLOAD_INFO)
-            same_revision = args.demo or local_source is not None or info.get("revision") == args.revision
-            if info.get("model_id") == model_id and same_revision:
-                print(f"✓ {out}/ already holds {model_id}: skipping (use --force to download again)")
-                return 0
-            raise StageError(f"{out}/ already holds {info.get('model_id')}; pass --force to replace it with {model_id}")
-        if any(out.iterdir()):
-            raise StageError(f"{out}/ exists but is not a complete model folder; pass --force to replace it")
+    complete = out.is_dir() and model_folder_complete(out)
+    held = common.read_json(out / common.DOWNLOAD_INFO) if complete else {}
+    same_revision = args.demo or local_source is not None or held.get("revision") == args.revision
+    if common.skip_download(out, args.force, complete, held.get("model_id"), held.get("model_id") == model_id and same_revision,
+                            model_id, "model"):
+        return 0
 
     common.quiet_libraries()
     if args.demo:

@@ -9,7 +9,9 @@ Any other flag goes to every stage that has it (--force to both downloads, --see
 --max-steps to train, ...). Folder flags (--model, --data, --out) mean a different folder in each stage, so the
 pipeline always uses the default folders; run the stages one by one to use others.
 
-Reads/writes: model/, data/, prepared_data/, checkpoints/ (see each stage's header).
+Reads/writes: model/, data/, prepared_data/, checkpoints/, results/ (see each stage's header).
+Needs:  every stage file above, and what each of them needs (common.py, inference.py, checkpoints.py,
+        monitoring.py, trainer.py, chunked_loss.py, sandbox.py)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Run untrusted candidate programs against their assert tests, one hardened subprocess each.
 
-Used by evaluate.py. Each candidate runs:
+Used by evaluate.py (and bench/generation.py). Needs: nothing else from this project; only the standard library.
+Each candidate runs:
   * in its own process and session (process group), in a fresh temporary directory (also its HOME and TMPDIR),
     with no stdin and a minimal environment (no inherited tokens, keys or proxies);
   * under limits on CPU time, address space, file size, core dumps and number of processes; the whole process

@@ -7,6 +7,7 @@ Run:
 Reads:  the NVIDIA driver through nvidia-ml-py (NVML); on a machine without an NVIDIA GPU, it says so and shows
         the CPU and RAM instead.
 Writes: nothing.
+Needs:  monitoring.py (from the folder above)
 Run it in a second terminal while train.py runs.
 """
 

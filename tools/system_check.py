@@ -5,6 +5,7 @@ Run:
 
 Reads:  the installed packages and the hardware.
 Writes: nothing; exits non-zero when something required is missing or broken.
+Needs:  common.py (from the folder above)
 Run it first, before download_model.py.
 """
 

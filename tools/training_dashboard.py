@@ -6,6 +6,7 @@ Run:
 
 Reads:  <run>/metrics.json (written by train.py at every log), or a metrics.json path.
 Writes: nothing. Works on a running or a finished run.
+Needs:  common.py, monitoring.py (from the folder above)
 """
 
 from __future__ import annotations
