@@ -1,4 +1,5 @@
-"""train.py under torchrun with 2 CPU processes (gloo): one adapter, weights in sync, data split, loss falls."""
+"""train.py under torchrun with 2 CPU processes (gloo): one adapter, weights in sync, data split, loss falls,
+mid-run evaluations and checkpoints, and a resume."""
 
 import json
 import os
@@ -21,9 +22,10 @@ def runs(demo_model, demo_prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     common_flags = ["--model", str(demo_model), "--data", str(demo_prepared), "--grad-accum", "1", "--lr", "2e-3",
                     "--epochs", "3", "--save-steps", "1000", "--logging-steps", "1"]
+    # The 2-process run evaluates and saves a checkpoint every 6 of its 36 steps: both ranks keep training after.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          str(ROOT / "tests" / "ddp_probe.py"), str(root), *common_flags, "--batch-size", "2",
+                          str(ROOT / "tests" / "ddp_probe.py"), str(root), *common_flags, "--batch-size", "2", "--save-steps", "6",
                           "--out", str(root / "two")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one = subprocess.run([sys.executable, str(ROOT / "train.py"), *common_flags, "--batch-size", "4", "--out", str(root / "one")],
@@ -72,3 +74,43 @@ def test_loss_falls_as_in_a_single_process_run_with_the_same_effective_batch(run
     assert len(two) == len(one)  # same number of optimiser steps
     assert two[-1] < 0.8 * two[0] and one[-1] < 0.8 * one[0]
     assert abs(two[-1] - one[-1]) < 0.15 * one[-1]
+
+
+def saved_sums(adapter_dir: Path) -> dict[str, float]:
+    from safetensors.torch import load_file
+
+    return {name: float(t.double().sum()) for name, t in load_file(str(adapter_dir / common.ADAPTER_WEIGHTS)).items()}
+
+
+def test_mid_run_checkpoints_and_evaluations_under_two_processes(runs):
+    history = json.loads((runs["two"] / monitoring.METRICS).read_text())["history"]
+    assert [row["step"] for row in history if "eval_loss" in row] == [6, 12, 18, 24, 30, 36]
+    assert sorted(p.name for p in runs["two"].glob("checkpoint-*")) == ["checkpoint-24", "checkpoint-30", "checkpoint-36"]
+    # The final adapter is what rank 0 held at the end (the probe's sums of the same tensors).
+    rank0 = json.loads((runs["root"] / "rank0.json").read_text())["weights"]
+    final = saved_sums(runs["two"] / common.FINAL_ADAPTER)
+    assert final.keys() == {name.replace(".default.", ".") for name in rank0}
+    assert all(abs(final[name.replace(".default.", ".")] - value) < 1e-6 for name, value in rank0.items())
+
+
+def test_resume_under_two_processes(demo_model, demo_prepared, tmp_path):
+    flags = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(tmp_path / "run"), "--batch-size", "2",
+             "--grad-accum", "1", "--save-steps", "2", "--logging-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def torchrun(*extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                               str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path), *flags, *extra],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+    first = torchrun("--max-steps", "2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = torchrun("--max-steps", "4", "--resume")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'run' / 'checkpoint-2'}" in second.stdout
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())["weights"]
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())["weights"]
+    final = saved_sums(tmp_path / "run" / common.FINAL_ADAPTER)
+    assert rank0 == rank1 and all(abs(final[name.replace(".default.", ".")] - value) < 1e-6 for name, value in rank0.items())
