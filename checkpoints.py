@@ -12,8 +12,11 @@ never half-written; before resuming, train.py validates the newest one here and 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -22,6 +25,50 @@ import common
 PREFIX = "checkpoint-"
 STAGING = ".staging-"  # checkpoints/.staging-<step>/checkpoint-<step>/ while being written
 REQUIRED_FILES = [common.ADAPTER_CONFIG, common.ADAPTER_WEIGHTS, "trainer_state.json", "optimizer.pt", "scheduler.pt"]
+
+
+LOCK = ".lock"  # in the run folder while a train.py writes to it: "<pid> <host>"
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path):
+    """Hold the run folder for one train.py at a time. A second run into the same folder is refused with the
+    first one's pid; the lock of a run that was killed (its pid is gone) is recognised and taken over."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock, me = out / LOCK, f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = lock.read_text().split() if lock.is_file() else []
+            if owner and owner[0].isdigit() and owner[1:] == [socket.gethostname()] and pid_alive(int(owner[0])):
+                raise common.StageError(f"{out}/ is in use by another train.py (pid {owner[0]}): wait for it to finish, "
+                                        f"stop it, or choose another --out") from None
+            print(f"note: removing the stale lock of a run that no longer exists ({' '.join(owner) or 'empty'})", file=sys.stderr)
+            lock.unlink(missing_ok=True)
+    else:
+        raise common.StageError(f"cannot take the lock {lock}: another train.py is starting in {out}/; choose another --out")
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        if lock.is_file() and lock.read_text() == me:
+            lock.unlink()
+        if not any(out.iterdir()):
+            out.rmdir()  # a run that stopped before writing anything leaves no empty folder behind
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def step_of(path: Path) -> int:

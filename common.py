@@ -8,6 +8,7 @@ at module level, so `python stage.py --help` is instant and tests can import the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -165,7 +166,40 @@ def model_folder_problem(path: str | Path) -> str | None:
         return f"{path}/ has no .safetensors weights: run download_model.py --force --out {path}"
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return f"{path}/ has no tokenizer files ({', '.join(TOKENIZER_FILES)}): run download_model.py --force --out {path}"
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        return f"{path}/config.json is not valid JSON ({short_error(error, 80)}): run download_model.py --force --out {path}"
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            return f"{weights} is damaged ({problem}): run download_model.py --force --out {path}"
     return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be read to the end (a truncated download, say), from its header alone."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 0 < header_size <= 100 * 2**20:
+                return "no safetensors header"
+            header = json.loads(f.read(header_size))
+    except (ValueError, OSError) as error:
+        return f"unreadable header: {short_error(error, 80)}"
+    end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
+    size = path.stat().st_size - 8 - header_size
+    return None if size >= end else f"{size:,} of {end:,} bytes of tensor data"
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """A short hash of the tokenizer files of a model folder: data tokenized with another tokenizer is refused."""
+    digest = hashlib.sha256()
+    for name in (*TOKENIZER_FILES, "merges.txt"):
+        file = Path(model_dir) / name
+        if file.is_file() and name != "tokenizer_config.json":  # the config is rewritten on every save
+            digest.update(name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def require_model_dir(path: str | Path) -> Path:
@@ -204,6 +238,14 @@ def model_id(model_dir: str | Path) -> str:
     info = Path(model_dir) / DOWNLOAD_INFO
     recorded = read_json(info).get("model_id") if info.is_file() else None
     return recorded or str(Path(model_dir).resolve())
+
+
+def data_fingerprint(task_ids: dict[str, list[str]], settings: dict) -> str:
+    """What prepared data is: which problems are in which split, and how they were tokenized. Recorded in
+    stats.json, the run settings and every checkpoint; a resume onto other data is refused."""
+    keys = ("template", "max_length", "tokenizer")
+    text = json.dumps({"task_ids": task_ids, **{key: settings.get(key) for key in keys}}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def prepared_settings(data_dir: str | Path) -> dict:
@@ -339,7 +381,14 @@ def quiet_libraries() -> None:
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as error:  # a damaged or foreign tokenizer file
+        raise StageError(f"the tokenizer in {model_dir}/ does not load ({short_error(error, 120)}): run download_model.py --force") from None
+    vocab_size = read_json(Path(model_dir) / "config.json").get("vocab_size")
+    if vocab_size and len(tokenizer) > vocab_size:
+        raise StageError(f"the tokenizer in {model_dir}/ has {len(tokenizer):,} tokens but the model's embedding only "
+                         f"{vocab_size:,}: they belong to different models; run download_model.py --force")
     if tokenizer.eos_token_id is None:
         raise StageError(f"the tokenizer in {model_dir}/ has no EOS token: the model could never learn to stop")
     if tokenizer.pad_token_id is None:

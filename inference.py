@@ -46,6 +46,17 @@ def adapter_template(adapter_dir: str | Path | None, default: str = common.DEFAU
     return adapter_settings(adapter_dir).get("template", default)
 
 
+def base_model_problem(settings: dict, model_dir: str | Path) -> str | None:
+    """Why the adapter whose training settings these are does not belong on the model in `model_dir`, or None."""
+    trained_on, given = settings.get("base_model_id"), common.model_id(model_dir)
+    if trained_on and trained_on != given:
+        return f"it was trained on {trained_on}, but {model_dir}/ holds {given}: pass that model with --model"
+    trained_tokenizer = settings.get("prepared_stats", {}).get("settings", {}).get("tokenizer")
+    if trained_tokenizer and trained_tokenizer != common.tokenizer_fingerprint(model_dir):
+        return f"it was trained with another tokenizer than the one in {model_dir}/: pass its base model with --model"
+    return None
+
+
 def resolve_adapter(requested: str | None, base_only: bool = False) -> Path | None:
     """The adapter to use: the one asked for, else checkpoints/final/ when it exists, else none (base model)."""
     if base_only:

@@ -52,7 +52,9 @@ def resolve_columns(columns: list[str]) -> dict[str, str | None]:
 
 def normalize_row(row: dict, columns: dict, position: int) -> dict:
     """One problem as {task_id, task, code, tests, setup}; refuses empty or non-string fields."""
-    task_id = row[columns["task_id"]] if columns["task_id"] else position
+    task_id = row[columns["task_id"]] if columns["task_id"] else None
+    if task_id is None or not str(task_id).strip():
+        task_id = f"row-{position}"  # rows without an id get one of their own, never a shared one
     where = f"row {position} (task_id {task_id})"
     task, code, tests = row[columns["task"]], row[columns["code"]], row[columns["tests"]]
     for name, value in (("task", task), ("code", code)):
@@ -163,11 +165,13 @@ def main(argv=None) -> int:
             "template": args.template, "max_length": args.max_length, "eval_fraction": args.eval_fraction, "seed": args.seed,
             "model": common.model_id(args.model),
             "data": common.read_json(data_info_path).get("dataset") if data_info_path.is_file() else str(args.data),
-            "eos_token_id": tokenizer.eos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "tokenizer": common.tokenizer_fingerprint(args.model),
         },
         "problems": len(problems), "duplicates_skipped": duplicates, **stats,
         "tokens": {"example": percentiles(lengths), "solution_with_eos": percentiles(solution_lengths), "total": sum(lengths)},
+        "task_ids": {name: list(split["task_id"]) for name, split in splits.items()},
     }
+    summary["fingerprint"] = common.data_fingerprint(summary["task_ids"], summary["settings"])
     with common.atomic_output_dir(args.out) as tmp:
         DatasetDict(splits).save_to_disk(str(tmp))
         common.write_json(tmp / common.PREPARED_STATS, summary)

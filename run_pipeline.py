@@ -64,7 +64,8 @@ def stage_argv(stage: str, flags: set[str], groups: dict[str, list[str]], demo: 
     if stage in ("verify_model", "evaluate"):
         chosen["--adapter"] = [f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}"]
     if stage == "evaluate":
-        chosen["--compare-base"] = []
+        # The pipeline's results/ shows this run's evaluation: the stage line printed below says it replaces it.
+        chosen["--compare-base"], chosen["--overwrite"] = [], []
     argv = []
     for flag, values in chosen.items():
         if flag in flags:

@@ -21,8 +21,9 @@ warm-up. Two things keep it within a 6 GB GPU: the loss projects only the labell
 (chunked_loss.py); and batches are padded only to their longest example, with examples of similar length
 batched together.
 
-main() reads top to bottom in five phases: check (flags and folders, nothing heavy) -> plan (every setting
-settled into one frozen RunSettings) -> build (tokenizer, 4-bit model, LoRA, Trainer) -> train -> save.
+The code reads top to bottom in five phases: main() checks (flags and folders, nothing heavy) and takes the run
+folder's lock; run() plans (every setting settled into one frozen RunSettings), builds (tokenizer, 4-bit model,
+LoRA, Trainer), trains and saves.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from common import StageError
 # All linear projections of a Qwen2 decoder layer: attention (q, k, v, o) and MLP (gate, up, down).
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Settings that make a checkpoint meaningless for another run if they differ.
-RESUME_KEYS = ("model", "prepared_data", "template", "lora_r", "lora_alpha", "load_in_4bit")
+RESUME_KEYS = ("model", "prepared_data", "prepared_fingerprint", "template", "lora_r", "lora_alpha", "load_in_4bit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,14 +132,21 @@ def check(args) -> tuple[dict, bool]:
         stats = common.read_json(Path(args.data) / common.PREPARED_STATS)
     except StageError as error:
         problems.append(str(error))
-    if stats and not model_problem and stats["settings"]["model"] != common.model_id(args.model):
-        problems.append(f"{args.data}/ was tokenized for {stats['settings']['model']} but {args.model}/ holds "
-                        f"{common.model_id(args.model)}: run prepare_data.py --model {args.model}")
+    if stats and not model_problem:
+        recorded_id = (Path(args.model) / common.DOWNLOAD_INFO).is_file()
+        if recorded_id and stats["settings"]["model"] != common.model_id(args.model):
+            problems.append(f"{args.data}/ was tokenized for {stats['settings']['model']} but {args.model}/ holds "
+                            f"{common.model_id(args.model)}: run prepare_data.py --model {args.model}")
+        elif stats["settings"].get("tokenizer") != common.tokenizer_fingerprint(args.model):
+            problems.append(f"{args.data}/ was tokenized with another tokenizer than the one in {args.model}/: "
+                            f"run prepare_data.py --model {args.model}")
     out = Path(args.out)
     finished = finished_before(out, vars(args), stats)
-    earlier = checkpoints.find_checkpoints(out) or (out / common.FINAL_ADAPTER).exists()
+    earlier = out.is_dir() and (checkpoints.find_checkpoints(out) or (out / common.FINAL_ADAPTER).exists())
     if not args.resume and not args.overwrite and earlier and not finished:
         problems.append(f"{out}/ holds an earlier run: pass --resume to continue it, --overwrite to start over, or --out for a new folder")
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} is a file, not a folder: choose another --out")
     if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
         problems.append(f"--resume {args.resume}: no such checkpoint folder")
     common.fail_on_problems(problems)
@@ -167,6 +175,7 @@ class RunSettings:
     model: str
     base_model_id: str
     prepared_data: str
+    prepared_fingerprint: str  # which problems are in which split, and how they were tokenized
     template: str
     max_length: int
     lora_r: int
@@ -225,6 +234,7 @@ def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int, proces
         model=str(Path(args.model).resolve()),
         base_model_id=common.model_id(args.model),
         prepared_data=str(Path(args.data).resolve()),
+        prepared_fingerprint=stats.get("fingerprint", ""),
         template=stats["settings"]["template"],
         max_length=stats["settings"]["max_length"],
         lora_r=args.lora_r,
@@ -272,7 +282,7 @@ def resume_point(resume: str | None, force: bool, out: Path, settings: RunSettin
         saved, current = common.read_json(saved_path), settings.to_json()
         differing = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESUME_KEYS if saved.get(key) != current[key]]
         if differing and not force:
-            raise StageError(f"cannot resume {checkpoint}: it was trained with other settings ({'; '.join(differing)}); "
+            raise StageError(f"cannot resume {checkpoint}: it was trained with other settings or data ({'; '.join(differing)}); "
                              f"use --overwrite to start over, or --force-resume")
     return str(checkpoint)
 
@@ -507,7 +517,14 @@ def main(argv=None) -> int:
         say(f"✓ {out}/{common.FINAL_ADAPTER}/ already holds an adapter trained with these settings: skipping "
             f"(use --overwrite to train again)")
         return 0
+    # One train.py at a time per run folder (the first process of a multi-process run holds it for all).
+    with checkpoints.run_lock(out) if ranks.is_main else contextlib.nullcontext():
+        return run(args, stats, ranks, argv)
 
+
+def run(args, stats: dict, ranks: Ranks, argv) -> int:
+    """plan -> build -> train -> save, for checked arguments, with the run folder held."""
+    say, out = ranks.say, Path(args.out)
     common.quiet_libraries()
     from datasets import load_from_disk
 

@@ -39,7 +39,8 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
         for i, row in enumerate(rows):
             f.write(json.dumps({"task_id": row["task_id"], "completion": row["code"] if i < 3 else "def nothing(): pass"}) + "\n")
     out = tmp_path / "results"
-    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--split", "train", "--out", str(out)]) == 0
+    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--split", "train", "--limit", "4",
+                          "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"completions.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}
     summary = json.loads((out / "summary.json").read_text())["models"]["completions"]
     assert summary["counts"] == {"passed": 3, "failed": 0, "timeout": 0, "error": 1}
@@ -47,6 +48,54 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
     verdicts = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert [v["status"] for v in verdicts] == ["passed", "passed", "passed", "error"]
     assert "| completions |" in capsys.readouterr().out
+
+
+def test_pass_at_k_is_only_reported_for_k_up_to_the_samples_of_every_problem(demo_prepared, tmp_path, capsys):
+    rows = [{"task_id": "a", "status": "failed"}, {"task_id": "a", "status": "failed"}, {"task_id": "b", "status": "failed"}]
+    summary = evaluate.summarize(rows, num_samples=5)
+    assert summary["pass@1"] == 0.0 and "pass@2" not in summary  # b has one sample: pass@2 would read 100 %
+    with pytest.raises(ValueError):
+        evaluate.pass_at_k(1, 0, 2)
+
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(demo_prepared))["train"].select(range(3))
+    completions = tmp_path / "one_each.jsonl"
+    completions.write_text("".join(json.dumps({"task_id": row["task_id"], "completion": "def wrong(): pass"}) + "\n" for row in rows))
+    flags = ["--completions", str(completions), "--data", str(demo_prepared), "--split", "train", "--limit", "3"]
+    assert evaluate.main([*flags, "--num-samples", "5", "--out", str(tmp_path / "r")]) == 2
+    assert "only 1 completion(s)" in one_error_line(capsys.readouterr()) and not (tmp_path / "r").exists()
+    assert evaluate.main([*flags, "--out", str(tmp_path / "r")]) == 0
+    scored = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
+    assert scored["pass@1"] == 0.0 and "pass@5" not in scored
+
+
+def test_problems_missing_from_a_completions_file_count_as_unsolved(demo_prepared, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(demo_prepared))["eval"]
+    completions = tmp_path / "partial.jsonl"
+    completions.write_text(json.dumps({"task_id": rows[0]["task_id"], "completion": rows[0]["code"]}) + "\n")
+    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 0
+    assert f"{len(rows) - 1} of {len(rows)} problems of the eval split have no completion" in capsys.readouterr().err
+    scored = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
+    assert scored["problems"] == len(rows) and scored["pass@1"] == pytest.approx(1 / len(rows))
+    assert len(scored["missing"]) == len(rows) - 1
+
+
+def test_an_earlier_evaluation_is_kept_unless_overwrite(demo_prepared, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    row = load_from_disk(str(demo_prepared))["eval"][0]
+    completions = tmp_path / "c.jsonl"
+    completions.write_text(json.dumps({"task_id": row["task_id"], "completion": row["code"]}) + "\n")
+    flags = ["--completions", str(completions), "--data", str(demo_prepared), "--limit", "1", "--out", str(tmp_path / "r")]
+    assert evaluate.main(flags) == 0
+    before = (tmp_path / "r" / "summary.json").read_text()
+    capsys.readouterr()
+    assert evaluate.main(flags) == 2
+    assert "--overwrite" in one_error_line(capsys.readouterr()) and (tmp_path / "r" / "summary.json").read_text() == before
+    assert evaluate.main(flags + ["--overwrite"]) == 0
 
 
 def test_bad_completions_and_flags_are_refused(demo_prepared, tmp_path, capsys):

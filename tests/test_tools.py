@@ -37,6 +37,10 @@ def test_checkpoint_manager_list_best_test_cleanup_delete(trained_smoke, demo_mo
     assert shown.count("--- base model:") == checkpoint_manager.TEST_PROBLEMS and "checkpoint-4:" in shown
     assert checkpoint_manager.main(["--run", str(run), "delete", str(run / "logs")]) == 2  # not a checkpoint
     assert (run / "logs").is_dir()
+    elsewhere = tmp_path / "my-adapter"  # an adapter folder outside the run: never the manager's to delete
+    shutil.copytree(run / "final", elsewhere)
+    assert checkpoint_manager.main(["--run", str(run), "delete", str(elsewhere)]) == 2
+    assert "nothing deleted" in capsys.readouterr().err and (elsewhere / "adapter_config.json").is_file()
     assert checkpoint_manager.main(["--run", str(run), "cleanup", "--keep", "0"]) == 0
     assert not list(run.glob("checkpoint-*")) and (run / "final").is_dir()
     assert checkpoint_manager.main(["--run", str(run), "delete", str(run / "final")]) == 0

@@ -98,11 +98,16 @@ def command_cleanup(run: Path, keep: int) -> int:
     return 0
 
 
-def command_delete(path: Path) -> int:
-    if not (path / common.ADAPTER_CONFIG).is_file():
-        raise StageError(f"{path} is not a checkpoint or adapter folder (no adapter_config.json): nothing deleted")
+def command_delete(run: Path, path: Path) -> int:
+    """Delete one checkpoint-<step>/ or final/ of the run folder, and nothing else."""
+    inside = path.resolve().parent == run.resolve()
+    is_checkpoint = path.name == common.FINAL_ADAPTER or path.name in {p.name for p in checkpoints.find_checkpoints(run)}
+    if not (inside and is_checkpoint and (path / common.ADAPTER_CONFIG).is_file()):
+        raise StageError(f"{path} is not a checkpoint or the final adapter of the run {run}/ (pass --run for another run "
+                         f"folder): nothing deleted")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
     shutil.rmtree(path)
-    print(f"deleted {path}")
+    print(f"deleted {path}/ ({size:.1f} MB)")
     return 0
 
 
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     if args.command == "cleanup":
         return command_cleanup(run, args.keep)
     if args.command == "delete":
-        return command_delete(Path(args.path))
+        return command_delete(run, Path(args.path))
     return command_test(run, Path(args.path), args.model, args.max_new_tokens)
 
 
