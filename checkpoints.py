@@ -7,7 +7,7 @@ A checkpoint is checkpoints/checkpoint-<step>/ holding the adapter (adapter_conf
 adapter_model.safetensors), its training_settings.json, the optimiser, scheduler and RNG states and the Trainer's
 state; together they let `train.py --resume` continue exactly where the run stopped. trainer.py writes each one
 into a staging folder (.staging-<step>/) and renames it when complete, so a folder named checkpoint-<step> is
-never half-written; before resuming, train.py validates the newest one here and falls back to the previous good one.
+never half-written; before resuming, train.py validates the newest one here (every file present and readable to the end) and falls back to the previous good one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import sys
+import zipfile
 from pathlib import Path
 
 import common
@@ -92,6 +93,12 @@ def checkpoint_problem(path: Path) -> str | None:
         with safe_open(str(path / common.ADAPTER_WEIGHTS), framework="pt") as weights:
             for key in weights.keys():
                 weights.get_tensor(key)  # reads every byte: a truncated file fails here
+        # torch.save writes zip archives: a CRC check of every member finds a truncated or damaged state file.
+        for state in [path / "optimizer.pt", path / "scheduler.pt", *path.glob("rng_state*.pth")]:
+            with zipfile.ZipFile(state) as archive:
+                damaged = archive.testzip()
+            if damaged:
+                return f"{state.name} is damaged ({damaged})"
         json.loads((path / "trainer_state.json").read_text())
         json.loads((path / common.ADAPTER_CONFIG).read_text())
     except Exception as error:  # any unreadable file makes the checkpoint unusable

@@ -112,6 +112,18 @@ def report_errors(stage_main):
         except KeyboardInterrupt:
             print("interrupted: anything half-written was discarded; earlier complete output is kept", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # Output piped into `head` or a closed pager: stop quietly, as command-line tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_FAILED
+        except PermissionError as error:
+            print(f"error: permission denied: {error.filename}: choose a folder you can write to (--out), or fix its "
+                  f"permissions; earlier complete output is kept", file=sys.stderr)
+            return EXIT_FAILED
+        except OSError as error:  # a full disk, a vanished folder: the system's own words, on one line
+            print(f"error: {error.strerror or short_error(error)}: {error.filename or ''}; earlier complete output is kept",
+                  file=sys.stderr)
+            return EXIT_FAILED
 
     wrapper.__name__ = stage_main.__name__
     wrapper.__doc__ = stage_main.__doc__
@@ -264,16 +276,18 @@ def atomic_output_dir(final: str | Path):
     the next stage would accept.
     """
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise StageError(f"--out {final} is a file, not a folder: choose another --out")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, final)
 
 
 def replace_dir(new: Path, final: Path) -> None:
@@ -372,6 +386,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*use_cache=True.*is incompatible with gradient checkpointing.*")
     warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*use_reentrant.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated.*")
+    # peft's prepare_model_for_kbit_training still calls the old name; transformers 5 warns on every run.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated.*", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

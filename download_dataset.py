@@ -31,10 +31,32 @@ def load_local(path: Path):
     builder = LOCAL_FORMATS.get(path.suffix.lower())
     if builder is None:
         raise StageError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+    if path.stat().st_size == 0:
+        raise StageError(f"{path} is empty: it holds no problems")
+    if path.suffix.lower() == ".jsonl":
+        check_json_lines(path)
     try:
         return load_dataset(builder, data_files=str(path))
     except Exception as error:  # malformed JSON or parquet
         raise StageError(f"{path} could not be read as {builder}: {common.short_error(error)}") from None
+
+
+def check_json_lines(path: Path) -> None:
+    """Name the first line of a JSONL file that is not one JSON object (datasets' own error names no line)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise StageError(f"{path}, line {number}: not valid JSON ({error.msg}); fix or remove that line") from None
+                    if not isinstance(row, dict):
+                        raise StageError(f"{path}, line {number}: expected a JSON object (one problem per line)")
+    except UnicodeDecodeError:
+        raise StageError(f"{path} is not UTF-8 text: expected JSON lines") from None
 
 
 def load_from_hub(name: str, config: str | None, revision: str | None):
@@ -76,6 +98,9 @@ def main(argv=None) -> int:
     source = str(common.DEMO_PROBLEMS) if args.demo else args.dataset
     local = Path(source)
     is_local = args.demo or local.suffix.lower() in LOCAL_FORMATS or local.exists()
+    if is_local and local.is_dir():
+        raise StageError(f"{local} is a folder: pass a .json, .jsonl or .parquet file, or a Hub dataset name "
+                         f"(a folder written by this stage is used as it is by prepare_data.py --data {local})")
     if is_local and not local.is_file():
         raise StageError(f"dataset file {local} not found")
     identity = {"source": "demo" if args.demo else ("local" if is_local else "hub"),

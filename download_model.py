@@ -145,11 +145,10 @@ def build_demo_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
-def build_demo_model(out: Path, seed: int = 0) -> None:
+def build_demo_model(out: Path, tokenizer, seed: int = 0) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_demo_tokenizer()
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=DEMO_HIDDEN,
@@ -210,8 +209,9 @@ def main(argv=None) -> int:
 
     common.quiet_libraries()
     if args.demo:
+        tokenizer = build_demo_tokenizer()  # before the output folder exists: a Ctrl-C here leaves nothing behind
         with common.atomic_output_dir(out) as tmp:
-            build_demo_model(tmp)
+            build_demo_model(tmp, tokenizer)
     elif local_source is not None:
         with common.atomic_output_dir(out) as tmp:
             copy_local_model(local_source, tmp)

@@ -271,9 +271,7 @@ def main(argv=None) -> int:
             completions = generate_completions(model, tokenizer, problems, template, num_samples, args)
             record("base", completions, {"model": base_id}, time.time() - started)
         if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+            model = inference.attach_adapter(model, adapter, args.model)
             started = time.time()
             completions = generate_completions(model, tokenizer, problems, template, num_samples, args)
             record("fine-tuned", completions, {"model": base_id, "adapter": str(adapter.resolve())}, time.time() - started)

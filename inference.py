@@ -75,11 +75,21 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, ch
     """Base model (plus the LoRA adapter, if given) in eval mode with the KV cache on."""
     model = common.load_model(model_dir, choice, load_in_4bit)
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = attach_adapter(model, adapter_dir, model_dir)
     model.config.use_cache = True
     return model.eval()
+
+
+def attach_adapter(model, adapter_dir: str | Path, model_dir: str | Path):
+    """The base model with the LoRA adapter of `adapter_dir` on top, in eval mode; one clear line when the
+    adapter was made for another model (other layer names or shapes)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise StageError(f"the adapter in {adapter_dir}/ does not fit the model in {model_dir}/ ({common.short_error(error, 120)}): "
+                         f"pass the base model it was trained on with --model") from None
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,

@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     splits, stats = {}, {"dropped_too_long": {}, "rows": {}}
     for name, members in (("train", [p for p in problems if p["task_id"] not in eval_ids]),
                           ("eval", [p for p in problems if p["task_id"] in eval_ids])):
+        if not members:
+            raise StageError(f"--eval-fraction {args.eval_fraction} leaves no problem for the {name} split "
+                             f"({len(problems)} problems in all): choose a fraction between them")
         kept, dropped = encode_problems(members, tokenizer, args.template, args.max_length)
         if not kept:
             raise StageError(f"no {name} example fits in --max-length {args.max_length}; raise it")

@@ -428,7 +428,11 @@ def build_model(model_dir: str, choice, load_in_4bit: bool, lora_r: int, lora_al
     set_seed(seed)  # LoRA's A matrices are random: same seed, same start
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGET_MODULES,
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # peft: none of the target modules exists in this architecture
+        raise StageError(f"cannot put LoRA adapters on the {model.config.model_type} model in {model_dir}/ "
+                         f"({common.short_error(error, 120)}): train.py targets {', '.join(LORA_TARGET_MODULES)}") from None
 
 
 def loss_for(model, loss: str):

@@ -94,9 +94,7 @@ def main(argv=None) -> int:
     if model and tokenizer:
         report.check("base model generates", lambda: smoke_generation(model))
         if adapter_dir is not None and settings:
-            from peft import PeftModel
-
-            tuned = report.check("adapter loads onto the base model", lambda: PeftModel.from_pretrained(model, str(adapter_dir)).eval())
+            tuned = report.check("adapter loads onto the base model", lambda: inference.attach_adapter(model, adapter_dir, model_dir))
             if tuned:
                 report.check("base + adapter generates", lambda: smoke_generation(tuned))
     elif adapter_dir is not None:

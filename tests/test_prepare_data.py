@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from conftest import demo_problems, one_error_line, write_jsonl
 
@@ -96,3 +98,16 @@ def test_guide_template_and_failed_rerun_keeps_previous_output(demo_data, demo_m
     monkeypatch.undo()
     assert common.read_json(out / common.PREPARED_STATS) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_rows_without_a_task_id_get_one_each(demo_model, tmp_path):
+    import download_dataset
+
+    rows = [{**problem, "task_id": None} for problem in demo_problems()[:6]]
+    source = write_jsonl(tmp_path / "no_ids.jsonl", rows)
+    assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 0
+    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(demo_model), "--out", str(tmp_path / "p"),
+                              "--eval-fraction", "0.34"]) == 0
+    stats = json.loads((tmp_path / "p" / common.PREPARED_STATS).read_text())
+    assert stats["problems"] == 6 and stats["duplicates_skipped"] == 0
+    assert sorted(stats["task_ids"]["train"] + stats["task_ids"]["eval"]) == [f"row-{i}" for i in range(6)]

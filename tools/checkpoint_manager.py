@@ -121,9 +121,7 @@ def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> 
     tokenizer = common.load_tokenizer(model_dir)
     model = inference.load_for_inference(model_dir, None, choice, common.use_4bit(choice, no_4bit=False))
     base = inference.generate(model, tokenizer, prompts, max_new_tokens)
-    from peft import PeftModel
-
-    tuned = inference.generate(PeftModel.from_pretrained(model, str(path)).eval(), tokenizer, prompts, max_new_tokens)
+    tuned = inference.generate(inference.attach_adapter(model, path, model_dir), tokenizer, prompts, max_new_tokens)
     for problem, before, after in zip(problems, base, tuned):
         print(f"=== {problem['text']}")
         print(f"--- base model:\n{before[0]['completion'].rstrip()}")

@@ -94,12 +94,16 @@ def main(argv=None) -> int:
             raise common.StageError(f"{path} not found: train.py writes it at the first log of a run") from None
         except json.JSONDecodeError:
             raise common.StageError(f"{path} is not valid JSON") from None
-        text = render(metrics, source)
+        try:
+            text = render(metrics, source)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+            raise common.StageError(f"{path} is not a metrics.json written by train.py (its fields are not what "
+                                    f"train.py writes): pass a run folder or its metrics.json") from None
         if not args.watch:
             print(text)
             return 0
         print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + "(Ctrl-C to quit)\n" + text, flush=True)
-        if metrics["totals"].get("finished"):
+        if metrics["totals"].get("finished"):  # render() checked the shape
             return 0
         time.sleep(args.interval)
 
