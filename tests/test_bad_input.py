@@ -191,3 +191,18 @@ def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared
                  "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--resume")
     assert done.returncode == 0 and "removing the stale lock" in done.stderr, done.stderr[-2000:]
     assert not (run / ".lock").exists() and (run / "checkpoint-3").is_dir()
+
+
+def test_an_adapter_of_another_shape_is_refused_by_generate_and_evaluate(short_run, demo_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(short_run / "run" / "final", adapter)
+    weights = load_file(str(adapter / common.ADAPTER_WEIGHTS))
+    save_file({name: tensor[..., :64].contiguous() if "lora_A" in name else tensor for name, tensor in weights.items()},
+              str(adapter / common.ADAPTER_WEIGHTS))  # as if made for a model of half the width
+    error = single_error(stage(ROOT / "generate.py", "--model", demo_model, "--adapter", adapter, "--prompt", "x"))
+    assert "does not fit the model" in error
+    error = single_error(stage(ROOT / "evaluate.py", "--model", demo_model, "--adapter", adapter, "--data", short_run / "prepared",
+                               "--split", "train", "--limit", "1", "--out", tmp_path / "r"))
+    assert "does not fit the model" in error and not (tmp_path / "r").exists()
