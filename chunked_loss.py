@@ -90,18 +90,18 @@ def output_layer_skipped(model, chunk_size: int = DEFAULT_CHUNK):
     yielded function (the Trainer's compute_loss_func) projects only the labelled positions, chunk by chunk.
     The output layer is put back on leaving, also after an error, so the adapter is saved with the real model."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = causal_lm.lm_head
+    head = causal_lm.get_output_embeddings()  # lm_head in Qwen2, Llama and GPT-2, tied to the embedding or not
     if getattr(head, "bias", None) is not None:
-        raise ValueError("the chunked loss supports output layers without bias (Qwen2 has none)")
+        raise ValueError("the chunked loss supports output layers without bias (Qwen2, Llama and GPT-2 have none): use --loss standard")
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         return causal_lm_loss(outputs.logits, head.weight, labels, num_items_in_batch, chunk_size)
 
-    causal_lm.lm_head = _PassThroughHead()
+    causal_lm.set_output_embeddings(_PassThroughHead())
     try:
         yield compute_loss
     finally:
-        causal_lm.lm_head = head
+        causal_lm.set_output_embeddings(head)
 
 
 def keep_embedding_in_compute_dtype(model, dtype: torch.dtype) -> None:
@@ -110,6 +110,6 @@ def keep_embedding_in_compute_dtype(model, dtype: torch.dtype) -> None:
     The upcast costs 136M x 2 extra bytes on Qwen2.5-Coder-0.5B and makes the output projection an fp32 matmul;
     the layer is frozen, so it gains nothing from fp32. Layer norms stay in fp32, where stability matters.
     """
-    embedding = model.get_input_embeddings()
-    if embedding.weight.dtype != dtype:
-        embedding.to(dtype)
+    for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):  # the same layer when tied
+        if embedding is not None and embedding.weight.dtype != dtype and not embedding.weight.requires_grad:
+            embedding.to(dtype)

@@ -80,8 +80,12 @@ def encode_example(tokenizer, prompt: str, solution: str) -> dict:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids as training saw them (with BOS where the tokenizer adds one; Qwen adds none)."""
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    """Prompt ids as training saw them: with the BOS where the tokenizer adds one (Llama; Qwen and GPT-2 add none),
+    and never an EOS that some tokenizers append to every text, which would end the prompt before the answer."""
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if len(ids) > 1 and ids[-1] == tokenizer.eos_token_id and not prompt.endswith(str(getattr(tokenizer, "eos_token", ""))):
+        ids = ids[:-1]
+    return ids
 
 
 

@@ -32,7 +32,7 @@ DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B"
 ALLOWED_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model", "*.tiktoken"]
 
 # The demo model: Qwen2 architecture, small enough to train on a laptop CPU in seconds.
-DEMO_MODEL_ID = "demo/tiny-qwen2"
+DEMO_MODEL_IDS = {"qwen2": "demo/tiny-qwen2", "llama": "demo/tiny-llama", "gpt2": "demo/tiny-gpt2"}
 DEMO_VOCAB_SIZE = 1024
 DEMO_HIDDEN = 128
 DEMO_LAYERS = 4
@@ -41,7 +41,8 @@ DEMO_LAYERS = 4
 # Measured: x6 lets LoRA memorise 8 problems (exact solution, then EOS) in 150 steps; x20 makes the residual
 # stream so dominated by the input token that training starts from a loss near 50.
 DEMO_EMBEDDING_SCALE = 6.0
-EOS_TOKEN = "<|endoftext|>"  # Qwen's EOS, and its pad token
+EOS_TOKEN = "<|endoftext|>"  # Qwen's EOS, and its pad token; GPT-2's BOS and EOS
+LLAMA_BOS, LLAMA_EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's
 
 
 def model_folder_complete(path: Path) -> bool:
@@ -128,52 +129,66 @@ def demo_corpus() -> list[str]:
     return corpus
 
 
-def build_demo_tokenizer():
-    """A byte-level BPE tokenizer (the same kind as Qwen's) trained on the bundled problems."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_demo_tokenizer(family: str = "qwen2"):
+    """A byte-level BPE tokenizer trained on the bundled problems, with the special tokens of the family's own:
+    qwen2: no BOS, EOS <|endoftext|> doubling as pad; llama: <|begin_of_text|> added before every text (as
+    Llama 3), EOS <|end_of_text|>, no pad; gpt2: <|endoftext|> as BOS and EOS, nothing added, no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = {"qwen2": [EOS_TOKEN], "llama": [LLAMA_BOS, LLAMA_EOS], "gpt2": [EOS_TOKEN]}[family]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=DEMO_VOCAB_SIZE,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
         show_progress=False,
     )
     tokenizer.train_from_iterator(demo_corpus(), trainer)
+    if family == "llama":
+        bos_id = tokenizer.token_to_id(LLAMA_BOS)
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{LLAMA_BOS} $A", pair=f"{LLAMA_BOS} $A {LLAMA_BOS} $B",
+                                                                 special_tokens=[(LLAMA_BOS, bos_id)])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=LLAMA_BOS, eos_token=LLAMA_EOS)
+    if family == "gpt2":
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
     # Like Qwen: no BOS, and the pad token is the EOS token.
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
-def build_demo_model(out: Path, tokenizer, seed: int = 0) -> None:
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+def demo_config(family: str, tokenizer):
+    """A 4-layer, 128-wide model of the family. No pad_token_id: nn.Embedding(padding_idx=...) would zero that
+    row, and where the pad is the EOS (Qwen) the model could then never predict EOS. Padding is handled by
+    attention masks and -100 labels instead."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=DEMO_HIDDEN,
-        intermediate_size=4 * DEMO_HIDDEN,
-        num_hidden_layers=DEMO_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,  # as Qwen2.5-Coder-0.5B
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        # No pad_token_id: nn.Embedding(padding_idx=...) would zero the EOS row of the tied embedding, and the
-        # model could then never predict EOS. Padding is handled by attention masks and -100 labels instead.
-        pad_token_id=None,
-    )
+    size = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    if family == "gpt2":  # tied embedding, learned positions, Conv1D projections c_attn, c_proj, c_fc
+        return GPT2Config(n_embd=DEMO_HIDDEN, n_layer=DEMO_LAYERS, n_head=4, n_positions=1024,
+                          bos_token_id=tokenizer.bos_token_id, **size)
+    kind = Qwen2Config if family == "qwen2" else LlamaConfig
+    return kind(hidden_size=DEMO_HIDDEN, intermediate_size=4 * DEMO_HIDDEN, num_hidden_layers=DEMO_LAYERS,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                tie_word_embeddings=family == "qwen2",  # as Qwen2.5-Coder-0.5B; Llama 3.2-1B ties too, Llama-3 8B does not
+                bos_token_id=tokenizer.bos_token_id, **size)
+
+
+def build_demo_model(out: Path, tokenizer, family: str = "qwen2", seed: int = 0) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(demo_config(family, tokenizer))
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(DEMO_EMBEDDING_SCALE)
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            model.get_output_embeddings().weight.mul_(DEMO_EMBEDDING_SCALE)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    common.write_json(out / common.DOWNLOAD_INFO, {"source": "demo", "model_id": DEMO_MODEL_ID, "seed": seed})
+    common.write_json(out / common.DOWNLOAD_INFO, {"source": "demo", "model_id": DEMO_MODEL_IDS[family], "seed": seed})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=common.MODEL_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a complete model folder instead of skipping")
     parser.add_argument("--demo", action="store_true", help="write the tiny offline demo model instead (no download)")
+    parser.add_argument("--demo-family", choices=sorted(DEMO_MODEL_IDS), default="qwen2",
+                        help="architecture and tokenizer kind of the demo model (default: %(default)s, as Qwen2.5-Coder)")
     return parser
 
 
@@ -193,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    model_id = DEMO_MODEL_ID if args.demo else args.model_id
+    model_id = DEMO_MODEL_IDS[args.demo_family] if args.demo else args.model_id
     local_source = None if args.demo else Path(args.model_id)
     if local_source is not None and not local_source.is_dir():
         if args.model_id.startswith((".", "/", "~")) or args.model_id.count("/") > 1:
@@ -211,9 +228,9 @@ def main(argv=None) -> int:
 
     common.quiet_libraries()
     if args.demo:
-        tokenizer = build_demo_tokenizer()  # before the output folder exists: a Ctrl-C here leaves nothing behind
+        tokenizer = build_demo_tokenizer(args.demo_family)  # before the output folder exists: a Ctrl-C here leaves nothing
         with common.atomic_output_dir(out) as tmp:
-            build_demo_model(tmp, tokenizer)
+            build_demo_model(tmp, tokenizer, args.demo_family)
     elif local_source is not None:
         with common.atomic_output_dir(out) as tmp:
             copy_local_model(local_source, tmp)

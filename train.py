@@ -45,8 +45,6 @@ import common
 import monitoring
 from common import StageError
 
-# All linear projections of a Qwen2 decoder layer: attention (q, k, v, o) and MLP (gate, up, down).
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Settings that make a checkpoint meaningless for another run if they differ.
 RESUME_KEYS = ("model", "prepared_data", "prepared_fingerprint", "template", "lora_r", "lora_alpha", "load_in_4bit")
 
@@ -210,6 +208,28 @@ class RunSettings:
         return dataclasses.asdict(self)
 
 
+def find_lora_targets(model_dir: str) -> list[str]:
+    """The names of every linear projection in the model's decoder blocks, in the order they appear: q_proj ...
+    down_proj for Qwen2 and Llama, c_attn, c_proj, c_fc for GPT-2. Never the output layer (nor the embeddings),
+    as in QLoRA. Read from the architecture built on the meta device: no weights are loaded."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    output = skeleton.get_output_embeddings()
+    names: list[str] = []
+    for path, module in skeleton.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if module is not output and isinstance(module, (torch.nn.Linear, Conv1D)) and name not in names:
+            names.append(name)
+    if not names:
+        raise StageError(f"the {skeleton.config.model_type} model in {model_dir}/ has no linear layers for LoRA adapters")
+    return names
+
+
 def default_optimizer(device: str, load_in_4bit: bool) -> str:
     """Paged 8-bit AdamW on CUDA (pages optimiser state to RAM under memory pressure); bitsandbytes' 8-bit
     AdamW on CPU, where paging does not exist; plain AdamW when the model is not quantised."""
@@ -222,10 +242,10 @@ def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
     return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum))
 
 
-def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int, processes: int,
+def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int, processes: int, lora_targets: list[str],
              fitted_batch: tuple[int, int] | None = None) -> RunSettings:
-    """Every setting of the run from the flags, the data and the device. `fitted_batch` is the (micro-batch,
-    accumulation) that --auto-batch-size measured on the GPU; it replaces the asked ones."""
+    """Every setting of the run from the flags, the data, the device and the model's LoRA targets. `fitted_batch`
+    is the (micro-batch, accumulation) that --auto-batch-size measured on the GPU; it replaces the asked ones."""
     batch_size, grad_accum = fitted_batch or (args.batch_size, args.grad_accum)
     per_epoch = steps_per_epoch(n_train, batch_size * processes, grad_accum)
     return RunSettings(
@@ -240,7 +260,7 @@ def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int, proces
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha or 2 * args.lora_r,
         lora_dropout=args.lora_dropout,
-        lora_target_modules=list(LORA_TARGET_MODULES),
+        lora_target_modules=list(lora_targets),
         load_in_4bit=load_in_4bit,
         device=choice.device,
         compute_dtype=choice.dtype_name,
@@ -297,17 +317,18 @@ def estimate_peak_memory(config, micro_batch: int, seq_len: int, lora_r: int, lo
     """Estimated bytes of GPU memory at the peak of a training step, by component. Deliberately simple: which
     terms dominate, and how they scale.
 
-    config: a transformers config of the Qwen2 family; optimizer_bytes: bytes of optimiser state per trainable
+    config: a transformers config of a decoder-only model (Qwen2, Llama, GPT-2, ...); optimizer_bytes: bytes of optimiser state per trainable
     parameter (2 for 8-bit AdamW's two moments, 8 for fp32 AdamW); labelled_share: share of positions that carry
     a label (the solution; the prompt is masked); chunk_size: rows of logits the chunked loss projects at a time.
     """
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    inter = config.intermediate_size
-    kv = hidden * config.num_key_value_heads // config.num_attention_heads
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden  # GPT-2: n_inner or 4 x
+    kv = hidden * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) // config.num_attention_heads
+    embedding_copies = 1 if getattr(config, "tie_word_embeddings", True) else 2  # an untied output layer is a second one
     per_layer_linear = hidden * hidden * 2 + hidden * kv * 2 + hidden * inter * 3  # q, o, k, v, gate, up, down
     linear_params = per_layer_linear * layers
     # NF4 with double quantisation: 4 bits per weight plus ~0.13 bits of quantisation constants.
-    weight_bytes = linear_params * (4.13 / 8 if load_in_4bit else dtype_bytes) + vocab * hidden * dtype_bytes
+    weight_bytes = linear_params * (4.13 / 8 if load_in_4bit else dtype_bytes) + embedding_copies * vocab * hidden * dtype_bytes
     lora_params = lora_r * layers * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))
     lora_bytes = lora_params * (4 + 4 + optimizer_bytes)  # fp32 weights, fp32 gradients, optimiser state
     tokens = micro_batch * seq_len
@@ -396,8 +417,11 @@ def show_trained_span(tokenizer, example: dict) -> str:
     return tokenizer.decode(ids[:first]) + "⟦" + tokenizer.decode(ids[first:]) + "⟧"
 
 
-def build_model(model_dir: str, choice, load_in_4bit: bool, lora_r: int, lora_alpha: float, lora_dropout: float, seed: int):
-    """The base model (4-bit NF4 or plain) prepared for training, with LoRA adapters on LORA_TARGET_MODULES."""
+def build_model(model_dir: str, choice, load_in_4bit: bool, lora_r: int, lora_alpha: float, lora_dropout: float, seed: int,
+                lora_targets: list[str] | None = None):
+    """The base model (4-bit NF4 or plain) prepared for training, with LoRA adapters on `lora_targets` (by default
+    every linear projection of its decoder blocks, see find_lora_targets)."""
+    lora_targets = lora_targets or find_lora_targets(model_dir)
     import chunked_loss
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -426,13 +450,9 @@ def build_model(model_dir: str, choice, load_in_4bit: bool, lora_r: int, lora_al
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
     set_seed(seed)  # LoRA's A matrices are random: same seed, same start
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGET_MODULES,
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets,
                       bias="none", task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as error:  # peft: none of the target modules exists in this architecture
-        raise StageError(f"cannot put LoRA adapters on the {model.config.model_type} model in {model_dir}/ "
-                         f"({common.short_error(error, 120)}): train.py targets {', '.join(LORA_TARGET_MODULES)}") from None
+    return get_peft_model(model, lora)
 
 
 def loss_for(model, loss: str):
@@ -539,12 +559,13 @@ def run(args, stats: dict, ranks: Ranks, argv) -> int:
     load_in_4bit = common.use_4bit(choice, args.no_4bit, say)
     data = load_from_disk(args.data)
     train_rows, eval_rows = data["train"], data["eval"]
-    settings = plan_run(args, stats, choice, load_in_4bit, len(train_rows), ranks.world_size)
+    settings = plan_run(args, stats, choice, load_in_4bit, len(train_rows), ranks.world_size, find_lora_targets(args.model))
     checkpoint = resume_point(args.resume, args.force_resume, out, settings, say)
 
     # ---- build ------------------------------------------------------------------------------------------
     tokenizer = common.load_tokenizer(args.model)
-    model = build_model(args.model, choice, load_in_4bit, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.seed)
+    model = build_model(args.model, choice, load_in_4bit, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.seed,
+                        settings.lora_target_modules)
     longest = max(train_rows["length"])
     with loss_for(model, settings.loss) as compute_loss:
         if args.auto_batch_size and choice.device == "cuda":
@@ -552,7 +573,7 @@ def run(args, stats: dict, ranks: Ranks, argv) -> int:
             model.train()  # gradient checkpointing is active in train mode only
             fitted = fit_batch(args.batch_size, args.grad_accum, lambda b: cuda_batch_fits(model, compute_loss, b, longest))
             say(f"--auto-batch-size: micro-batch {fitted[0]} x accumulation {fitted[1]} (asked {args.batch_size} x {args.grad_accum})")
-            settings = plan_run(args, stats, choice, load_in_4bit, len(train_rows), ranks.world_size, fitted)
+            settings = plan_run(args, stats, choice, load_in_4bit, len(train_rows), ranks.world_size, settings.lora_target_modules, fitted)
         elif args.auto_batch_size:
             say(f"--auto-batch-size measures GPU memory and needs CUDA: keeping micro-batch {args.batch_size}")
         if ranks.is_main:

@@ -48,7 +48,7 @@ def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_
     assert in_checkpoint == {key: value for key, value in settings.items() if key != "result"}
     assert json.loads((trained_smoke / common.RUN_SETTINGS).read_text()) == in_checkpoint
     adapter = json.loads((final / common.ADAPTER_CONFIG).read_text())
-    assert set(adapter["target_modules"]) == set(train.LORA_TARGET_MODULES) and adapter["r"] == 16
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} and adapter["r"] == 16
 
 
 def test_training_uses_bitsandbytes_4bit_on_cpu(demo_model):
@@ -114,8 +114,8 @@ def test_auto_batch_size_settles_the_plan_before_it_is_recorded(demo_prepared):
     args = train.build_parser().parse_args(["--data", str(demo_prepared), "--batch-size", "4", "--grad-accum", "4", "--auto-batch-size"])
     stats = json.loads((demo_prepared / common.PREPARED_STATS).read_text())
     choice = common.DeviceChoice("cuda", "bfloat16", "a 6 GB GPU (planned only)")
-    asked = train.plan_run(args, stats, choice, True, n_train=100, processes=1)
-    fitted = train.plan_run(args, stats, choice, True, n_train=100, processes=1, fitted_batch=(8, 2))
+    asked = train.plan_run(args, stats, choice, True, n_train=100, processes=1, lora_targets=["q_proj"])
+    fitted = train.plan_run(args, stats, choice, True, n_train=100, processes=1, lora_targets=["q_proj"], fitted_batch=(8, 2))
     assert (asked.batch_size, asked.grad_accum, asked.steps_per_epoch) == (4, 4, 7)
     assert (fitted.batch_size, fitted.grad_accum, fitted.steps_per_epoch) == (8, 2, 7)
     assert fitted.effective_batch == asked.effective_batch == 16 and fitted.total_steps == 21
