@@ -7,7 +7,8 @@ A checkpoint is checkpoints/checkpoint-<step>/ holding the adapter (adapter_conf
 adapter_model.safetensors), its training_settings.json, the optimiser, scheduler and RNG states and the Trainer's
 state; together they let `train.py --resume` continue exactly where the run stopped. trainer.py writes each one
 into a staging folder (.staging-<step>/) and renames it when complete, so a folder named checkpoint-<step> is
-never half-written; before resuming, train.py validates the newest one here (every file present and readable to the end) and falls back to the previous good one.
+never half-written; before resuming, train.py validates the newest one here (every file present and readable to
+the end) and falls back to the previous good one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def run_lock(out: str | Path):
     """Hold the run folder for one train.py at a time. A second run into the same folder is refused with the
     first one's pid; the lock of a run that was killed (its pid is gone) is recognised and taken over."""
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock, me = out / LOCK, f"{os.getpid()} {socket.gethostname()}"
     for _ in range(2):
@@ -58,7 +60,7 @@ def run_lock(out: str | Path):
     finally:
         if lock.is_file() and lock.read_text() == me:
             lock.unlink()
-        if not any(out.iterdir()):
+        if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that stopped before writing anything leaves no empty folder behind
 
 

@@ -264,12 +264,17 @@ def data_fingerprint(task_ids: dict[str, list[str]], settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def prepared_settings(data_dir: str | Path) -> dict:
-    """The settings prepared_data/ was made with (template, max_length, model, ...), from its stats.json."""
+def prepared_stats(data_dir: str | Path) -> dict:
+    """prepared_data/'s stats.json: its settings (template, max_length, model, tokenizer), splits and fingerprint."""
     path = Path(data_dir) / PREPARED_STATS
     if not path.is_file():
         raise StageError(f"{data_dir}/ has no {PREPARED_STATS}: run prepare_data.py again")
-    return read_json(path)["settings"]
+    return read_json(path)
+
+
+def prepared_settings(data_dir: str | Path) -> dict:
+    """The settings prepared_data/ was made with (template, max_length, model, ...)."""
+    return prepared_stats(data_dir)["settings"]
 
 
 @contextlib.contextmanager

@@ -126,15 +126,15 @@ def check(args) -> tuple[dict, bool]:
         problems.append(model_problem)
     try:
         common.require_dataset_dir(args.data, "prepare_data.py")
-        common.prepared_settings(args.data)
-        stats = common.read_json(Path(args.data) / common.PREPARED_STATS)
+        stats = common.prepared_stats(args.data)
     except StageError as error:
         problems.append(str(error))
     if stats and not model_problem:
-        recorded_id = (Path(args.model) / common.DOWNLOAD_INFO).is_file()
-        if recorded_id and stats["settings"]["model"] != common.model_id(args.model):
+        recorded_id = (Path(args.model) / common.DOWNLOAD_INFO).is_file()  # a Hub id, not just a path
+        model_id = common.model_id(args.model)
+        if recorded_id and stats["settings"]["model"] != model_id:
             problems.append(f"{args.data}/ was tokenized for {stats['settings']['model']} but {args.model}/ holds "
-                            f"{common.model_id(args.model)}: run prepare_data.py --model {args.model}")
+                            f"{model_id}: run prepare_data.py --model {args.model}")
         elif stats["settings"].get("tokenizer") != common.tokenizer_fingerprint(args.model):
             problems.append(f"{args.data}/ was tokenized with another tokenizer than the one in {args.model}/: "
                             f"run prepare_data.py --model {args.model}")
