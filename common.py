@@ -170,26 +170,36 @@ def positive(kind):
 # Folders: checks with a message that names the stage to run first, and atomic writes.
 
 
-def model_folder_problem(path: str | Path) -> str | None:
-    """Why `path` is not a model folder the stages can use (with the command that fixes it), or None."""
+def model_folder_problem(path: str | Path, remedy: bool = True) -> str | None:
+    """Why `path` is not a model folder the stages can use, or None; with `remedy`, followed by the
+    download_model.py command that rewrites it (not for a folder that is only a source to copy from)."""
     path = Path(path)
+    refresh = f"run download_model.py --force --out {path}"
     if not path.is_dir():
-        return f"model folder {path}/ not found: run download_model.py first (or --demo for the offline demo)"
-    if not (path / "config.json").is_file():
+        problem, fix = f"model folder {path}/ not found", "run download_model.py first (or --demo for the offline demo)"
+    elif not (path / "config.json").is_file():
         hint = " (it looks like a dataset folder)" if (path / "dataset_dict.json").exists() else ""
-        return f"{path}/ has no config.json{hint}: it is not a model folder; run download_model.py --out {path}"
-    if not any(path.glob("*.safetensors")):
-        return f"{path}/ has no .safetensors weights: run download_model.py --force --out {path}"
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        return f"{path}/ has no tokenizer files ({', '.join(TOKENIZER_FILES)}): run download_model.py --force --out {path}"
+        problem, fix = f"{path}/ has no config.json{hint}: it is not a model folder", f"run download_model.py --out {path}"
+    elif not any(path.glob("*.safetensors")):
+        problem, fix = f"{path}/ has no .safetensors weights", refresh
+    elif not any((path / name).is_file() for name in TOKENIZER_FILES):
+        problem, fix = f"{path}/ has no tokenizer files ({', '.join(TOKENIZER_FILES)})", refresh
+    else:
+        problem, fix = config_or_weights_problem(path), refresh
+    if problem is None:
+        return None
+    return f"{problem}: {fix}" if remedy else problem
+
+
+def config_or_weights_problem(path: Path) -> str | None:
     try:
         json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as error:
-        return f"{path}/config.json is not valid JSON ({short_error(error, 80)}): run download_model.py --force --out {path}"
+        return f"{path}/config.json is not valid JSON ({short_error(error, 80)})"
     for weights in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(weights)
         if problem:
-            return f"{weights} is damaged ({problem}): run download_model.py --force --out {path}"
+            return f"{weights} is damaged ({problem})"
     return None
 
 
@@ -285,8 +295,8 @@ def atomic_output_dir(final: str | Path):
     the next stage would accept.
     """
     final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise StageError(f"--out {final} is a file, not a folder: choose another --out")
+    if out_file_problem(final):
+        raise StageError(out_file_problem(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -308,13 +318,19 @@ def replace_dir(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def out_file_problem(out: str | Path) -> str | None:
+    """An --out that names an existing file (not a folder) is refused, never replaced."""
+    out = Path(out)
+    return f"--out {out} is a file, not a folder: choose another --out" if out.exists() and not out.is_dir() else None
+
+
 def skip_download(out: Path, force: bool, complete: bool, holds: str | None, same: bool, wanted: str, kind: str) -> bool:
     """For the download stages: True when `out` already holds what was asked (`complete` and `same`), so the
     stage can skip. Refuses, naming --force, when it holds something else or an incomplete folder."""
     if force or not out.exists():
         return False
-    if not out.is_dir():
-        raise StageError(f"--out {out} is a file, not a folder: choose another --out")
+    if out_file_problem(out):
+        raise StageError(out_file_problem(out))
     if complete and same:
         print(f"✓ {out}/ already holds {wanted}: skipping (use --force to download again)")
         return True

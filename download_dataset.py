@@ -15,6 +15,7 @@ Next:   prepare_data.py
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,8 +44,6 @@ def load_local(path: Path):
 
 def check_json_lines(path: Path) -> None:
     """Name the first line of a JSONL file that is not one JSON object (datasets' own error names no line)."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):

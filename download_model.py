@@ -102,9 +102,9 @@ def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
 
 
 def copy_local_model(source: Path, destination: Path) -> None:
-    problem = common.model_folder_problem(source)
-    if problem:  # its hint names this stage's --out; the fix here is another source folder
-        raise StageError(f"cannot copy {source}/: {problem.split(': run ')[0]}; point --model-id at a complete model folder")
+    problem = common.model_folder_problem(source, remedy=False)  # the fix is another source, not --force on this one
+    if problem:
+        raise StageError(f"cannot copy {source}/: {problem}; point --model-id at a complete model folder")
     for pattern in ALLOWED_PATTERNS:
         for file in source.glob(pattern):
             if file.is_file() and file.name != common.DOWNLOAD_INFO:

@@ -219,12 +219,10 @@ def check_args(args) -> None:
         problems.append("--base-only contradicts --adapter and --compare-base")
     if args.completions and (args.adapter or args.compare_base or args.base_only):
         problems.append("--completions scores a file: it takes no --adapter, --compare-base or --base-only")
-    if not args.completions and common.model_folder_problem(args.model):
-        problems.append(common.model_folder_problem(args.model))
+    model_problem = None if args.completions else common.model_folder_problem(args.model)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        problems.append(f"--out {out} is a file, not a folder: choose another --out")
-    elif (out / "summary.json").is_file() and not args.overwrite:
+    problems += [problem for problem in (model_problem, common.out_file_problem(out)) if problem]
+    if (out / "summary.json").is_file() and not args.overwrite:
         problems.append(f"{out}/ holds an earlier evaluation: pass --overwrite to replace it, or --out for a new folder")
     common.fail_on_problems(problems)
 

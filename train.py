@@ -143,8 +143,8 @@ def check(args) -> tuple[dict, bool]:
     earlier = out.is_dir() and (checkpoints.find_checkpoints(out) or (out / common.FINAL_ADAPTER).exists())
     if not args.resume and not args.overwrite and earlier and not finished:
         problems.append(f"{out}/ holds an earlier run: pass --resume to continue it, --overwrite to start over, or --out for a new folder")
-    if out.exists() and not out.is_dir():
-        problems.append(f"--out {out} is a file, not a folder: choose another --out")
+    if common.out_file_problem(out):
+        problems.append(common.out_file_problem(out))
     if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
         problems.append(f"--resume {args.resume}: no such checkpoint folder")
     common.fail_on_problems(problems)

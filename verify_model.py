@@ -81,8 +81,8 @@ def main(argv=None) -> int:
         settings = report.check(f"adapter files in {adapter_dir}/", lambda: inference.adapter_settings(adapter_dir) or {"template": template})
         if settings:
             template = settings.get("template", template)
-            base_ok = folder_ok and report.check("adapter was trained on this base model", lambda: require(
-                inference.base_model_problem(settings, model_dir) is None, inference.base_model_problem(settings, model_dir)))
+            base_problem = inference.base_model_problem(settings, model_dir) if folder_ok else None
+            base_ok = folder_ok and report.check("adapter was trained on this base model", lambda: require(base_problem is None, base_problem))
             settings = settings if base_ok else None
 
     prompt = common.format_prompt(template, SMOKE_TASK, SMOKE_TESTS)
