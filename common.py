@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -52,41 +53,93 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 TEMPLATES = {
     "guide": "Task: {task}\nSolution:\n",
     "tests": "Task: {task}\nYour code should pass these tests:\n{tests}\nSolution:\n",
+    "code": "{task}",  # the task is code to continue, as HumanEval defines its prompts
+    "none": "{task}",  # raw text: trained without a prompt, every token; at inference the text given is continued
+    # `chat`: the task as a user turn rendered by the tokenizer's own chat template (instruct models); the user
+    # turn is CHAT_USER, the answer is the assistant turn, ended by the template's end-of-turn token.
+    "chat": None,
 }
 DEFAULT_TEMPLATE = "tests"
+CHAT_USER = {"guide": "{task}", "tests": "{task}\nYour code should pass these tests:\n{tests}"}
+CHAT_CODE_TASK = "Complete the following Python function:\n```python\n{code}```"  # humaneval prompts as a user turn
 
 
-def format_prompt(template: str, task: str, tests: list[str] | None = None) -> str:
-    """The prompt part of an example: everything before the solution."""
+def format_prompt(template: str, task: str, tests: list[str] | None = None, tokenizer=None) -> str:
+    """The prompt part of an example: everything before the solution. `chat` needs the tokenizer."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+    shown = "\n".join(t.strip() for t in tests or [])
+    if template == "chat":
+        user = CHAT_USER["tests" if tests else "guide"].format(task=task.strip(), tests=shown)
+        return render_chat(tokenizer, user)
     if template == "tests" and not tests:
         template = "guide"  # a task typed by hand comes without asserts: nothing to show
-    return TEMPLATES[template].format(task=task.strip(), tests="\n".join(t.strip() for t in tests or []))
+    task = task if template in ("code", "none") else task.strip()  # code keeps its indentation and final newline
+    return TEMPLATES[template].format(task=task, tests=shown)
 
 
-def encode_example(tokenizer, prompt: str, solution: str) -> dict:
-    """Token ids and labels for one training example: prompt + solution + EOS, prompt masked.
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer, user: str, answer: str | None = None) -> str:
+    """The conversation as text: the user turn then the assistant's opening (or, with `answer`, its whole turn)."""
+    if tokenizer is None or not has_chat_template(tokenizer):
+        raise StageError("--template chat needs a tokenizer with a chat template (an instruct model's); this model has "
+                         "none: use --template tests")
+    messages = [{"role": "user", "content": user}] + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn in the tokenizer's chat template (<|im_end|> for ChatML models,
+    <|eot_id|> for Llama 3): what a chat answer is trained to end with and where its generation stops."""
+    marker = "ANSWER-7f3c"
+    prompt, whole = render_chat(tokenizer, "x"), render_chat(tokenizer, "x", marker)
+    after = whole[whole.rindex(marker) + len(marker):] if whole.startswith(prompt) and marker in whole else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    return ids[0] if ids else tokenizer.eos_token_id
+
+
+def encode_example(tokenizer, prompt: str, solution: str, end_id: int | None = None) -> dict:
+    """Token ids and labels for one training example: prompt + solution + EOS (or `end_id`, a chat template's
+    end-of-turn), prompt masked.
 
     The prompt and the solution are tokenized separately so that the boundary is exactly where generation
     will start from the same prompt. Labels are masked by *position*, never by token id: Qwen's pad token is
     its EOS token, and masking pads by id would also mask the EOS the model must learn to stop.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
-    solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id if end_id is None else end_id]
     input_ids = prompt_ids + solution_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + list(solution_ids)
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids as training saw them: with the BOS where the tokenizer adds one (Llama; Qwen and GPT-2 add none),
-    and never an EOS that some tokenizers append to every text, which would end the prompt before the answer."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    """Prompt ids as training saw them: with the BOS where the tokenizer adds one (Llama; Qwen and GPT-2 add none)
+    unless the text already starts with it (a rendered chat template does), and never an EOS that some
+    tokenizers append to every text, which would end the prompt before the answer."""
+    bos = getattr(tokenizer, "bos_token", None)
+    ids = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(str(bos))))["input_ids"]
     if len(ids) > 1 and ids[-1] == tokenizer.eos_token_id and not prompt.endswith(str(getattr(tokenizer, "eos_token", ""))):
         ids = ids[:-1]
     return ids
 
+
+def pad_batch(features: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Right-pad a list of examples to the longest one (dynamic padding); pads get label -100 and mask 0."""
+    import torch
+
+    longest = max(len(f["input_ids"]) for f in features)
+    longest = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for f in features:
+        pad = longest - len(f["input_ids"])
+        batch["input_ids"].append(list(f["input_ids"]) + [pad_token_id] * pad)
+        batch["attention_mask"].append(list(f["attention_mask"]) + [0] * pad)
+        batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Run:
     python download_dataset.py                          # code-rag-bench/mbpp from the Hugging Face Hub
     python download_dataset.py --dataset mbpp           # the original MBPP, train/validation/test/prompt splits
-    python download_dataset.py --dataset my_tasks.jsonl # a local .json, .jsonl or .parquet file
+    python download_dataset.py --dataset my_tasks.jsonl # a local .json, .jsonl or .parquet file (.jsonl.gz, .json.gz too)
+    python download_dataset.py --dataset HumanEval.jsonl.gz    # any data shape prepare_data.py knows (see formats.py)
     python download_dataset.py --demo                   # the 51 problems bundled in assets/, offline
 
 Reads:  the Hugging Face Hub, a local file, or assets/demo_problems.jsonl
@@ -15,6 +16,7 @@ Next:   prepare_data.py
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -23,18 +25,26 @@ import common
 from common import StageError
 
 DEFAULT_DATASET = "code-rag-bench/mbpp"
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".json.gz": "json", ".jsonl.gz": "json"}
+
+
+def file_type(path: Path) -> str:
+    """'.jsonl', '.json.gz', ...: the suffix that decides how a local file is read (compressed as distributed)."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    return "".join(suffixes) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
 
 
 def load_local(path: Path):
     from datasets import load_dataset
 
-    builder = LOCAL_FORMATS.get(path.suffix.lower())
+    kind = file_type(path)
+    builder = LOCAL_FORMATS.get(kind)
     if builder is None:
-        raise StageError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+        raise StageError(f"{path}: unsupported file type {kind or 'without a suffix'!r}; use .json, .jsonl, .parquet, "
+                         f".jsonl.gz or .json.gz")
     if path.stat().st_size == 0:
         raise StageError(f"{path} is empty: it holds no problems")
-    if path.suffix.lower() == ".jsonl":
+    if kind.startswith(".jsonl"):
         check_json_lines(path)
     try:
         return load_dataset(builder, data_files=str(path))
@@ -44,8 +54,9 @@ def load_local(path: Path):
 
 def check_json_lines(path: Path) -> None:
     """Name the first line of a JSONL file that is not one JSON object (datasets' own error names no line)."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
     try:
-        with open(path, encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     try:
@@ -56,6 +67,8 @@ def check_json_lines(path: Path) -> None:
                         raise StageError(f"{path}, line {number}: expected a JSON object (one problem per line)")
     except UnicodeDecodeError:
         raise StageError(f"{path} is not UTF-8 text: expected JSON lines") from None
+    except (gzip.BadGzipFile, EOFError):
+        raise StageError(f"{path} is not a complete gzip file: download it again") from None
 
 
 def load_from_hub(name: str, config: str | None, revision: str | None):
@@ -81,7 +94,8 @@ def describe(dataset) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="Hub dataset name or a local .json/.jsonl/.parquet file (default: %(default)s)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET,
+                        help="Hub dataset name or a local .json/.jsonl/.parquet file, .jsonl.gz/.json.gz too (default: %(default)s)")
     parser.add_argument("--config", default=None, help="dataset configuration on the Hub, e.g. 'sanitized' for mbpp (default: the dataset's default)")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub dataset (default: main)")
     parser.add_argument("--out", default=common.DATA_DIR, help="output folder (default: %(default)s)")
@@ -96,7 +110,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     source = str(common.DEMO_PROBLEMS) if args.demo else args.dataset
     local = Path(source)
-    is_local = args.demo or local.suffix.lower() in LOCAL_FORMATS or local.exists()
+    is_local = args.demo or file_type(local) in LOCAL_FORMATS or local.exists()
     if is_local and local.is_dir():
         raise StageError(f"{local} is a folder: pass a .json, .jsonl or .parquet file, or a Hub dataset name "
                          f"(a folder written by this stage is used as it is by prepare_data.py --data {local})")

@@ -29,10 +29,11 @@ from common import StageError
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B"
 # Files a model folder needs; weights are .safetensors only.
-ALLOWED_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model", "*.tiktoken"]
+ALLOWED_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model", "*.tiktoken", "*.jinja"]  # *.jinja: chat templates
 
 # The demo model: Qwen2 architecture, small enough to train on a laptop CPU in seconds.
-DEMO_MODEL_IDS = {"qwen2": "demo/tiny-qwen2", "llama": "demo/tiny-llama", "gpt2": "demo/tiny-gpt2"}
+DEMO_MODEL_IDS = {"qwen2": "demo/tiny-qwen2", "qwen2-instruct": "demo/tiny-qwen2-instruct", "llama": "demo/tiny-llama",
+                  "gpt2": "demo/tiny-gpt2"}
 DEMO_VOCAB_SIZE = 1024
 DEMO_HIDDEN = 128
 DEMO_LAYERS = 4
@@ -43,6 +44,13 @@ DEMO_LAYERS = 4
 DEMO_EMBEDDING_SCALE = 6.0
 EOS_TOKEN = "<|endoftext|>"  # Qwen's EOS, and its pad token; GPT-2's BOS and EOS
 LLAMA_BOS, LLAMA_EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turns, as Qwen2.5-Instruct and SmolLM2-Instruct
+# Qwen2.5-Instruct's chat template, without its tool-calling branches.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 def model_folder_complete(path: Path) -> bool:
@@ -123,7 +131,7 @@ def demo_corpus() -> list[str]:
     with open(common.DEMO_PROBLEMS, encoding="utf-8") as f:
         for line in f:
             problem = json.loads(line)
-            for template in common.TEMPLATES:
+            for template in ("guide", "tests"):  # fixed: the demo tokenizer must not change with new templates
                 prompt = common.format_prompt(template, problem["text"], problem["test_list"])
                 corpus.append(prompt + problem["code"])
     return corpus
@@ -131,12 +139,14 @@ def demo_corpus() -> list[str]:
 
 def build_demo_tokenizer(family: str = "qwen2"):
     """A byte-level BPE tokenizer trained on the bundled problems, with the special tokens of the family's own:
-    qwen2: no BOS, EOS <|endoftext|> doubling as pad; llama: <|begin_of_text|> added before every text (as
+    qwen2: no BOS, EOS <|endoftext|> doubling as pad; qwen2-instruct: the same plus ChatML turns <|im_start|> and
+    <|im_end|> and a chat template (as Qwen2.5-Coder's tokenizer); llama: <|begin_of_text|> added before every text (as
     Llama 3), EOS <|end_of_text|>, no pad; gpt2: <|endoftext|> as BOS and EOS, nothing added, no pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = {"qwen2": [EOS_TOKEN], "llama": [LLAMA_BOS, LLAMA_EOS], "gpt2": [EOS_TOKEN]}[family]
+    specials = {"qwen2": [EOS_TOKEN], "qwen2-instruct": [EOS_TOKEN, IM_START, IM_END], "llama": [LLAMA_BOS, LLAMA_EOS],
+                "gpt2": [EOS_TOKEN]}[family]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -154,6 +164,11 @@ def build_demo_tokenizer(family: str = "qwen2"):
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=LLAMA_BOS, eos_token=LLAMA_EOS)
     if family == "gpt2":
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+    if family == "qwen2-instruct":
+        # EOS stays <|endoftext|>, as in Qwen2.5-Coder's own tokenizer: a chat answer must end with <|im_end|>,
+        # a different token, which is what --template chat trains and stops on.
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                       additional_special_tokens=[IM_START, IM_END], chat_template=CHATML_TEMPLATE)
     # Like Qwen: no BOS, and the pad token is the EOS token.
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
@@ -168,10 +183,10 @@ def demo_config(family: str, tokenizer):
     if family == "gpt2":  # tied embedding, learned positions, Conv1D projections c_attn, c_proj, c_fc
         return GPT2Config(n_embd=DEMO_HIDDEN, n_layer=DEMO_LAYERS, n_head=4, n_positions=1024,
                           bos_token_id=tokenizer.bos_token_id, **size)
-    kind = Qwen2Config if family == "qwen2" else LlamaConfig
+    kind = LlamaConfig if family == "llama" else Qwen2Config
     return kind(hidden_size=DEMO_HIDDEN, intermediate_size=4 * DEMO_HIDDEN, num_hidden_layers=DEMO_LAYERS,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                tie_word_embeddings=family == "qwen2",  # as Qwen2.5-Coder-0.5B; Llama 3.2-1B ties too, Llama-3 8B does not
+                tie_word_embeddings=family != "llama",  # as Qwen2.5-Coder-0.5B; Llama 3.2-1B ties too, Llama-3 8B does not
                 bos_token_id=tokenizer.bos_token_id, **size)
 
 

@@ -4,6 +4,7 @@ Run:
     python generate.py --prompt "Write a function to reverse the words of a sentence."
     python generate.py --prompt "Write a function to add two numbers." --test "assert add(2, 3) == 5"
     python generate.py                      # interactive: one task per line on standard input, Ctrl-D to end
+    python generate.py --prompt "$(cat stub.py)"   # an adapter trained on HumanEval or raw code continues the code given
 
 Reads:  model/, the adapter (checkpoints/final/ by default, if it exists)
 Writes: nothing; prints each completion
@@ -11,7 +12,8 @@ Needs:  common.py, inference.py
 Before: train.py
 
 The prompt is built with the template the adapter was trained with (training_settings.json), exactly as in
-training and evaluation; with --test the asserts are shown too, which tells the model the function's name.
+training and evaluation (an instruct model's chat template with --template chat); with --test the asserts are
+shown too, which tells the model the function's name.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def main(argv=None) -> int:
     print(f"model: {args.model}/" + (f" + {adapter}/" if adapter else " (base)") + f" · template '{template}' · {choice.device}", file=sys.stderr)
 
     def complete(task: str) -> str:
-        prompt = common.format_prompt(template, task, args.test)
-        return inference.generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature)[0][0]["completion"]
+        prompt = common.format_prompt(template, task, args.test, tokenizer)
+        return inference.generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature, template=template)[0][0]["completion"]
 
     if args.prompt is not None:
         if not args.prompt.strip():

@@ -15,11 +15,27 @@ from common import StageError
 # problem; top-level asserts, prints and a main guard are the model writing its own tests, which would run
 # against the real ones (the stop words of bigcode-evaluation-harness's MBPP task, in spirit).
 STOP_SEQUENCES = ["\nTask:", "\nassert ", "\nprint(", "\nif __name__", "\n```"]
+# HumanEval's completions continue a function's body: anything at the start of a line ends it (the stop words
+# of the Codex paper and bigcode-evaluation-harness).
+CODE_STOP_SEQUENCES = ["\nclass ", "\ndef ", "\n#", "\n@", "\nif ", "\nprint(", "\n```"]
 
 
-def cut_at_stop(text: str) -> str:
+def stop_sequences(template: str) -> list[str]:
+    """Raw text (`none`) runs on to EOS or the token limit; code completions end with their function."""
+    return {"code": CODE_STOP_SEQUENCES, "none": []}.get(template, STOP_SEQUENCES)
+
+
+def stop_token_ids(tokenizer, template: str) -> list[int]:
+    """Tokens that end a completion: EOS, and for a chat prompt also the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id]
+    if template == "chat":
+        ids.append(common.end_of_turn_id(tokenizer))
+    return sorted(set(ids))
+
+
+def cut_at_stop(text: str, template: str = common.DEFAULT_TEMPLATE) -> str:
     """Cut generated text at the first stop sequence."""
-    for stop in STOP_SEQUENCES:
+    for stop in stop_sequences(template):
         index = text.find(stop)
         if index != -1:
             text = text[:index]
@@ -77,6 +93,7 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, ch
     if adapter_dir is not None:
         model = attach_adapter(model, adapter_dir, model_dir)
     model.config.use_cache = True
+    model.requires_grad_(False)  # inference only: no parameter needs a gradient (and the chunked loss asks for that)
     return model.eval()
 
 
@@ -93,18 +110,21 @@ def attach_adapter(model, adapter_dir: str | Path, model_dir: str | Path):
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-             batch_size: int = 16, num_samples: int = 1, progress: bool = False) -> list[list[dict]]:
+             batch_size: int = 16, num_samples: int = 1, progress: bool = False,
+             template: str = common.DEFAULT_TEMPLATE) -> list[list[dict]]:
     """Complete each prompt `num_samples` times. Returns, per prompt, a list of
     {"completion": text cut at EOS or a stop sequence, "stopped": whether it ended by itself}.
 
     Prompts are batched with left padding (so every row's next token is at the end) and decoded with the KV
-    cache; a row stops at EOS or at a stop sequence such as a new "Task:" line.
+    cache; a row stops at EOS (or a chat template's end of turn) or at a stop sequence of the template, such
+    as a new "Task:" line.
     """
     import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
+    stop_ids, stops = stop_token_ids(tokenizer, template), stop_sequences(template)
     jobs = [(index, common.encode_prompt(tokenizer, prompt)) for index, prompt in enumerate(prompts) for _ in range(num_samples)]
     # Similar lengths in one batch waste less compute on padding; results are put back in order below.
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
@@ -119,15 +139,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-                stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, **sampling,
+                eos_token_id=stop_ids, pad_token_id=pad_id,
+                stop_strings=stops or None, tokenizer=tokenizer, **sampling,
             )
         for (index, _), row in zip(chunk, output[:, longest:].tolist()):
-            ended_at_eos = tokenizer.eos_token_id in row
+            ended_at_eos = any(token in stop_ids for token in row)
             if ended_at_eos:
-                row = row[:row.index(tokenizer.eos_token_id)]
+                row = row[:next(i for i, token in enumerate(row) if token in stop_ids)]
             text = tokenizer.decode(row, skip_special_tokens=True)
-            cut = cut_at_stop(text)
+            cut = cut_at_stop(text, template)
             results[index].append({"completion": cut, "stopped": ended_at_eos or cut != text})
         bar.update(len(chunk))
     bar.close()

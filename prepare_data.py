@@ -3,73 +3,40 @@
 Run:
     python prepare_data.py
     python prepare_data.py --template guide    # the original guide's prompt, without the asserts
+    python prepare_data.py --template chat     # an instruct model: its own chat template, the answer as its turn
+    python prepare_data.py --format text       # force a data shape instead of detecting it from the columns
 
 Reads:  data/ (from download_dataset.py), model/ (its tokenizer, from download_model.py)
 Writes: prepared_data/ (DatasetDict with `train` and `eval` splits, stats.json)
-Needs:  common.py
+Needs:  common.py, formats.py, sandbox.py
 Next:   train.py
 
-Each example is `prompt + solution + EOS`. The prompt tokens are masked in the labels (-100) so that only the
-solution and the EOS are trained; masking is by position, so the EOS survives although Qwen's pad token is the
-same token. The held-out `eval` split is drawn by task_id with a fixed seed, so it is the same every run and
-no problem is in both splits. Examples longer than --max-length are dropped and counted, never cut.
+The data shape (mbpp, humaneval, instruction or raw text; see formats.py) is detected from the columns. Each
+example is `prompt + answer + EOS` (a chat template's end-of-turn token with --template chat). The prompt tokens
+are masked in the labels (-100) so that only the answer and its end are trained; masking is by position, so the
+EOS survives although Qwen's pad token is the same token. Raw text has no prompt: whole files are joined, EOS
+between them, cut into --max-length blocks, every token trained. The held-out `eval` split is drawn by task_id
+with a fixed seed, so it is the same every run and no problem is in both splits. Examples longer than
+--max-length are dropped and counted, never cut.
+
+Datasets with tests are checked first (--check-tests): each reference solution must pass its tests in the
+sandbox and a do-nothing stub of it must fail them. Problems that break either rule (a broken reference, a test
+that cannot fail, such as a HumanEval `check` that is never called) are dropped and listed in stats.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import random
 import sys
 from pathlib import Path
 
 import common
+import formats
 from common import StageError
 
-# Column names used by the MBPP variants on the Hub, in order of preference.
-COLUMN_ALIASES = {
-    "task": ["text", "prompt"],  # the original mbpp has `text`, mbpp/sanitized has `prompt`
-    "code": ["code"],
-    "tests": ["test_list", "test"],
-}
-SETUP_ALIASES = ["test_setup_code", "test_imports"]  # optional; test_imports (sanitized) is a list of lines
-
-
-def resolve_columns(columns: list[str]) -> dict[str, str | None]:
-    """Map our field names to the dataset's columns; fail naming what is missing."""
-    resolved = {}
-    for field, aliases in COLUMN_ALIASES.items():
-        found = next((name for name in aliases if name in columns), None)
-        if found is None:
-            raise StageError(
-                f"the dataset has no {' or '.join(repr(a) for a in aliases)} column (needed for the {field}); "
-                f"its columns are: {', '.join(columns)}"
-            )
-        resolved[field] = found
-    resolved["setup"] = next((name for name in SETUP_ALIASES if name in columns), None)
-    resolved["task_id"] = "task_id" if "task_id" in columns else None
-    return resolved
-
-
-def normalize_row(row: dict, columns: dict, position: int) -> dict:
-    """One problem as {task_id, task, code, tests, setup}; refuses empty or non-string fields."""
-    task_id = row[columns["task_id"]] if columns["task_id"] else None
-    if task_id is None or not str(task_id).strip():
-        task_id = f"row-{position}"  # rows without an id get one of their own, never a shared one
-    where = f"row {position} (task_id {task_id})"
-    task, code, tests = row[columns["task"]], row[columns["code"]], row[columns["tests"]]
-    for name, value in (("task", task), ("code", code)):
-        if not isinstance(value, str) or not value.strip():
-            raise StageError(f"{where}: the {name} column {columns[name]!r} is empty or not text; fix or remove that row")
-    if isinstance(tests, str):
-        tests = [tests]
-    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
-        raise StageError(f"{where}: {columns['tests']!r} must be a non-empty list of assert statements")
-    setup = row[columns["setup"]] if columns["setup"] else ""
-    if isinstance(setup, list):
-        setup = "\n".join(setup)
-    return {"task_id": str(task_id), "task": task.strip(), "code": code.rstrip(), "tests": tests, "test_setup_code": setup or ""}
-
-
+CHECK_ALL_UP_TO = 1000  # --check-tests auto: every problem of a dataset this size, a seeded sample above
 def held_out_split(task_ids: list[str], eval_fraction: float, seed: int) -> set[str]:
     """The task ids of the eval split: deterministic for a seed, independent of row order."""
     ordered = sorted(set(task_ids))
@@ -86,12 +53,13 @@ def percentiles(values: list[int]) -> dict:
     return {"min": ordered[0], "p50": pick(50), "p90": pick(90), "p95": pick(95), "p99": pick(99), "max": ordered[-1]}
 
 
-def encode_problems(problems: list[dict], tokenizer, template: str, max_length: int) -> tuple[list[dict], list[str]]:
+def encode_problems(problems: list[dict], tokenizer, fmt: str, template: str, max_length: int) -> tuple[list[dict], list[str]]:
     """Tokenized rows that fit in max_length, and the task ids of those that did not."""
+    end_id = common.end_of_turn_id(tokenizer) if template == "chat" else None
     kept, dropped = [], []
     for problem in problems:
-        prompt = common.format_prompt(template, problem["task"], problem["tests"])
-        encoded = common.encode_example(tokenizer, prompt, problem["code"])
+        prompt = formats.prompt_for(fmt, problem, template, tokenizer)
+        encoded = common.encode_example(tokenizer, prompt, problem["code"], end_id)
         if len(encoded["input_ids"]) > max_length:
             dropped.append(problem["task_id"])
             continue
@@ -99,17 +67,80 @@ def encode_problems(problems: list[dict], tokenizer, template: str, max_length: 
     return kept, dropped
 
 
+def pack_text(problems: list[dict], tokenizer, block: int) -> list[dict]:
+    """Raw text as causal-LM training blocks: every file's tokens then EOS, joined and cut every `block` tokens
+    (the last block may be shorter), every token trained. Nothing is dropped and nothing is padded."""
+    stream: list[int] = []
+    for problem in problems:
+        stream += common.encode_prompt(tokenizer, problem["code"]) + [tokenizer.eos_token_id]
+    rows = []
+    for number, start in enumerate(range(0, len(stream), block)):
+        ids = stream[start:start + block]
+        rows.append({"task_id": f"block-{number}", "input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids),
+                     "length": len(ids)})
+    return rows
+
+
+def stub_of(code: str) -> str | None:
+    """The same program with every function body replaced by `pass` (a do-nothing answer), or None when it has
+    no function to empty (or does not parse)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return None
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for function in functions:
+        function.body = [ast.Pass()]
+    return ast.unparse(tree) if functions else None
+
+
+def check_tests(problems: list[dict], mode: str, seed: int) -> dict[str, str]:
+    """task_id -> why its tests are unusable, for the problems checked: the reference solution must pass and a
+    do-nothing stub must fail. `mode`: all, auto (all up to CHECK_ALL_UP_TO problems, a seeded sample above)."""
+    import sandbox
+
+    chosen = problems
+    if mode == "auto" and len(problems) > CHECK_ALL_UP_TO:
+        chosen = random.Random(seed).sample(problems, CHECK_ALL_UP_TO)
+    jobs = []  # (task_id, what, program)
+    for problem in chosen:
+        code, tests, setup = formats.program(problem, problem["code"])
+        jobs.append((problem["task_id"], "reference", sandbox.build_program(code, tests, setup)))
+        stub = stub_of(code)
+        if stub is not None:
+            jobs.append((problem["task_id"], "stub", sandbox.build_program(stub, tests, setup)))
+    verdicts = sandbox.Sandbox().run_many([program for _, _, program in jobs])
+    flagged: dict[str, str] = {}
+    for (task_id, what, _), verdict in zip(jobs, verdicts):
+        if what == "reference" and verdict.status != "passed":
+            flagged[task_id] = f"the reference solution does not pass its tests ({verdict.status}: {verdict.message[:80]})"
+        elif what == "stub" and verdict.status == "passed" and task_id not in flagged:
+            flagged[task_id] = "the tests cannot fail: a do-nothing stub passes them"
+    return flagged
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=common.DATA_DIR, help="folder written by download_dataset.py (default: %(default)s)")
     parser.add_argument("--model", default=common.MODEL_DIR, help="model folder whose tokenizer is used (default: %(default)s)")
     parser.add_argument("--out", default=common.PREPARED_DIR, help="output folder (default: %(default)s)")
+    parser.add_argument("--format", choices=["auto", *formats.FORMATS], default="auto",
+                        help="data shape (default: detected from the columns; see formats.py)")
     parser.add_argument("--max-length", type=common.positive(int), default=512, help="longest example in tokens; longer ones are dropped (default: %(default)s)")
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of problems held out for evaluation, in (0, 1) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/eval split (default: %(default)s)")
-    parser.add_argument("--template", choices=sorted(common.TEMPLATES), default=common.DEFAULT_TEMPLATE,
-                        help="prompt template: 'tests' shows the asserts (default), 'guide' is the original guide's")
+    parser.add_argument("--template", choices=sorted(common.TEMPLATES), default=None,
+                        help="prompt template (default: the data shape's: 'tests' for mbpp, shows the asserts; 'code' for "
+                             "humaneval; 'guide' for instructions; 'none' for raw text); 'chat' uses the tokenizer's chat template")
+    parser.add_argument("--check-tests", choices=["auto", "all", "off"], default="auto",
+                        help=f"run each reference solution and a do-nothing stub against the tests and drop problems whose "
+                             f"tests are broken or cannot fail (default: auto, every problem up to {CHECK_ALL_UP_TO}, a sample above)")
     return parser
+
+
+def looks_instruct(model_dir: str) -> bool:
+    name = common.model_id(model_dir).lower()
+    return any(word in name for word in ("instruct", "-chat", "-it"))
 
 
 @common.report_errors
@@ -133,27 +164,51 @@ def main(argv=None) -> int:
     raw = load_from_disk(args.data)
     tokenizer = common.load_tokenizer(args.model)
 
-    columns = resolve_columns(next(iter(raw.values())).column_names)
+    column_names = next(iter(raw.values())).column_names
+    fmt = formats.detect(column_names) if args.format == "auto" else args.format
+    columns = formats.columns_for(fmt, column_names)
+    template = args.template or formats.DEFAULT_TEMPLATES[fmt]
+    if template not in formats.TEMPLATES_FOR[fmt]:
+        raise StageError(f"--template {template} does not fit {fmt} data: choose one of {', '.join(formats.TEMPLATES_FOR[fmt])}")
+    if template == "chat":
+        common.render_chat(tokenizer, "x")  # one clear line when the tokenizer has no chat template
+    elif looks_instruct(args.model) and common.has_chat_template(tokenizer) and fmt != "text":
+        print(f"note: {common.model_id(args.model)} looks like an instruct model: --template chat prompts it with its own "
+              f"chat template, as it was trained")
+
     problems, seen, duplicates = [], set(), 0
     for split in raw.values():  # the splits of the source (mbpp has four) are pooled, then split our way
         for row in split:
-            problem = normalize_row(row, columns, len(problems) + duplicates)
+            problem = formats.normalize(fmt, row, columns, len(problems) + duplicates)
             if problem["task_id"] in seen:
                 duplicates += 1
                 continue
             seen.add(problem["task_id"])
-            problems.append(problem)
+            problems.append(formats.as_chat(problem) if template == "chat" else problem)
+
+    flagged = {}
+    if formats.HAS_TESTS[fmt] and args.check_tests != "off":
+        print(f"checking the tests of {min(len(problems), CHECK_ALL_UP_TO) if args.check_tests == 'auto' else len(problems)} "
+              f"problems (reference must pass, a do-nothing stub must fail; --check-tests off skips this)", flush=True)
+        flagged = check_tests(problems, args.check_tests, args.seed)
+        problems = [p for p in problems if p["task_id"] not in flagged]
     if len(problems) < 2:
         raise StageError(f"{args.data}/ holds {len(problems)} usable problem(s); at least 2 are needed for a train and an eval split")
 
     eval_ids = held_out_split([p["task_id"] for p in problems], args.eval_fraction, args.seed)
     splits, stats = {}, {"dropped_too_long": {}, "rows": {}}
+    task_ids = {}
     for name, members in (("train", [p for p in problems if p["task_id"] not in eval_ids]),
                           ("eval", [p for p in problems if p["task_id"] in eval_ids])):
         if not members:
             raise StageError(f"--eval-fraction {args.eval_fraction} leaves no problem for the {name} split "
                              f"({len(problems)} problems in all): choose a fraction between them")
-        kept, dropped = encode_problems(members, tokenizer, args.template, args.max_length)
+        if fmt == "text":
+            kept, dropped = pack_text(members, tokenizer, args.max_length), []
+            task_ids[name] = [p["task_id"] for p in members]  # the files of each split, not the blocks
+        else:
+            kept, dropped = encode_problems(members, tokenizer, fmt, template, args.max_length)
+            task_ids[name] = [p["task_id"] for p in kept]
         if not kept:
             raise StageError(f"no {name} example fits in --max-length {args.max_length}; raise it")
         splits[name] = Dataset.from_list(kept)
@@ -165,14 +220,15 @@ def main(argv=None) -> int:
     data_info_path = Path(args.data) / common.DOWNLOAD_INFO
     summary = {
         "settings": {
-            "template": args.template, "max_length": args.max_length, "eval_fraction": args.eval_fraction, "seed": args.seed,
+            "format": fmt, "template": template, "max_length": args.max_length, "eval_fraction": args.eval_fraction, "seed": args.seed,
             "model": common.model_id(args.model),
             "data": common.read_json(data_info_path).get("dataset") if data_info_path.is_file() else str(args.data),
             "eos_token_id": tokenizer.eos_token_id, "tokenizer": common.tokenizer_fingerprint(args.model),
         },
         "problems": len(problems), "duplicates_skipped": duplicates, **stats,
+        "failed_test_check": flagged,
         "tokens": {"example": percentiles(lengths), "solution_with_eos": percentiles(solution_lengths), "total": sum(lengths)},
-        "task_ids": {name: list(split["task_id"]) for name, split in splits.items()},
+        "task_ids": task_ids,
     }
     summary["fingerprint"] = common.data_fingerprint(summary["task_ids"], summary["settings"])
     with common.atomic_output_dir(args.out) as tmp:
@@ -181,10 +237,18 @@ def main(argv=None) -> int:
 
     dropped_total = sum(len(ids) for ids in stats["dropped_too_long"].values())
     tokens = summary["tokens"]["example"]
-    print(f"{len(problems)} problems -> train {stats['rows']['train']}, eval {stats['rows']['eval']} "
-          f"(held out by task_id, seed {args.seed}); template '{args.template}'")
+    unit = "files" if fmt == "text" else "problems"
+    print(f"{len(problems)} {unit} ({fmt} data) -> train {stats['rows']['train']}, eval {stats['rows']['eval']}"
+          f"{' blocks of ' + str(args.max_length) + ' tokens' if fmt == 'text' else ''} (held out by task_id, seed {args.seed}); "
+          f"template '{template}'")
+    if flagged:
+        print(f"dropped by the test check: {len(flagged)} ({', '.join(f'{task}: {why}' for task, why in list(flagged.items())[:3])}"
+              f"{', ...' if len(flagged) > 3 else ''}); all listed in {args.out}/{common.PREPARED_STATS}")
     print(f"tokens per example: median {tokens['p50']}, p95 {tokens['p95']}, max {tokens['max']}; "
           f"dropped as longer than {args.max_length}: {dropped_total}" + (f"; duplicates skipped: {duplicates}" if duplicates else ""))
+    if dropped_total > 0.05 * len(problems):
+        print(f"note: {dropped_total} of {len(problems)} problems are longer than --max-length {args.max_length}; raise it to "
+              f"keep them (memory grows with it)")
     print(f"✓ saved in {args.out}/ (stats in {args.out}/{common.PREPARED_STATS})")
     print("next: python train.py")
     return 0

@@ -388,21 +388,6 @@ def cuda_batch_fits(model, compute_loss, batch: int, seq_len: int) -> bool:
 # Build: batches, the model with its LoRA adapters, the loss.
 
 
-def pad_batch(features: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
-    """Right-pad a list of examples to the longest one (dynamic padding); pads get label -100 and mask 0."""
-    import torch
-
-    longest = max(len(f["input_ids"]) for f in features)
-    longest = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
-    batch = {"input_ids": [], "attention_mask": [], "labels": []}
-    for f in features:
-        pad = longest - len(f["input_ids"])
-        batch["input_ids"].append(list(f["input_ids"]) + [pad_token_id] * pad)
-        batch["attention_mask"].append(list(f["attention_mask"]) + [0] * pad)
-        batch["labels"].append(list(f["labels"]) + [common.IGNORE_INDEX] * pad)
-    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
-
-
 def padding_share(batches: list[list[int]], pad_to: int | None = None) -> float:
     """Share of padding among the tokens of `batches` (lists of example lengths), each padded to its longest
     example, or to `pad_to` tokens."""
@@ -491,7 +476,7 @@ def training_arguments(settings: RunSettings, out: Path):
         seed=settings.seed,
         train_sampling_strategy="group_by_length",  # batches of similar length: little padding
         length_column_name="length",
-        remove_unused_columns=False,  # pad_batch picks the model inputs itself
+        remove_unused_columns=False,  # common.pad_batch picks the model inputs itself
         prediction_loss_only=True,  # evaluation needs the loss only, not every position's logits
         report_to="none",  # the Trainer's TensorBoard callback is added by trainer.py, writing to <out>/logs
         include_num_input_tokens_seen="non_padding",  # for tokens per second
@@ -594,7 +579,7 @@ def run(args, stats: dict, ranks: Ranks, argv) -> int:
             args=training_arguments(settings, out),
             train_dataset=train_rows,
             eval_dataset=eval_rows,
-            data_collator=lambda features: pad_batch(features, tokenizer.pad_token_id, multiple),
+            data_collator=lambda features: common.pad_batch(features, tokenizer.pad_token_id, multiple),
             compute_loss_func=compute_loss,
             run_dir=out,
             total_steps=settings.total_steps,

@@ -21,6 +21,14 @@ import inference
 
 SMOKE_TASK = "Write a function to return the sum of two numbers."
 SMOKE_TESTS = ["assert add(2, 3) == 5"]
+SMOKE_CODE = 'def add(a, b):\n    """Return the sum of a and b."""\n'  # for adapters that continue code (humaneval, raw text)
+
+
+def smoke_prompt(template: str, tokenizer) -> str:
+    """The smoke-test task in the shape the adapter was trained on."""
+    if template in ("code", "none"):
+        return common.format_prompt(template, SMOKE_CODE)
+    return common.format_prompt(template, SMOKE_TASK, SMOKE_TESTS, tokenizer)
 
 
 class Report:
@@ -85,10 +93,9 @@ def main(argv=None) -> int:
             base_ok = folder_ok and report.check("adapter was trained on this base model", lambda: require(base_problem is None, base_problem))
             settings = settings if base_ok else None
 
-    prompt = common.format_prompt(template, SMOKE_TASK, SMOKE_TESTS)
-
     def smoke_generation(which):
-        result = inference.generate(which, tokenizer, [prompt], args.max_new_tokens)[0][0]
+        prompt = smoke_prompt(template, tokenizer)
+        result = inference.generate(which, tokenizer, [prompt], args.max_new_tokens, template=template)[0][0]
         return f"{result['completion'][:60]!r}" + (" (stopped by itself)" if result["stopped"] else "")
 
     if model and tokenizer:

@@ -90,7 +90,7 @@ def make_batch(variant: str, vocab: int):
         ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
         prompt = int(prompt_share * length)
         features.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
-    batch = train.pad_batch(features, pad_token_id=QWEN_CONFIG["eos_token_id"])
+    batch = common.pad_batch(features, pad_token_id=QWEN_CONFIG["eos_token_id"])
     if variant == "guide":  # pad to max length, as the guides do
         extra = MAX_LEN - batch["input_ids"].shape[1]
         batch = {k: torch.nn.functional.pad(v, (0, extra), value={"input_ids": QWEN_CONFIG["eos_token_id"], "attention_mask": 0, "labels": -100}[k])

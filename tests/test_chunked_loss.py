@@ -25,7 +25,7 @@ def batch(demo_prepared):
     from datasets import load_from_disk
 
     rows = load_from_disk(str(demo_prepared))["train"]
-    return train.pad_batch([rows[i] for i in (0, 5, 9)], pad_token_id=0)  # three lengths: real padding
+    return common.pad_batch([rows[i] for i in (0, 5, 9)], pad_token_id=0)  # three lengths: real padding
 
 
 def lora_grads(model):

@@ -28,7 +28,7 @@ def test_tests_template_shows_every_assert_before_the_solution():
 
 def test_unknown_template_is_refused():
     with pytest.raises(ValueError, match="unknown template"):
-        common.format_prompt("chat", "x")
+        common.format_prompt("alpaca", "x")
 
 
 def test_prompt_is_masked_and_eos_is_trained_although_pad_equals_eos():

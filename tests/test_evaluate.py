@@ -77,7 +77,7 @@ def test_problems_missing_from_a_completions_file_count_as_unsolved(demo_prepare
     completions = tmp_path / "partial.jsonl"
     completions.write_text(json.dumps({"task_id": rows[0]["task_id"], "completion": rows[0]["code"]}) + "\n")
     assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 0
-    assert f"{len(rows) - 1} of {len(rows)} problems of the eval split have no completion" in capsys.readouterr().err
+    assert f"{len(rows) - 1} of {len(rows)} problems of {demo_prepared}/ (eval split) have no completion" in capsys.readouterr().err
     scored = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
     assert scored["problems"] == len(rows) and scored["pass@1"] == pytest.approx(1 / len(rows))
     assert len(scored["missing"]) == len(rows) - 1

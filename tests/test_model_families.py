@@ -59,7 +59,7 @@ def test_the_base_is_quantised_to_4bit_and_the_chunked_loss_equals_the_standard_
     assert quantised and all(any(f".{target}" in name for target in TARGETS[family["name"]]) for name in quantised)
     model.eval()  # GPT-2 has dropout of its own: compare the two losses on the same deterministic forward pass
     rows = load_from_disk(str(family["prepared"]))["train"]
-    batch = train.pad_batch([rows[i] for i in (0, 3, 7)], common.load_tokenizer(family["model"]).pad_token_id)
+    batch = common.pad_batch([rows[i] for i in (0, 3, 7)], common.load_tokenizer(family["model"]).pad_token_id)
     with torch.no_grad():
         standard = model(**batch).loss
         with train.loss_for(model, "chunked") as compute_loss:

@@ -5,28 +5,32 @@ from conftest import demo_problems, one_error_line, write_jsonl
 
 import common
 import download_dataset
+import formats
 import prepare_data
 from common import StageError
 
 
 def test_column_names_of_the_mbpp_variants_are_accepted():
-    original = prepare_data.resolve_columns(["task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list"])
+    columns = ["task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list"]
+    assert formats.detect(columns) == "mbpp"
+    original = formats.columns_for("mbpp", columns)
     assert original == {"task": "text", "code": "code", "tests": "test_list", "setup": "test_setup_code", "task_id": "task_id"}
-    sanitized = prepare_data.resolve_columns(["source_file", "task_id", "prompt", "code", "test_imports", "test_list"])
-    assert sanitized["task"] == "prompt" and sanitized["setup"] == "test_imports"
+    sanitized = ["source_file", "task_id", "prompt", "code", "test_imports", "test_list"]
+    assert formats.detect(sanitized) == "mbpp"
+    assert formats.columns_for("mbpp", sanitized)["task"] == "prompt" and formats.columns_for("mbpp", sanitized)["setup"] == "test_imports"
 
 
 def test_missing_column_is_named():
     with pytest.raises(StageError, match="'code'"):
-        prepare_data.resolve_columns(["task_id", "text", "test_list"])
+        formats.columns_for("mbpp", ["task_id", "text", "test_list"])
 
 
 @pytest.mark.parametrize("field, value", [("text", ""), ("text", None), ("code", "   "), ("code", 42), ("test_list", [])])
 def test_rows_with_empty_or_non_string_fields_are_refused(field, value):
     row = {**demo_problems()[0], field: value}
-    columns = prepare_data.resolve_columns(list(row))
+    columns = formats.columns_for("mbpp", list(row))
     with pytest.raises(StageError, match="row 3"):
-        prepare_data.normalize_row(row, columns, 3)
+        formats.normalize("mbpp", row, columns, 3)
 
 
 def test_held_out_split_is_deterministic_disjoint_and_order_independent():

@@ -15,11 +15,11 @@ def test_pad_batch_pads_to_the_longest_with_masked_labels():
         {"input_ids": [5, 6, 7, eos], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 7, eos]},
         {"input_ids": [5, eos], "attention_mask": [1, 1], "labels": [-100, eos]},
     ]
-    batch = train.pad_batch(features, pad_token_id=eos)
+    batch = common.pad_batch(features, pad_token_id=eos)
     assert batch["input_ids"].tolist() == [[5, 6, 7, eos], [5, eos, eos, eos]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 7, eos], [-100, eos, -100, -100]]  # the real EOS stays a label
-    assert train.pad_batch(features, eos, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
+    assert common.pad_batch(features, eos, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
 
 
 def test_trained_span_is_shown_between_markers(demo_model, demo_prepared):
@@ -102,7 +102,7 @@ def test_gradients_reach_lora_weights_with_gradient_checkpointing(demo_model, de
     model = train.build_model(str(demo_model), common.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
     model.train()
     rows = load_from_disk(str(demo_prepared))["train"]
-    batch = train.pad_batch([rows[i] for i in range(2)], 0)
+    batch = common.pad_batch([rows[i] for i in range(2)], 0)
     model(**batch).loss.backward()
     grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

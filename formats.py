@@ -1,0 +1,149 @@
+"""Data shapes: which kind of dataset a table of rows is, and each row normalised to what the stages use.
+
+Used by prepare_data.py (training data) and evaluate.py (benchmarks).
+Needs:  common.py. Standard library only; nothing heavy is imported.
+
+Every shape becomes the same problem dict:
+    task_id          a string, unique in the dataset
+    task             what the prompt shows: a task text, an instruction, or (humaneval) the code to complete
+    code             the reference answer the model is trained on
+    tests            statements to run after the code (asserts; humaneval's `check` and its call); [] for none
+    test_setup_code  code to run before the candidate (imports, helpers); "" for none
+    code_prefix      what the completion is joined to before it runs (humaneval: the prompt itself); "" for none
+
+Shapes, detected from the columns in this order:
+    humaneval    task_id, prompt, canonical_solution, test, entry_point      (openai_humaneval, HumanEval.jsonl.gz)
+    mbpp         text or prompt, code, test_list or test                     (mbpp, mbpp/sanitized, code-rag-bench/mbpp)
+    instruction  instruction [, input], output   or   prompt, response|completion   (code_instructions_120k_alpaca)
+    text         content or text: one source file per row                    (codeparrot)
+"""
+
+from __future__ import annotations
+
+import common
+from common import StageError
+
+FORMATS = ("mbpp", "humaneval", "instruction", "text")
+HAS_TESTS = {"mbpp": True, "humaneval": True, "instruction": False, "text": False}
+# The prompt template each shape is trained and scored with unless --template says otherwise: HumanEval's
+# prompt is code that the model continues, as the benchmark defines; raw text has no prompt at all.
+DEFAULT_TEMPLATES = {"mbpp": "tests", "humaneval": "code", "instruction": "guide", "text": "none"}
+TEMPLATES_FOR = {"mbpp": ("tests", "guide", "chat"), "humaneval": ("code", "chat"), "instruction": ("guide", "chat"), "text": ("none",)}
+
+MBPP_COLUMNS = {
+    "task": ["text", "prompt"],  # the original mbpp has `text`, mbpp/sanitized has `prompt`
+    "code": ["code"],
+    "tests": ["test_list", "test"],
+}
+MBPP_SETUP = ["test_setup_code", "test_imports"]  # optional; test_imports (sanitized) is a list of lines
+HUMANEVAL_COLUMNS = {"prompt", "canonical_solution", "test", "entry_point"}
+INSTRUCTION_PAIRS = [("instruction", "output"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer")]
+TEXT_COLUMNS = ["content", "text", "code"]
+
+
+def detect(columns: list[str]) -> str:
+    """The shape of a dataset from its column names; one line naming the shapes when none fits."""
+    present = set(columns)
+    if HUMANEVAL_COLUMNS <= present:
+        return "humaneval"
+    if all(any(name in present for name in aliases) for aliases in MBPP_COLUMNS.values()):
+        return "mbpp"
+    # A shape's own columns with one missing is that shape broken, not raw text: name what is missing.
+    if present & {"canonical_solution", "entry_point"}:
+        columns_for("humaneval", columns)
+    if present & {"test_list", "test_setup_code", "test_imports"}:
+        columns_for("mbpp", columns)
+    if any(question in present and answer in present for question, answer in INSTRUCTION_PAIRS):
+        return "instruction"
+    if any(name in present for name in TEXT_COLUMNS):
+        return "text"
+    raise StageError(
+        f"the dataset's columns ({', '.join(columns)}) fit none of the data shapes: mbpp (text, code, test_list), "
+        f"humaneval (prompt, canonical_solution, test, entry_point), instruction (instruction, input, output; or "
+        f"prompt, response), text (content: one file per row); rename the columns or pass --format"
+    )
+
+
+def columns_for(fmt: str, columns: list[str]) -> dict[str, str | None]:
+    """Our field names -> the dataset's columns, for a shape (detected or forced); fails naming what is missing."""
+    present = set(columns)
+
+    def first(aliases: list[str], field: str) -> str:
+        found = next((name for name in aliases if name in present), None)
+        if found is None:
+            raise StageError(f"--format {fmt}: the dataset has no {' or '.join(repr(a) for a in aliases)} column (needed for "
+                             f"the {field}); its columns are: {', '.join(columns)}")
+        return found
+
+    task_id = "task_id" if "task_id" in present else None
+    if fmt == "mbpp":
+        found = {field: first(aliases, field) for field, aliases in MBPP_COLUMNS.items()}
+        return {**found, "setup": next((n for n in MBPP_SETUP if n in present), None), "task_id": task_id}
+    if fmt == "humaneval":
+        return {name: first([name], name) for name in sorted(HUMANEVAL_COLUMNS)} | {"task_id": task_id}
+    if fmt == "instruction":
+        pair = next((p for p in INSTRUCTION_PAIRS if p[0] in present and p[1] in present), None)
+        if pair is None:
+            raise StageError(f"--format instruction: the dataset needs instruction and output columns (or prompt and "
+                             f"response); its columns are: {', '.join(columns)}")
+        return {"task": pair[0], "code": pair[1], "input": "input" if "input" in present else None, "task_id": task_id}
+    if fmt == "text":
+        return {"code": first(TEXT_COLUMNS, "source text"), "task_id": task_id}
+    raise StageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def normalize(fmt: str, row: dict, columns: dict, position: int) -> dict:
+    """One row as a problem dict (see the module docstring); one line naming the row when a field is unusable."""
+    task_id = row.get(columns["task_id"]) if columns["task_id"] else None
+    if task_id is None or not str(task_id).strip():
+        task_id = f"row-{position}"  # rows without an id get one of their own, never a shared one
+    where = f"row {position} (task_id {task_id})"
+
+    def text(field: str, strip: bool = True) -> str:
+        value = row[columns[field]]
+        if not isinstance(value, str) or not value.strip():
+            raise StageError(f"{where}: the {field} column {columns[field]!r} is empty or not text; fix or remove that row")
+        return value
+
+    problem = {"task_id": str(task_id), "task": "", "code": "", "tests": [], "test_setup_code": "", "code_prefix": ""}
+    if fmt == "mbpp":
+        tests = row[columns["tests"]]
+        tests = [tests] if isinstance(tests, str) else tests
+        if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+            raise StageError(f"{where}: {columns['tests']!r} must be a non-empty list of assert statements")
+        setup = row[columns["setup"]] if columns["setup"] else ""
+        setup = "\n".join(setup) if isinstance(setup, list) else setup
+        problem.update(task=text("task").strip(), code=text("code").rstrip(), tests=tests, test_setup_code=setup or "")
+    elif fmt == "humaneval":
+        # The benchmark's definition: the program is prompt + completion, then the test code, then check(entry_point).
+        # A "test" that defines check but never calls it passes any answer: the call is what makes it a test.
+        prompt, entry_point = text("prompt", strip=False), text("entry_point").strip()
+        problem.update(task=prompt, code=text("canonical_solution").rstrip(), code_prefix=prompt,
+                       tests=[text("test").rstrip() + f"\n\n\ncheck({entry_point})"])
+    elif fmt == "instruction":
+        extra = row.get(columns["input"]) if columns["input"] else None
+        task = text("task").strip() + (f"\n\nInput:\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
+        problem.update(task=task, code=text("code").rstrip())
+    else:
+        problem.update(code=text("code"))
+    return problem
+
+
+def prompt_for(fmt: str, problem: dict, template: str, tokenizer=None) -> str:
+    """The prompt of a problem: MBPP shows its asserts (the `tests` template); HumanEval hides its `check`, and its
+    code becomes a request to complete it in a chat turn."""
+    task = common.CHAT_CODE_TASK.format(code=problem["task"]) if fmt == "humaneval" and template == "chat" else problem["task"]
+    return common.format_prompt(template, task, problem["tests"] if fmt == "mbpp" else None, tokenizer)
+
+
+def as_chat(problem: dict) -> dict:
+    """A problem for --template chat: an instruct model answers with the whole function, not a continuation of
+    the prompt's code, so a humaneval problem's prompt moves into the answer (and out of the code prefix)."""
+    if not problem["code_prefix"]:
+        return problem
+    return {**problem, "code": problem["code_prefix"] + problem["code"], "code_prefix": ""}
+
+
+def program(problem: dict, completion: str) -> tuple[str, list[str], str]:
+    """(code, tests, setup) to run for a completion of a problem (see sandbox.build_program)."""
+    return problem.get("code_prefix", "") + completion, problem["tests"], problem.get("test_setup_code", "")
