@@ -492,6 +492,19 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
+def open_stream(info: dict):
+    """The rows of a dataset that download_dataset.py --streaming recorded (`info`: its download_info.json), read
+    lazily with datasets' streaming: a Hub dataset or a local file larger than memory, never held whole."""
+    from datasets import load_dataset
+
+    try:
+        if info["source"] == "hub":
+            return load_dataset(info["dataset"], info.get("config"), revision=info.get("revision"), split="train", streaming=True)
+        return load_dataset(info["builder"], data_files=info["dataset"], split="train", streaming=True)
+    except Exception as error:
+        raise StageError(f"cannot stream {info['dataset']}: {short_error(error)}", EXIT_FAILED) from None
+
+
 def load_model(model_dir: str | Path, choice: DeviceChoice, load_in_4bit: bool):
     """The base model as every stage loads it: 4-bit NF4 with double quantisation, or plain in the compute dtype."""
     import torch

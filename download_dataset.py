@@ -6,9 +6,11 @@ Run:
     python download_dataset.py --dataset my_tasks.jsonl # a local .json, .jsonl or .parquet file (.jsonl.gz, .json.gz too)
     python download_dataset.py --dataset HumanEval.jsonl.gz    # any data shape prepare_data.py knows (see formats.py)
     python download_dataset.py --demo                   # the 51 problems bundled in assets/, offline
+    python download_dataset.py --dataset codeparrot/codeparrot-clean --streaming   # raw code larger than memory
 
 Reads:  the Hugging Face Hub, a local file, or assets/demo_problems.jsonl
-Writes: data/ (a datasets DatasetDict written with save_to_disk, plus download_info.json)
+Writes: data/ (a datasets DatasetDict written with save_to_disk, plus download_info.json); with --streaming only
+        download_info.json: prepare_data.py and train.py then read the rows lazily from the source
 Needs:  common.py
 Next:   prepare_data.py
 """
@@ -71,7 +73,7 @@ def check_json_lines(path: Path) -> None:
         raise StageError(f"{path} is not a complete gzip file: download it again") from None
 
 
-def load_from_hub(name: str, config: str | None, revision: str | None):
+def load_from_hub(name: str, config: str | None, revision: str | None, check_only: bool = False):
     from datasets import load_dataset
     from huggingface_hub import HfApi
 
@@ -80,10 +82,38 @@ def load_from_hub(name: str, config: str | None, revision: str | None):
         HfApi().dataset_info(name, revision=revision)
     except Exception as error:
         raise StageError(common.hub_error_message(error, f"dataset {name}"), common.EXIT_FAILED) from None
+    if check_only:
+        return None
     try:
         return load_dataset(name, config, revision=revision)
     except Exception as error:
         raise StageError(f"loading {name} failed: {common.short_error(error)}", common.EXIT_FAILED) from None
+
+
+def record_stream(out: Path, identity: dict, local: Path | None, force: bool) -> int:
+    """--streaming: check that the source answers and show its first row's columns; write only download_info.json."""
+    if local is not None:
+        kind = file_type(local)
+        if kind not in LOCAL_FORMATS:
+            raise StageError(f"{local}: unsupported file type {kind!r}; use .json, .jsonl, .parquet, .jsonl.gz or .json.gz")
+        identity["builder"] = LOCAL_FORMATS[kind]
+    identity["streaming"] = True
+    held = common.read_json(out / common.DOWNLOAD_INFO) if (out / common.DOWNLOAD_INFO).is_file() else {}
+    if common.skip_download(out, force, bool(held), held.get("dataset"), held == identity, identity["dataset"], "dataset"):
+        return 0
+    common.quiet_libraries()
+    if identity["source"] == "hub":
+        load_from_hub(identity["dataset"], identity["config"], identity["revision"], check_only=True)
+    first = next(iter(common.open_stream(identity)), None)
+    if first is None:
+        raise StageError(f"{identity['dataset']} has no rows")
+    with common.atomic_output_dir(out) as tmp:
+        common.write_json(tmp / common.DOWNLOAD_INFO, identity)
+    print(f"streaming source recorded: {identity['dataset']} (nothing downloaded; rows are read as training needs them)")
+    print(f"columns: {', '.join(first)}")
+    print(f"✓ saved in {out}/")
+    print("next: python prepare_data.py (it holds out the first rows for evaluation)")
+    return 0
 
 
 def describe(dataset) -> str:
@@ -101,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=common.DATA_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace an existing data folder instead of skipping")
     parser.add_argument("--demo", action="store_true", help=f"write the bundled demo problems ({common.DEMO_PROBLEMS.name}) instead")
+    parser.add_argument("--streaming", action="store_true",
+                        help="do not download: record the source so that its rows are read lazily (raw text larger than memory; "
+                             "train.py then runs by --max-steps)")
     return parser
 
 
@@ -118,10 +151,12 @@ def main(argv=None) -> int:
         raise StageError(f"dataset file {local} not found")
     identity = {"source": "demo" if args.demo else ("local" if is_local else "hub"),
                 "dataset": str(local.resolve()) if is_local else source, "config": args.config, "revision": args.revision}
+    if args.streaming:
+        return record_stream(out, identity, local if is_local else None, args.force)
 
     info_path = out / common.DOWNLOAD_INFO
-    complete = info_path.is_file() and (out / "dataset_dict.json").is_file()
-    held = common.read_json(info_path) if complete else {}
+    held = common.read_json(info_path) if info_path.is_file() else {}
+    complete = bool(held) and ((out / "dataset_dict.json").is_file() or held.get("streaming", False))  # a streamed source is complete as recorded
     if common.skip_download(out, args.force, complete, held.get("dataset"), held == identity, identity["dataset"], "dataset"):
         return 0
 

@@ -136,6 +136,20 @@ def prompt_for(fmt: str, problem: dict, template: str, tokenizer=None) -> str:
     return common.format_prompt(template, task, problem["tests"] if fmt == "mbpp" else None, tokenizer)
 
 
+def pack_blocks(texts, tokenizer, block: int):
+    """Raw text as causal-LM training blocks: every file's tokens then EOS, joined and cut every `block` tokens
+    (the last block may be shorter), every token trained; nothing dropped, nothing padded. Lazy: `texts` may be
+    a stream larger than memory."""
+    stream: list[int] = []
+    for text in texts:
+        stream += common.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
+        while len(stream) >= block:
+            ids, stream = stream[:block], stream[block:]
+            yield {"input_ids": ids, "attention_mask": [1] * block, "labels": list(ids), "length": block}
+    if stream:
+        yield {"input_ids": stream, "attention_mask": [1] * len(stream), "labels": list(stream), "length": len(stream)}
+
+
 def as_chat(problem: dict) -> dict:
     """A problem for --template chat: an instruct model answers with the whole function, not a continuation of
     the prompt's code, so a humaneval problem's prompt moves into the answer (and out of the code prefix)."""

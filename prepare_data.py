@@ -5,6 +5,7 @@ Run:
     python prepare_data.py --template guide    # the original guide's prompt, without the asserts
     python prepare_data.py --template chat     # an instruct model: its own chat template, the answer as its turn
     python prepare_data.py --format text       # force a data shape instead of detecting it from the columns
+    python prepare_data.py --eval-files 200    # a streamed source (download_dataset.py --streaming): raw text
 
 Reads:  data/ (from download_dataset.py), model/ (its tokenizer, from download_model.py)
 Writes: prepared_data/ (DatasetDict with `train` and `eval` splits, stats.json)
@@ -19,6 +20,9 @@ between them, cut into --max-length blocks, every token trained. The held-out `e
 with a fixed seed, so it is the same every run and no problem is in both splits. Examples longer than
 --max-length are dropped and counted, never cut.
 
+A streamed source (download_dataset.py --streaming) is raw text larger than memory: its first --eval-files files
+are held out and packed here; train.py reads the rest lazily, after them, and runs by --max-steps.
+
 Datasets with tests are checked first (--check-tests): each reference solution must pass its tests in the
 sandbox and a do-nothing stub of it must fail them. Problems that break either rule (a broken reference, a test
 that cannot fail, such as a HumanEval `check` that is never called) are dropped and listed in stats.json.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import random
 import sys
 from pathlib import Path
@@ -67,18 +72,9 @@ def encode_problems(problems: list[dict], tokenizer, fmt: str, template: str, ma
     return kept, dropped
 
 
-def pack_text(problems: list[dict], tokenizer, block: int) -> list[dict]:
-    """Raw text as causal-LM training blocks: every file's tokens then EOS, joined and cut every `block` tokens
-    (the last block may be shorter), every token trained. Nothing is dropped and nothing is padded."""
-    stream: list[int] = []
-    for problem in problems:
-        stream += common.encode_prompt(tokenizer, problem["code"]) + [tokenizer.eos_token_id]
-    rows = []
-    for number, start in enumerate(range(0, len(stream), block)):
-        ids = stream[start:start + block]
-        rows.append({"task_id": f"block-{number}", "input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids),
-                     "length": len(ids)})
-    return rows
+def pack_text(texts, tokenizer, block: int) -> list[dict]:
+    """The blocks of formats.pack_blocks, numbered."""
+    return [{"task_id": f"block-{n}", **row} for n, row in enumerate(formats.pack_blocks(texts, tokenizer, block))]
 
 
 def stub_of(code: str) -> str | None:
@@ -135,7 +131,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-tests", choices=["auto", "all", "off"], default="auto",
                         help=f"run each reference solution and a do-nothing stub against the tests and drop problems whose "
                              f"tests are broken or cannot fail (default: auto, every problem up to {CHECK_ALL_UP_TO}, a sample above)")
+    parser.add_argument("--eval-files", type=common.positive(int), default=100,
+                        help="a streamed source: how many of its first files are held out for evaluation (default: %(default)s)")
     return parser
+
+
+def streamed_source(data_dir: str) -> dict | None:
+    """download_info.json of a folder that download_dataset.py --streaming wrote, or None for a saved dataset."""
+    info = Path(data_dir) / common.DOWNLOAD_INFO
+    recorded = common.read_json(info) if info.is_file() else {}
+    return recorded if recorded.get("streaming") else None
+
+
+def prepare_stream(args, source: dict, tokenizer) -> tuple[dict, dict]:
+    """The eval split (the first --eval-files files, packed) and the settings train.py streams the rest with."""
+    from datasets import Dataset
+
+    stream = iter(common.open_stream(source))
+    held_out = list(itertools.islice(stream, args.eval_files))
+    if not held_out:
+        raise StageError(f"{source['dataset']} has no rows")
+    fmt = formats.detect(list(held_out[0])) if args.format == "auto" else args.format
+    if fmt != "text":
+        raise StageError(f"{source['dataset']} holds {fmt} data, which fits in memory: run download_dataset.py without "
+                         f"--streaming (streaming is for raw text, one file per row)")
+    if next(stream, None) is None:
+        raise StageError(f"{source['dataset']} has only {len(held_out)} files, all held out by --eval-files "
+                         f"{args.eval_files}: lower it, or download it without --streaming")
+    column = formats.columns_for("text", list(held_out[0]))["code"]
+    texts = [row[column] for row in held_out if isinstance(row[column], str) and row[column].strip()]
+    blocks = pack_text(texts, tokenizer, args.max_length)
+    stream_settings = {"source": source, "column": column, "skip_files": len(held_out)}
+    return {"eval": Dataset.from_list(blocks)}, stream_settings
+
+
+def save_stream(args, source: dict, tokenizer) -> int:
+    from datasets import DatasetDict
+
+    splits, stream_settings = prepare_stream(args, source, tokenizer)
+    settings = {"format": "text", "template": "none", "max_length": args.max_length, "eval_files": args.eval_files,
+                "seed": args.seed, "model": common.model_id(args.model), "data": source["dataset"],
+                "eos_token_id": tokenizer.eos_token_id, "tokenizer": common.tokenizer_fingerprint(args.model),
+                "streaming": stream_settings}
+    lengths = splits["eval"]["length"]
+    summary = {"settings": settings, "rows": {"eval": len(lengths)}, "tokens": {"example": percentiles(lengths), "total": sum(lengths)},
+               "task_ids": {"eval": [f"file-{n}" for n in range(stream_settings["skip_files"])]}}
+    summary["fingerprint"] = common.data_fingerprint(summary["task_ids"], settings)
+    with common.atomic_output_dir(args.out) as tmp:
+        DatasetDict(splits).save_to_disk(str(tmp))
+        common.write_json(tmp / common.PREPARED_STATS, summary)
+    print(f"streamed text: the first {stream_settings['skip_files']} files held out -> eval {len(lengths)} blocks of up to "
+          f"{args.max_length} tokens; the rest is read lazily by train.py (run it with --max-steps)")
+    print(f"✓ saved in {args.out}/ (stats in {args.out}/{common.PREPARED_STATS})")
+    print("next: python train.py --max-steps 1000")
+    return 0
 
 
 def looks_instruct(model_dir: str) -> bool:
@@ -149,7 +198,11 @@ def main(argv=None) -> int:
     problems_found = []
     if not 0 < args.eval_fraction < 1:
         problems_found.append(f"--eval-fraction must be between 0 and 1 (exclusive), got {args.eval_fraction}")
-    for check in (lambda: common.require_dataset_dir(args.data, "download_dataset.py"), lambda: common.require_model_dir(args.model)):
+    source = streamed_source(args.data)
+    checks = [lambda: common.require_model_dir(args.model)]
+    if source is None:
+        checks.append(lambda: common.require_dataset_dir(args.data, "download_dataset.py"))
+    for check in checks:
         try:
             check()
         except StageError as error:
@@ -161,8 +214,10 @@ def main(argv=None) -> int:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    raw = load_from_disk(args.data)
     tokenizer = common.load_tokenizer(args.model)
+    if source is not None:
+        return save_stream(args, source, tokenizer)
+    raw = load_from_disk(args.data)
 
     column_names = next(iter(raw.values())).column_names
     fmt = formats.detect(column_names) if args.format == "auto" else args.format
@@ -204,7 +259,7 @@ def main(argv=None) -> int:
             raise StageError(f"--eval-fraction {args.eval_fraction} leaves no problem for the {name} split "
                              f"({len(problems)} problems in all): choose a fraction between them")
         if fmt == "text":
-            kept, dropped = pack_text(members, tokenizer, args.max_length), []
+            kept, dropped = pack_text((p["code"] for p in members), tokenizer, args.max_length), []
             task_ids[name] = [p["task_id"] for p in members]  # the files of each split, not the blocks
         else:
             kept, dropped = encode_problems(members, tokenizer, fmt, template, args.max_length)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import checkpoints
 import common
+import formats
 import monitoring
 from common import StageError
 
@@ -138,6 +139,8 @@ def check(args) -> tuple[dict, bool]:
         elif stats["settings"].get("tokenizer") != common.tokenizer_fingerprint(args.model):
             problems.append(f"{args.data}/ was tokenized with another tokenizer than the one in {args.model}/: "
                             f"run prepare_data.py --model {args.model}")
+    if stats.get("settings", {}).get("streaming") and not args.max_steps:
+        problems.append(f"{args.data}/ streams its training text, whose length is unknown: pass --max-steps (e.g. --max-steps 1000)")
     out = Path(args.out)
     finished = finished_before(out, vars(args), stats)
     earlier = out.is_dir() and (checkpoints.find_checkpoints(out) or (out / common.FINAL_ADAPTER).exists())
@@ -450,7 +453,21 @@ def loss_for(model, loss: str):
     return chunked_loss.output_layer_skipped(model)
 
 
-def training_arguments(settings: RunSettings, out: Path):
+def streamed_blocks(stream: dict, tokenizer, block: int):
+    """The training blocks of a streamed source: its files after the held-out ones, packed as prepare_data.py packs
+    text, read lazily (an IterableDataset: the Trainer takes batches as it needs them, and starts over at its end)."""
+    from datasets import IterableDataset
+
+    def blocks():
+        rows = common.open_stream(stream["source"]).skip(stream["skip_files"])
+        texts = (row[stream["column"]] for row in rows if isinstance(row[stream["column"]], str) and row[stream["column"]].strip())
+        for number, block_row in enumerate(formats.pack_blocks(texts, tokenizer, block)):
+            yield {"task_id": f"block-{number}", **block_row}
+
+    return IterableDataset.from_generator(blocks)
+
+
+def training_arguments(settings: RunSettings, out: Path, grouped: bool = True):
     from transformers import TrainingArguments
 
     cuda, cpu = settings.device == "cuda", settings.device == "cpu"
@@ -474,7 +491,8 @@ def training_arguments(settings: RunSettings, out: Path):
         save_steps=settings.save_steps,
         save_total_limit=settings.keep_last,
         seed=settings.seed,
-        train_sampling_strategy="group_by_length",  # batches of similar length: little padding
+        # Batches of similar length: little padding (a stream of packed blocks has nothing to group).
+        train_sampling_strategy="group_by_length" if grouped else "sequential",
         length_column_name="length",
         remove_unused_columns=False,  # common.pad_batch picks the model inputs itself
         prediction_loss_only=True,  # evaluation needs the loss only, not every position's logits
@@ -543,15 +561,18 @@ def run(args, stats: dict, ranks: Ranks, argv) -> int:
     choice = common.pick_device()
     load_in_4bit = common.use_4bit(choice, args.no_4bit, say)
     data = load_from_disk(args.data)
-    train_rows, eval_rows = data["train"], data["eval"]
-    settings = plan_run(args, stats, choice, load_in_4bit, len(train_rows), ranks.world_size, find_lora_targets(args.model))
+    tokenizer = common.load_tokenizer(args.model)
+    stream = stats["settings"].get("streaming")
+    train_rows, eval_rows = streamed_blocks(stream, tokenizer, stats["settings"]["max_length"]) if stream else data["train"], data["eval"]
+    # A stream's length is unknown: its "epoch" is the --max-steps that check() required.
+    n_train = args.max_steps * args.batch_size * args.grad_accum * ranks.world_size if stream else len(train_rows)
+    settings = plan_run(args, stats, choice, load_in_4bit, n_train, ranks.world_size, find_lora_targets(args.model))
     checkpoint = resume_point(args.resume, args.force_resume, out, settings, say)
 
     # ---- build ------------------------------------------------------------------------------------------
-    tokenizer = common.load_tokenizer(args.model)
     model = build_model(args.model, choice, load_in_4bit, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.seed,
                         settings.lora_target_modules)
-    longest = max(train_rows["length"])
+    longest = stats["settings"]["max_length"] if stream else max(train_rows["length"])
     with loss_for(model, settings.loss) as compute_loss:
         if args.auto_batch_size and choice.device == "cuda":
             # What fits can only be measured on the built model: the plan is settled again with the fitted batch.
@@ -565,18 +586,18 @@ def run(args, stats: dict, ranks: Ranks, argv) -> int:
             prepare_run_folder(out, args.overwrite, checkpoint is not None, settings)
 
         trainable, total = model.get_nb_trainable_parameters()
-        say(describe_plan(settings, choice, trainable, total, len(train_rows), len(eval_rows)))
+        say(describe_plan(settings, choice, trainable, total, "streamed" if stream else len(train_rows), len(eval_rows)))
         estimate = estimate_peak_memory(model.config, settings.batch_size, longest, settings.lora_r, load_in_4bit,
                                         dtype_bytes=2 if choice.device == "cuda" else 4,
                                         optimizer_bytes=2 if "8bit" in settings.optim else 8, chunked_loss=settings.loss == "chunked")
         where = "" if choice.device == "cuda" else " (were this a GPU run)"
         say(f"estimated peak GPU memory{where} at micro-batch {settings.batch_size} x {longest} tokens: {describe_estimate(estimate)}")
-        say("one training example (only the part in ⟦ ⟧ is trained):\n" + show_trained_span(tokenizer, train_rows[0]))
+        say("one training example (only the part in ⟦ ⟧ is trained):\n" + show_trained_span(tokenizer, (eval_rows if stream else train_rows)[0]))
 
         multiple = 8 if choice.device == "cuda" else 1  # tensor cores like multiples of 8
         trainer = pipeline_trainer.PipelineTrainer(
             model=model,
-            args=training_arguments(settings, out),
+            args=training_arguments(settings, out, grouped=not stream),
             train_dataset=train_rows,
             eval_dataset=eval_rows,
             data_collator=lambda features: common.pad_batch(features, tokenizer.pad_token_id, multiple),
@@ -586,8 +607,13 @@ def run(args, stats: dict, ranks: Ranks, argv) -> int:
             settings=settings.to_json(),
             trainable_params=trainable,
         )
-        padding = padding_share([batch["attention_mask"].sum(dim=1).tolist() for batch in trainer.get_train_dataloader()])
-        say(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their longest)")
+        if stream:  # full blocks of packed text: nothing to pad, and the stream is not read twice
+            padding = 0.0
+            say(f"training text streamed from {stream['source']['dataset']} after its first {stream['skip_files']} files "
+                f"(held out), packed in blocks of {longest} tokens")
+        else:
+            padding = padding_share([batch["attention_mask"].sum(dim=1).tolist() for batch in trainer.get_train_dataloader()])
+            say(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their longest)")
 
         # ---- train ------------------------------------------------------------------------------------------
         started = time.time()

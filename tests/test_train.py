@@ -131,7 +131,7 @@ def test_help_imports_no_torch():
     import sys
 
     modules = ["train", "prepare_data", "download_model", "download_dataset", "verify_model", "evaluate", "generate",
-               "run_pipeline", "common", "inference", "checkpoints", "monitoring", "sandbox"]
+               "run_pipeline", "common", "formats", "inference", "checkpoints", "monitoring", "sandbox"]
     probe = ("import sys; sys.path[:0] = ['.', 'tools']\n"
              f"for name in {modules + ['checkpoint_manager', 'training_dashboard', 'gpu_monitor', 'system_check']!r}:\n"
              "    __import__(name).build_parser() if hasattr(__import__(name), 'build_parser') else None\n"
