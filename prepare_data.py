@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     problems_found = []
     if not 0 < args.eval_fraction < 1:
         problems_found.append(f"--eval-fraction must be between 0 and 1 (exclusive), got {args.eval_fraction}")
+    if common.out_file_problem(args.out):  # before minutes of tokenizing and checking, not after
+        problems_found.append(common.out_file_problem(args.out))
     source = streamed_source(args.data)
     checks = [lambda: common.require_model_dir(args.model)]
     if source is None:

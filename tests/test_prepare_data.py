@@ -64,7 +64,7 @@ def test_prepared_data_layout_masks_and_task_fields(demo_prepared, demo_model):
 
 def test_long_examples_are_dropped_and_counted_never_cut(demo_data, demo_model, tmp_path, capsys):
     out = tmp_path / "prepared"
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--max-length", "100"]) == 0
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--max-length", "100", "--check-tests", "off"]) == 0
     stats = common.read_json(out / common.PREPARED_STATS)
     dropped = sum(len(ids) for ids in stats["dropped_too_long"].values())
     assert dropped > 0 and stats["rows"]["train"] + stats["rows"]["eval"] + dropped == len(demo_problems())
@@ -90,7 +90,7 @@ def test_bad_input_gets_one_line_and_no_output(demo_data, demo_model, tmp_path, 
 
 def test_guide_template_and_failed_rerun_keeps_previous_output(demo_data, demo_model, tmp_path, monkeypatch):
     out = tmp_path / "prepared"
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--template", "guide"]) == 0
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--template", "guide", "--check-tests", "off"]) == 0
     before = common.read_json(out / common.PREPARED_STATS)
     assert before["settings"]["template"] == "guide"
 
@@ -98,7 +98,7 @@ def test_guide_template_and_failed_rerun_keeps_previous_output(demo_data, demo_m
         raise KeyboardInterrupt  # the user presses Ctrl-C while the new output is being written
 
     monkeypatch.setattr(common, "write_json", crash)
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out)]) == 130
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--check-tests", "off"]) == 130
     monkeypatch.undo()
     assert common.read_json(out / common.PREPARED_STATS) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
