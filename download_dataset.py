@@ -1,4 +1,4 @@
-"""Stage 2: download the MBPP problems (or load a local file, or the bundled demo problems).
+"""Stage 2: download the problems: MBPP by default, any data shape of formats.py, a local file, or the demo problems.
 
 Run:
     python download_dataset.py                          # code-rag-bench/mbpp from the Hugging Face Hub

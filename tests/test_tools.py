@@ -73,3 +73,10 @@ def test_gpu_monitor_once_without_a_gpu(capsys):
     assert gpu_monitor.main(["--once"]) == 0
     out = capsys.readouterr().out
     assert ("no NVIDIA GPU found" in out and "RAM:" in out) or out.startswith("GPU 0")
+
+
+def test_checkpoint_manager_prompts_in_the_shape_the_adapter_was_trained_on():
+    code = checkpoint_manager.test_prompts("code", None)  # HumanEval-style adapters continue code
+    assert len(code) == checkpoint_manager.TEST_PROBLEMS and all(prompt.startswith("def ") and '"""' in prompt for _, prompt in code)
+    tasks = checkpoint_manager.test_prompts("tests", None)
+    assert all(prompt.startswith("Task: ") and "assert " in prompt for _, prompt in tasks)

@@ -15,6 +15,7 @@ Needs:  common.py, checkpoints.py, inference.py (from the folder above)
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shutil
 import sys
@@ -111,19 +112,29 @@ def command_delete(run: Path, path: Path) -> int:
     return 0
 
 
+def test_prompts(template: str, tokenizer) -> list[tuple[str, str]]:
+    """(title, prompt) of the first bundled problems, in the shape the adapter was trained on: task texts with
+    their asserts, or the same problems as code to complete for adapters trained on HumanEval or raw code."""
+    if template in ("code", "none"):
+        with gzip.open(common.REPO_ROOT / "assets" / "examples" / "humaneval_style.jsonl.gz", "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f][:TEST_PROBLEMS]
+        return [(row["entry_point"], common.format_prompt(template, row["prompt"])) for row in rows]
+    problems = [json.loads(line) for line in common.DEMO_PROBLEMS.read_text().splitlines()[:TEST_PROBLEMS]]
+    return [(p["text"], common.format_prompt(template, p["text"], p["test_list"], tokenizer)) for p in problems]
+
+
 def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> int:
     template = inference.adapter_template(path)  # also a clear line when it is not an adapter
     common.require_model_dir(model_dir)
-    problems = [json.loads(line) for line in common.DEMO_PROBLEMS.read_text().splitlines()[:TEST_PROBLEMS]]
-    prompts = [common.format_prompt(template, p["text"], p["test_list"]) for p in problems]
     common.quiet_libraries()
     choice = common.pick_device()
     tokenizer = common.load_tokenizer(model_dir)
+    titles, prompts = zip(*test_prompts(template, tokenizer))
     model = inference.load_for_inference(model_dir, None, choice, common.use_4bit(choice, no_4bit=False))
-    base = inference.generate(model, tokenizer, prompts, max_new_tokens)
-    tuned = inference.generate(inference.attach_adapter(model, path, model_dir), tokenizer, prompts, max_new_tokens)
-    for problem, before, after in zip(problems, base, tuned):
-        print(f"=== {problem['text']}")
+    base = inference.generate(model, tokenizer, list(prompts), max_new_tokens, template=template)
+    tuned = inference.generate(inference.attach_adapter(model, path, model_dir), tokenizer, list(prompts), max_new_tokens, template=template)
+    for title, before, after in zip(titles, base, tuned):
+        print(f"=== {title}")
         print(f"--- base model:\n{before[0]['completion'].rstrip()}")
         print(f"--- {path}:\n{after[0]['completion'].rstrip()}\n")
     return 0
