@@ -42,6 +42,8 @@ import formats
 from common import StageError
 
 CHECK_ALL_UP_TO = 1000  # --check-tests auto: every problem of a dataset this size, a seeded sample above
+
+
 def held_out_split(task_ids: list[str], eval_fraction: float, seed: int) -> set[str]:
     """The task ids of the eval split: deterministic for a seed, independent of row order."""
     ordered = sorted(set(task_ids))
@@ -143,9 +145,9 @@ def streamed_source(data_dir: str) -> dict | None:
     return recorded if recorded.get("streaming") else None
 
 
-def prepare_stream(args, source: dict, tokenizer) -> tuple[dict, dict]:
-    """The eval split (the first --eval-files files, packed) and the settings train.py streams the rest with."""
-    from datasets import Dataset
+def prepare_stream(args, source: dict, tokenizer) -> int:
+    """A streamed source: its first --eval-files files, packed, are the eval split; train.py streams the rest."""
+    from datasets import Dataset, DatasetDict
 
     stream = iter(common.open_stream(source))
     held_out = list(itertools.islice(stream, args.eval_files))
@@ -159,28 +161,20 @@ def prepare_stream(args, source: dict, tokenizer) -> tuple[dict, dict]:
         raise StageError(f"{source['dataset']} has only {len(held_out)} files, all held out by --eval-files "
                          f"{args.eval_files}: lower it, or download it without --streaming")
     column = formats.columns_for("text", list(held_out[0]))["code"]
-    texts = [row[column] for row in held_out if isinstance(row[column], str) and row[column].strip()]
-    blocks = pack_text(texts, tokenizer, args.max_length)
-    stream_settings = {"source": source, "column": column, "skip_files": len(held_out)}
-    return {"eval": Dataset.from_list(blocks)}, stream_settings
-
-
-def save_stream(args, source: dict, tokenizer) -> int:
-    from datasets import DatasetDict
-
-    splits, stream_settings = prepare_stream(args, source, tokenizer)
+    blocks = pack_text([row[column] for row in held_out if isinstance(row[column], str) and row[column].strip()],
+                       tokenizer, args.max_length)
     settings = {"format": "text", "template": "none", "max_length": args.max_length, "eval_files": args.eval_files,
                 "seed": args.seed, "model": common.model_id(args.model), "data": source["dataset"],
                 "eos_token_id": tokenizer.eos_token_id, "tokenizer": common.tokenizer_fingerprint(args.model),
-                "streaming": stream_settings}
-    lengths = splits["eval"]["length"]
-    summary = {"settings": settings, "rows": {"eval": len(lengths)}, "tokens": {"example": percentiles(lengths), "total": sum(lengths)},
-               "task_ids": {"eval": [f"file-{n}" for n in range(stream_settings["skip_files"])]}}
+                "streaming": {"source": source, "column": column, "skip_files": len(held_out)}}
+    lengths = [block["length"] for block in blocks]
+    summary = {"settings": settings, "rows": {"eval": len(blocks)}, "tokens": {"example": percentiles(lengths), "total": sum(lengths)},
+               "task_ids": {"eval": [f"file-{n}" for n in range(len(held_out))]}}
     summary["fingerprint"] = common.data_fingerprint(summary["task_ids"], settings)
     with common.atomic_output_dir(args.out) as tmp:
-        DatasetDict(splits).save_to_disk(str(tmp))
+        DatasetDict({"eval": Dataset.from_list(blocks)}).save_to_disk(str(tmp))
         common.write_json(tmp / common.PREPARED_STATS, summary)
-    print(f"streamed text: the first {stream_settings['skip_files']} files held out -> eval {len(lengths)} blocks of up to "
+    print(f"streamed text: the first {len(held_out)} files held out -> eval {len(blocks)} blocks of up to "
           f"{args.max_length} tokens; the rest is read lazily by train.py (run it with --max-steps)")
     print(f"✓ saved in {args.out}/ (stats in {args.out}/{common.PREPARED_STATS})")
     print("next: python train.py --max-steps 1000")
@@ -218,7 +212,7 @@ def main(argv=None) -> int:
     disable_progress_bar()
     tokenizer = common.load_tokenizer(args.model)
     if source is not None:
-        return save_stream(args, source, tokenizer)
+        return prepare_stream(args, source, tokenizer)
     raw = load_from_disk(args.data)
 
     column_names = next(iter(raw.values())).column_names
