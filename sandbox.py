@@ -34,6 +34,7 @@ from dataclasses import dataclass
 STATUSES = ("passed", "failed", "timeout", "error")
 MARKER = "__SANDBOX_VERDICT__"
 SLOT_UID_BASE = 0x7F000000  # unprivileged ids far above any real user, one per worker slot (root only)
+MAX_SLOTS = 256  # per harness process; each process has its own block of ids (see Sandbox.uid_base)
 OUTPUT_CAP = 64 * 1024  # bytes of stdout/stderr kept from the start of each stream
 TAIL_CAP = 4 * 1024  # and from the end, where the token and the verdict are
 
@@ -199,7 +200,10 @@ class Sandbox:
 
     def __init__(self, limits: Limits | None = None, workers: int | None = None):
         self.limits = limits or Limits()
-        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.workers = min(MAX_SLOTS, max(1, workers or os.cpu_count() or 1))
+        # Two harnesses at once (evaluate.py beside prepare_data.py's check, two evaluations): each kills every
+        # process of its slot ids and deletes their files, so each process gets ids of its own.
+        self.uid_base = SLOT_UID_BASE + (os.getpid() % 0x10000) * MAX_SLOTS
         self.slots: queue.Queue = queue.Queue()
         for slot in range(self.workers):
             self.slots.put(slot)
@@ -218,7 +222,7 @@ class Sandbox:
         return sys.executable, False
 
     def _probe(self, python: str) -> bool:
-        uid = SLOT_UID_BASE
+        uid = self.uid_base
         try:
             result = subprocess.run([python, "-I", "-c", "import resource"], user=uid, group=uid, extra_groups=[],
                                     capture_output=True, timeout=20, cwd="/", env={"PATH": "/usr/bin:/bin"})
@@ -246,7 +250,7 @@ class Sandbox:
 
     def _run_in_slot(self, program: str, slot: int) -> Verdict:
         limits = self.limits
-        uid = SLOT_UID_BASE + slot if self.drop_privileges else None
+        uid = self.uid_base + slot if self.drop_privileges else None
         workdir = tempfile.mkdtemp(prefix="sandbox-")
         started = time.monotonic()
         try:

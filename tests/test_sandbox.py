@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from conftest import demo_problems
@@ -84,4 +85,20 @@ def test_nothing_is_left_running(box):
     assert box.drop_privileges
     box.run(sandbox.build_program(HOSTILE["daemon that leaves the process group"][0], TESTS))
     box.run(sandbox.build_program(HOSTILE["fork bomb"][0], TESTS))
-    assert [pid for slot in range(box.workers) for pid in sandbox.processes_of(sandbox.SLOT_UID_BASE + slot)] == []
+    assert [pid for slot in range(box.workers) for pid in sandbox.processes_of(box.uid_base + slot)] == []
+
+
+def test_two_harnesses_at_once_leave_each_other_alone(tmp_path):
+    """evaluate.py beside prepare_data.py's test check: as root, each cleans up after its own slot ids only."""
+    import subprocess
+    import sys
+
+    slow = "import time\ntime.sleep(2)\n" + ADD
+    script = ("import sys; sys.path.insert(0, {root!r}); import sandbox\n"
+              "box = sandbox.Sandbox(workers=1)\n"
+              "print([v.status for v in box.run_many([sandbox.build_program(c, {tests!r}) for c in {programs!r}])])")
+    root = str(Path(__file__).resolve().parent.parent)
+    first = subprocess.Popen([sys.executable, "-c", script.format(root=root, tests=TESTS, programs=[slow])], stdout=subprocess.PIPE, text=True)
+    second = subprocess.run([sys.executable, "-c", script.format(root=root, tests=TESTS, programs=[ADD] * 6)], capture_output=True, text=True)
+    assert second.stdout.strip() == str(["passed"] * 6)
+    assert first.communicate(timeout=30)[0].strip() == "['passed']"
