@@ -6,7 +6,7 @@ the Trainer's log history (and so in each checkpoint's trainer_state.json), whic
 metrics.json and curves continue where the interrupted run stopped.
 
 Writes, in the run's folder (checkpoints/ by default):
-  metrics.json           the full history (step, epoch, losses, learning rate, gradient norm, tokens, tokens/s,
+  metrics.json           the full history (step, epoch, losses, learning rate, gradient norm, trained and all tokens and their rates,
                          memory, elapsed time) and the run's totals; rewritten atomically at every log
   training_curves.png    train and eval loss, learning rate; refreshed at every evaluation and at the end
   logs/                  TensorBoard event files: tensorboard --logdir checkpoints/logs
@@ -60,8 +60,8 @@ def loss_warning(losses: list[float]) -> str | None:
 
 def history_of(log_history: list[dict]) -> list[dict]:
     """The Trainer's log history reduced to the rows a user reads (train and eval logs)."""
-    keys = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_input_tokens_seen",
-            "tokens_per_second", "memory_gib", "elapsed_s")
+    keys = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_input_tokens_seen", "trained_tokens",
+            "tokens_per_second", "trained_tokens_per_second", "memory_gib", "elapsed_s")
     return [{key: entry[key] for key in keys if key in entry} for entry in log_history if "loss" in entry or "eval_loss" in entry]
 
 
@@ -69,17 +69,24 @@ def totals_of(history: list[dict], total_steps: int, finished: bool) -> dict:
     train = [row for row in history if "loss" in row]
     evals = [row for row in history if "eval_loss" in row]
     best = min(evals, key=lambda row: row["eval_loss"]) if evals else None
-    return {
+    totals = {
         "step": history[-1]["step"] if history else 0,
         "total_steps": total_steps,
         "finished": finished,
         "elapsed_s": max((row.get("elapsed_s", 0) for row in history), default=0),
         "tokens": max((row.get("num_input_tokens_seen", 0) for row in history), default=0),
+        "trained_tokens": max((row.get("trained_tokens", 0) for row in history), default=0),
         "last_train_loss": train[-1]["loss"] if train else None,
         "best_eval_loss": best["eval_loss"] if best else None,
         "best_eval_step": best["step"] if best else None,
         "peak_memory_gib": max((row.get("memory_gib", 0) for row in history), default=0),
     }
+    # Speeds over the whole run: totals divided by the time they took (evaluations included), never an average of
+    # per-log rates, which weighs a short interval as much as a long one.
+    seconds = totals["elapsed_s"]
+    totals["trained_tokens_per_second"] = round(totals["trained_tokens"] / seconds, 1) if seconds else 0.0
+    totals["tokens_per_second"] = round(totals["tokens"] / seconds, 1) if seconds else 0.0
+    return totals
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

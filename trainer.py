@@ -4,8 +4,9 @@ What it does beyond the stock Trainer, all in this file:
   * checkpoints are atomic: written into .staging-<step>/, renamed to checkpoint-<step>/ when complete, old ones
     rotated (--keep-last) only afterwards; each carries training_settings.json like the final adapter; the disk
     is checked for room first;
-  * every log also carries trained tokens per second, memory and elapsed time (console, TensorBoard,
-    metrics.json and the checkpoints' trainer_state.json all see them);
+  * every log also carries the tokens seen so far and per second since the last log, both trained (labelled:
+    the tokens the loss is computed on) and all (prompt and answer, no padding), memory and elapsed time
+    (console, TensorBoard, metrics.json and the checkpoints' trainer_state.json all see them);
   * RunMonitor replaces the stock log printer: readable lines, loss warnings, metrics.json, training_curves.png;
   * GracefulStop: the first Ctrl-C or SIGTERM finishes the optimiser step, saves a checkpoint and stops (every
     process after the same step); a second Ctrl-C stops at once.
@@ -53,17 +54,28 @@ class PipelineTrainer(Trainer):
         self._monitor_start = time.time()
         return super().train(*args, **kwargs)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Trained tokens: the positions the loss is computed on (a label after the first position, not -100),
+        # summed over every process, as the Trainer sums num_input_tokens_seen.
+        labelled = (inputs["labels"][:, 1:] != common.IGNORE_INDEX).sum().reshape(1).to(self.args.device)
+        self._trained_tokens = getattr(self, "_trained_tokens", 0) + int(self.accelerator.gather(labelled).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def log(self, logs, start_time=None):
         now = time.time()
         if not hasattr(self, "_elapsed_before"):  # first log of this session
-            # After a resume the history up to the checkpoint is restored: the clock continues from it.
+            # After a resume the history up to the checkpoint is restored: the clock and the count continue from it.
             self._elapsed_before = max((e.get("elapsed_s", 0.0) for e in self.state.log_history), default=0.0)
-            self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0))
+            trained_before = max((e.get("trained_tokens", 0) for e in self.state.log_history), default=0)
+            self._trained_tokens = trained_before + getattr(self, "_trained_tokens", 0)
+            self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0), trained_before)
         if "loss" in logs:
-            last_time, last_tokens = self._last_log
-            tokens = self.state.num_input_tokens_seen
-            logs["tokens_per_second"] = round((tokens - last_tokens) / max(now - last_time, 1e-9), 1)
-            self._last_log = (now, tokens)
+            last_time, last_tokens, last_trained = self._last_log
+            tokens, trained, seconds = self.state.num_input_tokens_seen, self._trained_tokens, max(now - last_time, 1e-9)
+            logs["trained_tokens"] = trained
+            logs["trained_tokens_per_second"] = round((trained - last_trained) / seconds, 1)
+            logs["tokens_per_second"] = round((tokens - last_tokens) / seconds, 1)
+            self._last_log = (now, tokens, trained)
             logs["memory_gib"] = round(monitoring.memory_in_use(), 3)
         logs["elapsed_s"] = round(now - self._monitor_start + self._elapsed_before, 1)
         super().log(logs, start_time)
@@ -184,7 +196,7 @@ class RunMonitor(ProgressCallback):
         eta = elapsed / done * (self.total_steps - state.global_step) if state.global_step else 0.0
         parts = [step, f"epoch {logs.get('epoch', state.epoch or 0):.2f}", f"loss {logs['loss']:.4f}",
                  f"lr {logs.get('learning_rate', 0):.2e}", f"grad norm {logs.get('grad_norm', float('nan')):.3f}",
-                 f"{logs.get('tokens_per_second', 0):,.0f} tok/s",
+                 f"{logs.get('trained_tokens_per_second', 0):,.0f} trained tok/s ({logs.get('tokens_per_second', 0):,.0f} all)",
                  f"{monitoring.memory_label()} {logs.get('memory_gib', 0):.2f} GiB",
                  f"{monitoring.format_seconds(elapsed)} elapsed", f"ETA {monitoring.format_seconds(eta)}"]
         return " · ".join(parts)

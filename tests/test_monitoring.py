@@ -30,7 +30,8 @@ def test_tensorboard_events_hold_the_loss_and_the_extra_scalars(trained_smoke):
     accumulator = EventAccumulator(str(events[0].parent))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
-    assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "train/tokens_per_second", "train/memory_gib"} <= tags
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "train/tokens_per_second",
+            "train/trained_tokens_per_second", "train/trained_tokens", "train/memory_gib"} <= tags
     assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
@@ -45,5 +46,25 @@ def test_training_log_lines_are_readable(demo_model, demo_prepared, tmp_path, ca
                        "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2", "--batch-size", "2", "--grad-accum", "1"]) == 0
     out = capsys.readouterr().out + capsys.readouterr().err
     line = next(line for line in out.splitlines() if line.startswith("step 2/2 · epoch"))
-    for part in ("loss ", "lr ", "grad norm ", "tok/s", "RAM ", "elapsed", "ETA"):
+    for part in ("loss ", "lr ", "grad norm ", "trained tok/s (", "all)", "RAM ", "elapsed", "ETA"):
         assert part in line, line
+
+
+def test_trained_tokens_are_the_labelled_ones_and_speeds_divide_totals_by_time(memorised):
+    """The memorisation run takes its 8 training problems in one batch per step: each step sees each once."""
+    from datasets import load_from_disk
+
+    import common
+
+    rows = load_from_disk(str(memorised["prepared"]))["train"]
+    assert len(rows) == 8
+    trained_per_step = sum(sum(label != common.IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
+    all_per_step = sum(len(row["input_ids"]) for row in rows)
+    metrics = json.loads((memorised["adapter"].parent / monitoring.METRICS).read_text())
+    train = [row for row in metrics["history"] if "loss" in row]
+    assert train and all(row["trained_tokens"] == row["step"] * trained_per_step for row in train)
+    assert all(row["num_input_tokens_seen"] == row["step"] * all_per_step for row in train)  # prompts too, no padding
+    assert all(0 < row["trained_tokens_per_second"] < row["tokens_per_second"] for row in train)
+    totals = metrics["totals"]
+    assert totals["trained_tokens"] == 150 * trained_per_step
+    assert totals["trained_tokens_per_second"] == round(totals["trained_tokens"] / totals["elapsed_s"], 1)

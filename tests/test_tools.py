@@ -1,5 +1,6 @@
 """The four tools in tools/: training dashboard, checkpoint manager, system check, GPU monitor."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ def test_dashboard_on_a_finished_run(trained_smoke, capsys):
     assert training_dashboard.main([str(trained_smoke)]) == 0
     out = capsys.readouterr().out
     assert "(finished)" in out and "4/4 steps (100%)" in out and "eval loss: best" in out and "trend:" in out
+    metrics = json.loads((trained_smoke / "metrics.json").read_text())["totals"]
+    assert f"{metrics['trained_tokens'] / metrics['elapsed_s']:,.0f} trained tok/s" in out  # totals over time
 
 
 def test_dashboard_without_metrics_says_what_to_do(tmp_path, capsys):

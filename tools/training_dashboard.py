@@ -67,9 +67,9 @@ def render(metrics: dict, source: Path) -> str:
                      f"{evals[-1]['eval_loss']:.4f} ({len(evals)} evaluations)")
     else:
         lines.append("eval loss: not computed yet")
-    speeds = [row["tokens_per_second"] for row in train if row.get("tokens_per_second")]
-    if speeds:
-        lines.append(f"speed: {sum(speeds) / len(speeds):,.0f} trained tok/s on average · {totals.get('tokens', 0):,} tokens so far")
+    if elapsed and totals.get("tokens"):  # totals over time, not an average of per-log rates
+        lines.append(f"speed: {totals.get('trained_tokens', 0) / elapsed:,.0f} trained tok/s, {totals['tokens'] / elapsed:,.0f} tok/s "
+                     f"in all (prompts included) · {totals.get('trained_tokens', 0):,} trained of {totals['tokens']:,} tokens so far")
     lines.append(f"peak memory: {totals.get('peak_memory_gib', 0):.2f} GiB")
     return "\n".join(lines)
 
