@@ -1,0 +1,334 @@
+"""Benchmark: the whole train.py process as a user runs it, against the standard loss and against TRL's SFTTrainer.
+
+Run:
+    pip install -r bench/requirements.txt             # TRL, for the peer; not needed by the pipeline
+    python bench/whole_run.py                         # every variant, ~12 minutes on a 2-core CPU
+    python bench/whole_run.py --variants project trl --steps 4
+
+Every variant is a process of its own, run one after the other on the same model folder and the same prepared
+problems: the Qwen2.5-Coder-0.5B architecture with random weights (built once, bf16 safetensors, no download),
+loaded in 4-bit NF4 with double quantisation, LoRA r=16 alpha 32 on every linear projection of the decoder blocks,
+gradient checkpointing, 8-bit AdamW (paged on CUDA), micro-batch 4 x accumulation 1, `--steps` optimiser steps,
+then an evaluation, a checkpoint and the final save, as train.py does with `--max-steps N --save-steps N`. The
+problems are MBPP-sized (420-512 tokens, the first 45 % a masked prompt), 4 per step, 4 held out.
+
+Variants:
+  project         train.py as a user runs it (chunked loss, and on CPU its own allocator settings)
+  standard        train.py --loss standard: the model's own loss, full-vocabulary logits
+  trl             TRL's SFTTrainer on the same tokens (completion-only loss), the same model, 4-bit config, LoRA
+                  targets and rank, batch, optimiser and gradient checkpointing; its memory options that exist on
+                  this hardware enabled (on CUDA: activation offloading; padding-free and Liger need FlashAttention
+                  and Triton kernels, absent here)
+  project-plain   train.py with glibc's allocator defaults (what it did before it tuned them), for the comparison
+  trl-tuned       TRL with the same allocator settings as train.py, set before the interpreter starts
+
+Reported per variant, from inside its process: the peak of each phase (model load and everything before the first
+step, the first step, the steady steps, evaluation, checkpoint save, final save) and of the whole process
+(resident memory on CPU, VmHWM reset at each phase boundary; on CUDA torch.cuda.max_memory_allocated and
+max_memory_reserved), trained tokens per second (labelled tokens, i.e. the loss's, over the training loop's wall
+time, evaluation and saves included), and the process's wall time. Prints a table and, last, one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+VARIANTS = ["project", "standard", "trl", "project-plain", "trl-tuned"]
+BATCH, MAX_LEN, EVAL_ROWS, PROMPT_SHARE = 4, 512, 4, 0.45
+PHASES = ["load", "first step", "steady steps", "evaluation", "checkpoint save", "final save"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared inputs: one model folder and one prepared_data folder, built once.
+
+
+def build_inputs(cache: Path, steps: int) -> tuple[Path, Path]:
+    """The random-weight Qwen2.5-Coder-0.5B folder (with the demo tokenizer, whose ids it covers) and prepared
+    problems in train.py's format, for `steps` steps."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_step import build_model_folder
+
+    import download_model
+
+    model_dir, data_dir = cache / "model", cache / f"prepared-{steps}"
+    build_model_folder(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        download_model.build_demo_tokenizer().save_pretrained(str(model_dir))
+    if (data_dir / common.PREPARED_STATS).is_file():
+        return model_dir, data_dir
+    from datasets import Dataset, DatasetDict
+
+    rng = random.Random(0)
+
+    def rows(n: int, prefix: str) -> list[dict]:
+        made = []
+        for i in range(n):
+            length = rng.randint(420, MAX_LEN)
+            ids = [rng.randrange(1, 1024) for _ in range(length)]
+            prompt = int(PROMPT_SHARE * length)
+            made.append({"task_id": f"{prefix}-{i}", "input_ids": ids, "attention_mask": [1] * length,
+                         "labels": [common.IGNORE_INDEX] * prompt + ids[prompt:], "length": length})
+        return made
+
+    splits = {"train": rows(steps * BATCH, "train"), "eval": rows(EVAL_ROWS, "eval")}
+    settings = {"format": "mbpp", "template": "tests", "max_length": MAX_LEN, "eval_fraction": 0.1, "seed": 0,
+                "model": common.model_id(model_dir), "data": "bench", "eos_token_id": 151643,
+                "tokenizer": common.tokenizer_fingerprint(model_dir)}
+    task_ids = {name: [row["task_id"] for row in split] for name, split in splits.items()}
+    stats = {"settings": settings, "rows": {name: len(split) for name, split in splits.items()}, "task_ids": task_ids,
+             "fingerprint": common.data_fingerprint(task_ids, settings)}
+    with common.atomic_output_dir(data_dir) as tmp:
+        DatasetDict({name: Dataset.from_list(split) for name, split in splits.items()}).save_to_disk(str(tmp))
+        common.write_json(tmp / common.PREPARED_STATS, stats)
+    return model_dir, data_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inside a variant's process: phase peaks, trained tokens, then the run itself.
+
+
+class Probe:
+    """Peaks per phase, read and reset at each phase boundary; trained tokens counted as the Trainer sees them."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.phases: dict[str, dict] = {}
+        self.trained_tokens, self.train_start, self.train_end = 0, None, None
+        self.started = time.time()
+        # Resident memory mixes anonymous memory (what must fit) with pages of files mapped from disk (the
+        # safetensors weights while they load), which the kernel can drop: the anonymous part is sampled too.
+        self.anon_peak = 0
+        if not self.cuda:
+            import threading
+
+            threading.Thread(target=self._sample_anonymous, daemon=True).start()
+
+    def _sample_anonymous(self) -> None:
+        while True:
+            self.anon_peak = max(self.anon_peak, status("RssAnon"))
+            time.sleep(0.005)
+
+    def close(self, phase: str) -> None:
+        """The peak since the last boundary belongs to `phase` (the highest, if the phase recurs)."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = {"allocated_gib": torch.cuda.max_memory_allocated() / common.GIB,
+                    "reserved_gib": torch.cuda.max_memory_reserved() / common.GIB}
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            peak = {"rss_gib": status("VmHWM") / common.GIB, "anon_gib": max(self.anon_peak, status("RssAnon")) / common.GIB}
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := the current resident size
+            self.anon_peak = 0
+        held = self.phases.setdefault(phase, {})
+        for key, value in peak.items():
+            held[key] = round(max(held.get(key, 0.0), value), 3)
+
+    def install(self) -> None:
+        """A callback in every Trainer of this process (train.py's and TRL's), and a count of trained tokens."""
+        import transformers.trainer as hf_trainer
+        from transformers import Trainer, TrainerCallback
+
+        probe = self
+
+        class PhaseCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                probe.close("load")
+                probe.train_start = time.time()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                probe.close("first step" if state.global_step == 1 else "steady steps")
+
+            def on_evaluate(self, args, state, control, **kwargs):
+                probe.close("evaluation")
+
+            def on_save(self, args, state, control, **kwargs):
+                probe.close("checkpoint save")
+
+            def on_train_end(self, args, state, control, **kwargs):
+                probe.train_end = time.time()
+
+        hf_trainer.DEFAULT_CALLBACKS.append(PhaseCallback)
+        training_step = Trainer.training_step
+
+        def counted(trainer, model, inputs, num_items_in_batch=None):
+            probe.trained_tokens += int((inputs["labels"][:, 1:] != common.IGNORE_INDEX).sum())
+            return training_step(trainer, model, inputs, num_items_in_batch)
+
+        Trainer.training_step = counted
+        atexit.register(self.report)
+
+    def report(self) -> None:
+        self.close("final save")  # what ran after training: the final evaluation and save
+        key = "allocated_gib" if self.cuda else "rss_gib"
+        result = {"phases": self.phases, "peak_gib": max(phase[key] for phase in self.phases.values()),
+                  "device": "cuda" if self.cuda else "cpu", "trained_tokens": self.trained_tokens,
+                  "train_s": round((self.train_end or time.time()) - (self.train_start or self.started), 1),
+                  "wall_s": round(time.time() - self.started, 1)}
+        if self.cuda:
+            result["peak_reserved_gib"] = max(phase["reserved_gib"] for phase in self.phases.values())
+        else:
+            result["peak_anon_gib"] = max(phase["anon_gib"] for phase in self.phases.values())
+        result["trained_tokens_per_s"] = round(result["trained_tokens"] / max(result["train_s"], 1e-9), 1)
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_project(model_dir: Path, data_dir: Path, out: Path, steps: int, loss: str) -> int:
+    import train
+
+    return train.main(["--model", str(model_dir), "--data", str(data_dir), "--out", str(out), "--max-steps", str(steps),
+                       "--save-steps", str(steps), "--batch-size", str(BATCH), "--grad-accum", "1", "--loss", loss,
+                       "--logging-steps", "1", "--overwrite"])
+
+
+def run_trl(model_dir: Path, data_dir: Path, out: Path, steps: int) -> int:
+    """TRL's SFTTrainer with the settings train.py uses, on the same tokens: the answer tokens are its completion."""
+    import torch
+    from datasets import load_from_disk
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    common.quiet_libraries()
+    choice = common.pick_device()
+    data = load_from_disk(str(data_dir))
+
+    def as_completion(split):
+        return split.map(lambda row: {"completion_mask": [int(label != common.IGNORE_INDEX) for label in row["labels"]]},
+                         remove_columns=["labels", "task_id", "length", "attention_mask"])
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=choice.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=choice.dtype, quantization_config=quantization,
+                                                 device_map={"": choice.device})
+    cuda = choice.device == "cuda"
+    config = SFTConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
+        gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05,
+        optim="paged_adamw_8bit" if cuda else "adamw_8bit", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, eval_strategy="steps", eval_steps=steps,
+        save_strategy="steps", save_steps=steps, logging_steps=1, report_to="none", bf16=cuda and choice.dtype == torch.bfloat16,
+        fp16=cuda and choice.dtype == torch.float16, use_cpu=not cuda, max_length=MAX_LEN, completion_only_loss=True,
+        activation_offloading=cuda, dataloader_num_workers=0, seed=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=as_completion(data["train"]), eval_dataset=as_completion(data["eval"]),
+                         peft_config=lora, processing_class=common.load_tokenizer(model_dir))
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    return 0
+
+
+def child(variant: str, model_dir: Path, data_dir: Path, steps: int) -> int:
+    probe = Probe()
+    probe.install()
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
+    try:
+        if variant.startswith("trl"):
+            return run_trl(model_dir, data_dir, out, steps)
+        return run_project(model_dir, data_dir, out, steps, "standard" if variant == "standard" else "chunked")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parent: one process per variant, one after the other, and the table.
+
+
+def variant_env(variant: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    if variant == "project-plain":
+        env["PIPELINE_GLIBC_DEFAULTS"] = "1"  # train.py leaves glibc's allocator settings alone
+    if variant == "trl-tuned":
+        import train
+
+        env["MALLOC_MMAP_THRESHOLD_"] = str(train.GLIBC_MMAP_THRESHOLD)  # what train.py sets, given to TRL by its environment
+    return env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--steps", type=common.positive(int), default=2, help="optimiser steps per run (default: %(default)s)")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "qwen2.5-coder-0.5b-random"),
+                        help="folder for the random-weight model and the prepared problems (default: %(default)s)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for every variant's process (experiments, e.g. MALLOC_ARENA_MAX=2)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant in this process
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cache = Path(args.cache)
+    model_dir, data_dir = build_inputs(cache, args.steps)
+    if args.child:
+        return child(args.child, model_dir, data_dir, args.steps)
+    results = {}
+    for variant in args.variants:
+        print(f"running {variant} ...", flush=True)
+        done = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--cache", str(cache)],
+                              capture_output=True, text=True, cwd=ROOT,
+                              env={**variant_env(variant), **dict(item.split("=", 1) for item in args.env)})
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            print(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        results[variant] = json.loads(lines[-1][len("RESULT "):])
+    print_table(results)
+    print(json.dumps(results))
+    return 0
+
+
+def print_table(results: dict[str, dict]) -> None:
+    first = next(iter(results.values()))
+    unit = "peak RSS GiB" if first["device"] == "cpu" else "peak allocated GiB"
+    key = "rss_gib" if first["device"] == "cpu" else "allocated_gib"
+    print(f"\ndevice: {first['device']}; Qwen2.5-Coder-0.5B architecture, random weights, 4-bit NF4, LoRA r=16, "
+          f"micro-batch {BATCH} x 420-512 tokens; {unit} by phase")
+    print(f"{'variant':14s}" + "".join(f"{phase:>16s}" for phase in PHASES) + f"{'whole run':>11s}{'trained tok/s':>15s}{'wall s':>8s}")
+    for variant, r in results.items():
+        cells = "".join(f"{r['phases'].get(phase, {}).get(key, float('nan')):16.2f}" for phase in PHASES)
+        print(f"{variant:14s}{cells}{r['peak_gib']:11.2f}{r['trained_tokens_per_s']:15.1f}{r['wall_s']:8.0f}")
+    base = results.get("standard")
+    if base:
+        print("\nratios to the standard loss (peak, trained tok/s): " + ", ".join(
+            f"{v} {r['peak_gib'] / base['peak_gib']:.2f}x, {r['trained_tokens_per_s'] / base['trained_tokens_per_s']:.2f}x"
+            for v, r in results.items() if v != "standard"))
+    peer = results.get("trl")
+    if peer:
+        print("ratios to TRL (peak, trained tok/s): " + ", ".join(
+            f"{v} {r['peak_gib'] / peer['peak_gib']:.2f}x, {r['trained_tokens_per_s'] / peer['trained_tokens_per_s']:.2f}x"
+            for v, r in results.items() if v != "trl"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
