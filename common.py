@@ -26,6 +26,7 @@ DATA_DIR = "data"
 PREPARED_DIR = "prepared_data"
 CHECKPOINTS_DIR = "checkpoints"
 RESULTS_DIR = "results"
+EXPORT_DIR = "export"
 FINAL_ADAPTER = "final"  # checkpoints/final/
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -39,6 +40,7 @@ DOWNLOAD_INFO = "download_info.json"  # in model/ and data/: where they came fro
 PREPARED_STATS = "stats.json"  # in prepared_data/: its settings (template, max length, model) and counts
 RUN_SETTINGS = "run_settings.json"  # in checkpoints/: the settings of the run that owns the folder
 TRAINING_SETTINGS = "training_settings.json"  # in checkpoints/final/ and every checkpoint-N/: what made the adapter
+EXPORT_SETTINGS = "export_settings.json"  # in export/: the template, base model and adapter of a merged model
 ADAPTER_CONFIG = "adapter_config.json"  # peft's files in an adapter folder
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # any one of them

@@ -161,11 +161,12 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
     from tqdm.auto import tqdm
 
     jobs = [(p, index, text) for p in problems for index, text in enumerate(completions.get(p["task_id"], []))]
-    programs = [sandbox.build_program(*formats.program(p, text)) for p, _, text in jobs]
+    # A model that answers in Markdown is scored on the code of its fenced block, as evaluation harnesses do.
+    programs = [sandbox.build_program(*formats.program(p, inference.extract_code(text))) for p, _, text in jobs]
     with tqdm(total=len(programs), desc=f"testing {label}", unit="candidate") as bar:
         verdicts = box.run_many(programs, progress=bar.update)
-    return [{"task_id": p["task_id"], "sample": index, "completion": text, "status": v.status,
-             "message": v.message, "seconds": round(v.seconds, 3)} for (p, index, text), v in zip(jobs, verdicts)]
+    return [{"task_id": p["task_id"], "sample": index, "completion": text, "code": inference.extract_code(text),
+             "status": v.status, "message": v.message, "seconds": round(v.seconds, 3)} for (p, index, text), v in zip(jobs, verdicts)]
 
 
 def generate_completions(model, tokenizer, problems: list[dict], fmt: str, template: str, num_samples: int, args) -> dict[str, list[str]]:
@@ -180,16 +181,29 @@ def reported_ks(models: dict[str, dict]) -> list[int]:
     return [k for k in (1, 5, 10, 20, 50, 100) if all(f"pass@{k}" in result for result in models.values())]
 
 
-def refuse_trained_problems(adapter: Path, problems: list[dict], data_dir: str) -> None:
-    """A held-out score means nothing for problems the adapter was trained on (data prepared again with
-    another seed or fraction after training, or a benchmark it was trained on): refuse, naming them."""
-    trained = set(inference.adapter_settings(adapter).get("prepared_stats", {}).get("task_ids", {}).get("train", []))
+def refuse_trained_problems(settings: dict, name: str, problems: list[dict], data_dir: str) -> None:
+    """A held-out score means nothing for problems the model was trained on (data prepared again with another
+    seed or fraction after training, or a benchmark it was trained on): refuse, naming them. `settings`: the
+    training settings of the adapter (or the export settings of a merged model) called `name`."""
+    trained = set(settings.get("prepared_stats", {}).get("task_ids", {}).get("train", []))
     seen = [p["task_id"] for p in problems if p["task_id"] in trained]
     if seen:
-        raise StageError(f"{adapter}/ was trained on {len(seen)} of these {len(problems)} problems "
+        raise StageError(f"{name}/ was trained on {len(seen)} of these {len(problems)} problems "
                          f"({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}), so their score measures memory, not "
                          f"skill: evaluate on problems it did not train on (if {data_dir}/ was prepared again after training, "
                          f"on the data it was trained with), or pass --allow-trained-problems")
+
+
+def base_label(model_dir: str) -> str:
+    """How the model without an adapter is named in the results: "merged" for an export.py folder, else "base"."""
+    return "merged" if inference.export_settings(model_dir) else "base"
+
+
+def trained_settings(adapter: Path | None, model_dir: str) -> tuple[dict, str]:
+    """The training record that says which problems were trained on: the adapter's, else a merged model's."""
+    if adapter is not None:
+        return inference.adapter_settings(adapter), str(adapter)
+    return inference.export_settings(model_dir), model_dir
 
 
 def samples_to_score(asked: int | None, completions: dict[str, list[str]] | None, source: str | None) -> int:
@@ -241,7 +255,7 @@ def plot(models: dict[str, dict], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
-    parser.add_argument("--model", default=common.MODEL_DIR, help="base model folder (default: %(default)s)")
+    parser.add_argument("--model", default=common.MODEL_DIR, help="base model folder, or a merged model from export.py (default: %(default)s)")
     parser.add_argument("--adapter", default=None, help="adapter folder (default: checkpoints/final if it exists)")
     parser.add_argument("--base-only", action="store_true", help="evaluate the base model alone")
     parser.add_argument("--compare-base", action="store_true", help="evaluate the base model and the adapter, same problems and settings")
@@ -338,16 +352,16 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         record("completions", completions, {"completions": str(Path(args.completions).resolve())}, 0.0, missing)
     else:
-        adapter = inference.resolve_adapter(args.adapter, args.base_only)
-        trained_with = inference.adapter_template(adapter, default=template)
+        adapter = inference.resolve_adapter(args.adapter, args.base_only, args.model)
+        trained_with = inference.adapter_template(adapter, default=template, model_dir=args.model)
         if args.benchmark and adapter is not None and trained_with != template and not args.template:
             print(f"note: the adapter was trained with the '{trained_with}' template; the {args.benchmark} benchmark prompts "
                   f"its own way ('{template}'); pass --template {trained_with} to prompt as trained")
         template = template if args.benchmark or args.template else trained_with
         if template == "chat":
             problems = [formats.as_chat(p) for p in problems]  # the answer is the whole function
-        if adapter is not None and (args.benchmark or args.split != "train") and not args.allow_trained_problems:
-            refuse_trained_problems(adapter, problems, args.data or common.PREPARED_DIR)
+        if (args.benchmark or args.split != "train") and not args.allow_trained_problems and not args.base_only:
+            refuse_trained_problems(*trained_settings(adapter, args.model), problems, args.data or common.PREPARED_DIR)
         base_id = common.model_id(args.model)
         choice = common.pick_device()
         tokenizer = common.load_tokenizer(args.model)
@@ -356,7 +370,7 @@ def main(argv=None) -> int:
         if adapter is None or args.compare_base:
             started = time.time()
             completions = generate_completions(model, tokenizer, problems, fmt, template, num_samples, args)
-            record("base", completions, {"model": base_id}, time.time() - started)
+            record(base_label(args.model), completions, {"model": base_id}, time.time() - started)
         if adapter is not None:
             model = inference.attach_adapter(model, adapter, args.model)
             started = time.time()
@@ -414,10 +428,11 @@ def evaluate_by_loss(args, fmt: str, template: str | None) -> int:
     data_dir = args.data or common.PREPARED_DIR
     rows = load_from_disk(data_dir)[args.split]
     rows = rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
-    adapter = inference.resolve_adapter(args.adapter, args.base_only)
-    template = template or inference.adapter_template(adapter, default=common.prepared_settings(data_dir)["template"])
-    if adapter is not None and args.split != "train" and not args.allow_trained_problems:
-        refuse_trained_problems(adapter, [{"task_id": task} for task in common.prepared_stats(data_dir)["task_ids"][args.split]], data_dir)
+    adapter = inference.resolve_adapter(args.adapter, args.base_only, args.model)
+    template = template or inference.adapter_template(adapter, default=common.prepared_settings(data_dir)["template"], model_dir=args.model)
+    if args.split != "train" and not args.allow_trained_problems and not args.base_only:
+        held_out = [{"task_id": task} for task in common.prepared_stats(data_dir)["task_ids"][args.split]]
+        refuse_trained_problems(*trained_settings(adapter, args.model), held_out, data_dir)
     why = f"no pass@k: {fmt} data has no tests to run; reporting the held-out loss (lower is better)" + \
           (" and sample answers" if fmt == "instruction" else "")
     print(why)
@@ -426,7 +441,7 @@ def evaluate_by_loss(args, fmt: str, template: str | None) -> int:
     model = inference.load_for_inference(args.model, None, choice, common.use_4bit(choice, args.no_4bit))
     shown = [dict(row) for row in rows.select(range(min(SAMPLES_SHOWN, len(rows))))] if fmt == "instruction" else []
     models, all_rows = {}, {}
-    for label in (["base"] if adapter is None or args.compare_base else []) + (["fine-tuned"] if adapter is not None else []):
+    for label in ([base_label(args.model)] if adapter is None or args.compare_base else []) + (["fine-tuned"] if adapter is not None else []):
         if label == "fine-tuned":
             model = inference.attach_adapter(model, adapter, args.model)
         started = time.time()

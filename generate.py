@@ -27,7 +27,7 @@ import inference
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=common.MODEL_DIR, help="base model folder (default: %(default)s)")
+    parser.add_argument("--model", default=common.MODEL_DIR, help="base model folder, or a merged model from export.py (default: %(default)s)")
     parser.add_argument("--adapter", default=None, help="adapter folder (default: checkpoints/final if it exists)")
     parser.add_argument("--base-only", action="store_true", help="use the base model without the adapter")
     parser.add_argument("--prompt", default=None, help="the task description; without it, tasks are read from standard input")
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     common.fail_on_problems(problems)
 
     common.quiet_libraries()
-    adapter = inference.resolve_adapter(args.adapter, args.base_only)
-    template = inference.adapter_template(adapter)
+    adapter = inference.resolve_adapter(args.adapter, args.base_only, args.model)
+    template = inference.adapter_template(adapter, model_dir=args.model)
     choice = common.pick_device()
     tokenizer = common.load_tokenizer(args.model)
     model = inference.load_for_inference(args.model, adapter, choice, common.use_4bit(choice, args.no_4bit, say=lambda m: print(m, file=sys.stderr)))

@@ -33,13 +33,51 @@ def stop_token_ids(tokenizer, template: str) -> list[int]:
     return sorted(set(ids))
 
 
-def cut_at_stop(text: str, template: str = common.DEFAULT_TEMPLATE) -> str:
-    """Cut generated text at the first stop sequence."""
+def find_stop(text: str, template: str = common.DEFAULT_TEMPLATE) -> int | None:
+    """Where a completion ends: the first stop sequence of the template in `text`, which must be the generated
+    text alone (a prompt's final newline followed by an answer that starts with ``` or assert is not a stop). A
+    fence line ends a completion only when it closes a block the completion opened, never at the opening fence."""
+    found = None
     for stop in stop_sequences(template):
-        index = text.find(stop)
-        if index != -1:
-            text = text[:index]
-    return text
+        start = 0
+        while (index := text.find(stop, start)) != -1:
+            if stop != "\n```" or text[:index].count("```") % 2 == 1:
+                found = index if found is None else min(found, index)
+                break
+            start = index + 1
+    return found
+
+
+def cut_at_stop(text: str, template: str = common.DEFAULT_TEMPLATE) -> str:
+    """Generated text cut at its first stop sequence (see find_stop)."""
+    index = find_stop(text, template)
+    return text if index is None else text[:index]
+
+
+def extract_code(completion: str) -> str:
+    """The code to run from a completion: the first fenced block's content when the model answered in Markdown
+    (```python ... ```, ``` ... ```, with prose around it or a fence left unclosed), else the completion as it is."""
+    start = completion.find("```")
+    if start == -1:
+        return completion
+    body = completion[start + 3:]
+    body = body.split("\n", 1)[1] if "\n" in body else ""  # the rest of the fence line is its language tag
+    end = body.find("```")
+    return (body if end == -1 else body[:end]).rstrip() + "\n"
+
+
+def stop_criteria(tokenizer, template: str, prompt_length: int):
+    """A transformers StoppingCriteria that ends each row at a stop sequence of its own generated text: the
+    prompt's tokens (from `prompt_length` on, everything is generated) are never looked at."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopInCompletion(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_length:], skip_special_tokens=True)
+            return torch.tensor([find_stop(text, template) is not None for text in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopInCompletion()])
 
 
 def adapter_settings(adapter_dir: str | Path) -> dict:
@@ -55,11 +93,18 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
     return common.read_json(path) if path.is_file() else {}
 
 
-def adapter_template(adapter_dir: str | Path | None, default: str = common.DEFAULT_TEMPLATE) -> str:
-    """The prompt template an adapter was trained with, so that it is prompted the same way; `default` without one."""
-    if adapter_dir is None:
-        return default
-    return adapter_settings(adapter_dir).get("template", default)
+def adapter_template(adapter_dir: str | Path | None, default: str = common.DEFAULT_TEMPLATE, model_dir: str | Path | None = None) -> str:
+    """The prompt template an adapter was trained with, so that it is prompted the same way; without an adapter,
+    that of a merged model (export.py's export_settings.json in `model_dir`), else `default`."""
+    if adapter_dir is not None:
+        return adapter_settings(adapter_dir).get("template", default)
+    return export_settings(model_dir).get("template", default) if model_dir is not None else default
+
+
+def export_settings(model_dir: str | Path) -> dict:
+    """export_settings.json of a model folder that export.py wrote (a base with its adapter merged in), or {}."""
+    path = Path(model_dir) / common.EXPORT_SETTINGS
+    return common.read_json(path) if path.is_file() else {}
 
 
 def base_model_problem(settings: dict, model_dir: str | Path) -> str | None:
@@ -73,13 +118,17 @@ def base_model_problem(settings: dict, model_dir: str | Path) -> str | None:
     return None
 
 
-def resolve_adapter(requested: str | None, base_only: bool = False) -> Path | None:
-    """The adapter to use: the one asked for, else checkpoints/final/ when it exists, else none (base model)."""
+def resolve_adapter(requested: str | None, base_only: bool = False, model_dir: str | Path | None = None) -> Path | None:
+    """The adapter to use: the one asked for, else checkpoints/final/ when it exists, else none (base model). A
+    merged model (export.py) already holds its adapter: none is added unless asked for."""
     if base_only:
         return None
     if requested:
         adapter_settings(requested)  # fails with a clear line when it is not a finished adapter
         return Path(requested)
+    if model_dir is not None and export_settings(model_dir):
+        print(f"note: {model_dir}/ is a merged model (export.py): its adapter is already in its weights")
+        return None
     default = Path(common.CHECKPOINTS_DIR) / common.FINAL_ADAPTER
     if (default / common.ADAPTER_CONFIG).is_file():
         return default
@@ -116,15 +165,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     {"completion": text cut at EOS or a stop sequence, "stopped": whether it ended by itself}.
 
     Prompts are batched with left padding (so every row's next token is at the end) and decoded with the KV
-    cache; a row stops at EOS (or a chat template's end of turn) or at a stop sequence of the template, such
-    as a new "Task:" line.
+    cache; a row stops at EOS (or a chat template's end of turn) or at a stop sequence of the template in the
+    text it generated (never across the prompt boundary), such as a new "Task:" line.
     """
     import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    stop_ids, stops = stop_token_ids(tokenizer, template), stop_sequences(template)
+    stop_ids = stop_token_ids(tokenizer, template)
     jobs = [(index, common.encode_prompt(tokenizer, prompt)) for index, prompt in enumerate(prompts) for _ in range(num_samples)]
     # Similar lengths in one batch waste less compute on padding; results are put back in order below.
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
@@ -136,11 +185,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         longest = max(len(ids) for _, ids in chunk)
         input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for _, ids in chunk], device=device)
         attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for _, ids in chunk], device=device)
+        stops = stop_criteria(tokenizer, template, longest) if stop_sequences(template) else None
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids, pad_token_id=pad_id,
-                stop_strings=stops or None, tokenizer=tokenizer, **sampling,
+                eos_token_id=stop_ids, pad_token_id=pad_id, stopping_criteria=stops, **sampling,
             )
         for (index, _), row in zip(chunk, output[:, longest:].tolist()):
             ended_at_eos = any(token in stop_ids for token in row)

@@ -1,4 +1,5 @@
-"""Run every stage in order: download_model -> download_dataset -> prepare_data -> train -> verify_model -> evaluate.
+"""Run every stage in order: download_model -> download_dataset -> prepare_data -> train -> verify_model -> evaluate
+-> export.
 
 Run:
     python run_pipeline.py --demo                 # offline demo on the CPU, about a minute
@@ -9,8 +10,8 @@ Any other flag goes to every stage that has it (--force to both downloads, --see
 --max-steps to train, ...). Folder flags (--model, --data, --out) mean a different folder in each stage, so the
 pipeline always uses the default folders; run the stages one by one to use others.
 
-Reads/writes: model/, data/, prepared_data/, checkpoints/, results/ (see each stage's header).
-Needs:  every stage file above, and what each of them needs (common.py, inference.py, checkpoints.py,
+Reads/writes: model/, data/, prepared_data/, checkpoints/, results/, export/ (see each stage's header).
+Needs:  every stage file above, and what each of them needs (common.py, formats.py, inference.py, checkpoints.py,
         monitoring.py, trainer.py, chunked_loss.py, sandbox.py)
 """
 
@@ -24,7 +25,7 @@ import time
 import common
 from common import StageError
 
-STAGES = ["download_model", "download_dataset", "prepare_data", "train", "verify_model", "evaluate"]
+STAGES = ["download_model", "download_dataset", "prepare_data", "train", "verify_model", "evaluate", "export"]
 FOLDER_FLAGS = {"--model", "--data", "--out", "--adapter"}
 # The demo model is tiny and the demo data has 46 training problems: a larger learning rate and more epochs
 # than the real run's let it visibly learn in well under a minute on a CPU. Flags given by the user win.
@@ -64,8 +65,10 @@ def stage_argv(stage: str, flags: set[str], groups: dict[str, list[str]], demo: 
     if stage in ("verify_model", "evaluate"):
         chosen["--adapter"] = [f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}"]
     if stage == "evaluate":
-        # The pipeline's results/ shows this run's evaluation: the stage line printed below says it replaces it.
-        chosen["--compare-base"], chosen["--overwrite"] = [], []
+        chosen["--compare-base"] = []
+    if stage in ("evaluate", "export"):
+        # The pipeline's results/ and export/ hold this run's: the stage line printed below says it replaces them.
+        chosen["--overwrite"] = []
     argv = []
     for flag, values in chosen.items():
         if flag in flags:
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
             print(f"\nstopped: {stage}.py failed (exit {code}); fix the problem above and rerun (finished stages are skipped)", file=sys.stderr)
             return code
     print(f"\n✓ pipeline finished in {time.time() - started:.0f}s; the adapter is in {common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}/, "
-          f"the evaluation in {common.RESULTS_DIR}/; try: python generate.py --prompt \"Write a function to ...\"")
+          f"the evaluation in {common.RESULTS_DIR}/, the merged model in {common.EXPORT_DIR}/; "
+          f"try: python generate.py --prompt \"Write a function to ...\"")
     return 0
 
 

@@ -7,7 +7,7 @@ Run:
 Reads:  model/ (download_model.py), optionally an adapter folder (train.py)
 Writes: nothing; prints one ✓ or ✗ line per check and exits 0 only when every check passes
 Needs:  common.py, inference.py
-Next:   evaluate.py (does the fine-tune write better code?)
+Next:   evaluate.py (does the fine-tune write better code?), export.py (one merged model to use anywhere)
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from conftest import one_error_line
 
 import common
 import evaluate
+import inference
 
 
 @pytest.mark.parametrize("n, c, k, expected", [
@@ -124,3 +125,67 @@ def test_fine_tuned_beats_base_on_the_memorised_problems(memorised, tmp_path, ca
     table = capsys.readouterr().out
     assert "| base |" in table and "| fine-tuned |" in table
     assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}
+
+
+SOLUTION = "def add(a, b):\n    return a + b"
+
+
+@pytest.mark.parametrize("completion", [
+    SOLUTION,  # bare code
+    f"```python\n{SOLUTION}\n```",  # fenced
+    f"Here is the function:\n\n```python\n{SOLUTION}\n```\n\nIt adds the two numbers.",  # fenced, prose around it
+    f"```\n{SOLUTION}\n```",  # fenced without a language
+    f"```python\n{SOLUTION}\n",  # a fence the token limit left open
+])
+def test_the_code_that_runs_is_extracted_from_every_common_answer_shape(completion):
+    import sandbox
+
+    code = inference.extract_code(completion)
+    assert code.strip() == SOLUTION
+    program = sandbox.build_program(code, ["assert add(1, 2) == 3"])
+    assert sandbox.Sandbox(workers=1).run(program).status == "passed"
+
+
+@pytest.mark.parametrize("stop", inference.STOP_SEQUENCES)
+def test_an_answer_may_start_with_a_stop_sequence(stop):
+    """Stop sequences match only inside the generated text: a prompt ends with a newline, and an answer that
+    starts with ``` or `assert` (or `print(`, `if __name__`, `Task:`) is not cut to nothing."""
+    answer = stop.lstrip("\n") + "python\n" + SOLUTION if stop == "\n```" else stop.lstrip("\n") + "x\n" + SOLUTION
+    assert inference.cut_at_stop(answer).startswith(stop.lstrip("\n"))
+
+
+def test_an_opening_fence_is_kept_and_a_closing_one_ends_the_answer():
+    answer = f"Sure:\n```python\n{SOLUTION}\n```\nassert add(1, 2) == 3\n"
+    assert inference.cut_at_stop(answer) == f"Sure:\n```python\n{SOLUTION}"
+    assert inference.cut_at_stop(f"{SOLUTION}\nassert add(1, 2) == 3") == SOLUTION  # the model's own tests are cut
+    assert inference.cut_at_stop(f"{SOLUTION}\n\n\ndef main():\n    pass", "code") == f"{SOLUTION}\n\n"
+
+
+def test_generation_stops_are_looked_for_in_the_completion_only(demo_model):
+    """The stop criterion given to model.generate never sees the prompt: a prompt ending in a newline followed
+    by a generated ``` is not a stop, a generated newline and ``` after an opened fence is."""
+    import torch
+
+    tokenizer = common.load_tokenizer(demo_model)
+    prompt = common.encode_prompt(tokenizer, common.format_prompt("tests", "Add two numbers.", ["assert add(1, 2) == 3"]))
+    criteria = inference.stop_criteria(tokenizer, "tests", len(prompt))
+
+    def stopped(generated: str) -> bool:
+        ids = prompt + tokenizer(generated, add_special_tokens=False)["input_ids"]
+        return bool(criteria(torch.tensor([ids]), None)[0])
+
+    assert not stopped("```") and not stopped("assert add(1, 2) == 3") and not stopped("```python\ndef add(a, b):")
+    assert stopped("```python\ndef add(a, b):\n    return a + b\n```") and stopped("def add(a, b):\n    return a + b\nassert ")
+
+
+def test_a_fenced_correct_solution_passes_evaluation(demo_prepared, tmp_path):
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(demo_prepared))["eval"]
+    completions = tmp_path / "fenced.jsonl"
+    completions.write_text("".join(json.dumps({"task_id": row["task_id"], "completion": f"Here you go:\n```python\n{row['code']}\n```\nDone."}) + "\n"
+                                   for row in rows))
+    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]["pass@1"] == 1.0
+    scored = [json.loads(line) for line in (tmp_path / "r" / "completions.jsonl").read_text().splitlines()]
+    assert all(row["completion"].startswith("Here you go:") and row["code"].startswith("def ") for row in scored)

@@ -34,5 +34,6 @@ def test_demo_pipeline_runs_every_stage_offline(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "all checks passed" in out and "pipeline finished" in out
     assert "| fine-tuned |" in out
-    for folder in (common.MODEL_DIR, common.DATA_DIR, common.PREPARED_DIR, f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}", common.RESULTS_DIR):
+    for folder in (common.MODEL_DIR, common.DATA_DIR, common.PREPARED_DIR, f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}", common.RESULTS_DIR,
+                   common.EXPORT_DIR):
         assert (tmp_path / folder).is_dir()

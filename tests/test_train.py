@@ -130,7 +130,7 @@ def test_help_imports_no_torch():
     import subprocess
     import sys
 
-    modules = ["train", "prepare_data", "download_model", "download_dataset", "verify_model", "evaluate", "generate",
+    modules = ["train", "prepare_data", "download_model", "download_dataset", "verify_model", "evaluate", "export", "generate",
                "run_pipeline", "common", "formats", "inference", "checkpoints", "monitoring", "sandbox"]
     probe = ("import sys; sys.path[:0] = ['.', 'tools']\n"
              f"for name in {modules + ['checkpoint_manager', 'training_dashboard', 'gpu_monitor', 'system_check']!r}:\n"
