@@ -44,9 +44,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import common  # noqa: E402
+from train_step import build_model_folder, read_status  # noqa: E402  (the same model, the same /proc reading)
 
 VARIANTS = ["project", "standard", "trl", "project-plain", "trl-tuned"]
 BATCH, MAX_LEN, EVAL_ROWS, PROMPT_SHARE = 4, 512, 4, 0.45
@@ -61,9 +62,6 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def build_inputs(cache: Path, steps: int) -> tuple[Path, Path]:
     """The random-weight Qwen2.5-Coder-0.5B folder (with the demo tokenizer, whose ids it covers) and prepared
     problems in train.py's format, for `steps` steps."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from train_step import build_model_folder
-
     import download_model
 
     model_dir, data_dir = cache / "model", cache / f"prepared-{steps}"
@@ -123,7 +121,7 @@ class Probe:
 
     def _sample_anonymous(self) -> None:
         while True:
-            self.anon_peak = max(self.anon_peak, status("RssAnon"))
+            self.anon_peak = max(self.anon_peak, read_status("RssAnon"))
             time.sleep(0.005)
 
     def close(self, phase: str) -> None:
@@ -136,7 +134,7 @@ class Probe:
                     "reserved_gib": torch.cuda.max_memory_reserved() / common.GIB}
             torch.cuda.reset_peak_memory_stats()
         else:
-            peak = {"rss_gib": status("VmHWM") / common.GIB, "anon_gib": max(self.anon_peak, status("RssAnon")) / common.GIB}
+            peak = {"rss_gib": read_status("VmHWM") / common.GIB, "anon_gib": max(self.anon_peak, read_status("RssAnon")) / common.GIB}
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := the current resident size
             self.anon_peak = 0
@@ -191,14 +189,6 @@ class Probe:
             result["peak_anon_gib"] = max(phase["anon_gib"] for phase in self.phases.values())
         result["trained_tokens_per_s"] = round(result["trained_tokens"] / max(result["train_s"], 1e-9), 1)
         print("RESULT " + json.dumps(result), flush=True)
-
-
-def status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def run_project(model_dir: Path, data_dir: Path, out: Path, steps: int, loss: str) -> int:
