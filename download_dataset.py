@@ -36,17 +36,22 @@ def file_type(path: Path) -> str:
     return "".join(suffixes) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
 
 
+def builder_for(path: Path) -> str:
+    """The datasets builder that reads a local file ('json' or 'parquet'), or one line naming the file types."""
+    kind = file_type(path)
+    if kind not in LOCAL_FORMATS:
+        raise StageError(f"{path}: unsupported file type {kind or 'without a suffix'!r}; use .json, .jsonl, .parquet, "
+                         f".jsonl.gz or .json.gz")
+    return LOCAL_FORMATS[kind]
+
+
 def load_local(path: Path):
     from datasets import load_dataset
 
-    kind = file_type(path)
-    builder = LOCAL_FORMATS.get(kind)
-    if builder is None:
-        raise StageError(f"{path}: unsupported file type {kind or 'without a suffix'!r}; use .json, .jsonl, .parquet, "
-                         f".jsonl.gz or .json.gz")
+    builder = builder_for(path)
     if path.stat().st_size == 0:
         raise StageError(f"{path} is empty: it holds no problems")
-    if kind.startswith(".jsonl"):
+    if file_type(path).startswith(".jsonl"):
         check_json_lines(path)
     try:
         return load_dataset(builder, data_files=str(path))
@@ -90,18 +95,8 @@ def load_from_hub(name: str, config: str | None, revision: str | None, check_onl
         raise StageError(f"loading {name} failed: {common.short_error(error)}", common.EXIT_FAILED) from None
 
 
-def record_stream(out: Path, identity: dict, local: Path | None, force: bool) -> int:
+def record_stream(out: Path, identity: dict) -> int:
     """--streaming: check that the source answers and show its first row's columns; write only download_info.json."""
-    if local is not None:
-        kind = file_type(local)
-        if kind not in LOCAL_FORMATS:
-            raise StageError(f"{local}: unsupported file type {kind!r}; use .json, .jsonl, .parquet, .jsonl.gz or .json.gz")
-        identity["builder"] = LOCAL_FORMATS[kind]
-    identity["streaming"] = True
-    held = common.read_json(out / common.DOWNLOAD_INFO) if (out / common.DOWNLOAD_INFO).is_file() else {}
-    if common.skip_download(out, force, bool(held), held.get("dataset"), held == identity, identity["dataset"], "dataset"):
-        return 0
-    common.quiet_libraries()
     if identity["source"] == "hub":
         load_from_hub(identity["dataset"], identity["config"], identity["revision"], check_only=True)
     first = next(iter(common.open_stream(identity)), None)
@@ -152,7 +147,7 @@ def main(argv=None) -> int:
     identity = {"source": "demo" if args.demo else ("local" if is_local else "hub"),
                 "dataset": str(local.resolve()) if is_local else source, "config": args.config, "revision": args.revision}
     if args.streaming:
-        return record_stream(out, identity, local if is_local else None, args.force)
+        identity.update(streaming=True, **({"builder": builder_for(local)} if is_local else {}))
 
     info_path = out / common.DOWNLOAD_INFO
     held = common.read_json(info_path) if info_path.is_file() else {}
@@ -161,6 +156,8 @@ def main(argv=None) -> int:
         return 0
 
     common.quiet_libraries()
+    if args.streaming:
+        return record_stream(out, identity)
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the bars of a sub-second save are noise

@@ -160,13 +160,13 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
     """Run every completion against its problem's asserts; one row per candidate."""
     from tqdm.auto import tqdm
 
-    jobs = [(p, index, text) for p in problems for index, text in enumerate(completions.get(p["task_id"], []))]
     # A model that answers in Markdown is scored on the code of its fenced block, as evaluation harnesses do.
-    programs = [sandbox.build_program(*formats.program(p, inference.extract_code(text))) for p, _, text in jobs]
+    jobs = [(p, index, text, inference.extract_code(text)) for p in problems for index, text in enumerate(completions.get(p["task_id"], []))]
+    programs = [sandbox.build_program(*formats.program(p, code)) for p, _, _, code in jobs]
     with tqdm(total=len(programs), desc=f"testing {label}", unit="candidate") as bar:
         verdicts = box.run_many(programs, progress=bar.update)
-    return [{"task_id": p["task_id"], "sample": index, "completion": text, "code": inference.extract_code(text),
-             "status": v.status, "message": v.message, "seconds": round(v.seconds, 3)} for (p, index, text), v in zip(jobs, verdicts)]
+    return [{"task_id": p["task_id"], "sample": index, "completion": text, "code": code,
+             "status": v.status, "message": v.message, "seconds": round(v.seconds, 3)} for (p, index, text, code), v in zip(jobs, verdicts)]
 
 
 def generate_completions(model, tokenizer, problems: list[dict], fmt: str, template: str, num_samples: int, args) -> dict[str, list[str]]:
@@ -304,8 +304,9 @@ def check_args(args) -> None:
     common.fail_on_problems(problems)
 
 
-def load_source(args) -> tuple[list[dict], str, str | None, str]:
-    """The problems to score, their data shape, the template asked for (None: the adapter's), and where they are from."""
+def load_source(args) -> tuple[list[dict], str, str, str]:
+    """The problems to score, their data shape, the template to prompt with unless an adapter says otherwise (the
+    one asked for, the benchmark's convention, or the prepared data's), and where they are from."""
     if args.benchmark:
         data_dir = args.data or common.DATA_DIR
         problems, where = benchmark_problems(args.benchmark, data_dir)
@@ -314,10 +315,11 @@ def load_source(args) -> tuple[list[dict], str, str | None, str]:
         return problems, fmt, args.template or convention, where
     data_dir = args.data or common.PREPARED_DIR
     problems = load_problems(data_dir, args.split, args.limit)
-    fmt = common.prepared_settings(data_dir).get("format", "mbpp")  # data prepared before the data shapes existed is MBPP
+    settings = common.prepared_settings(data_dir)
+    fmt = settings.get("format", "mbpp")  # data prepared before the data shapes existed is MBPP
     if args.template and args.template not in formats.TEMPLATES_FOR[fmt]:
         raise StageError(f"--template {args.template} does not fit {fmt} data: choose one of {', '.join(formats.TEMPLATES_FOR[fmt])}")
-    return problems, fmt, args.template, f"{data_dir}/ ({args.split} split)"
+    return problems, fmt, args.template or settings["template"], f"{data_dir}/ ({args.split} split)"
 
 
 @common.report_errors
@@ -328,9 +330,6 @@ def main(argv=None) -> int:
     problems, fmt, template, where = load_source(args)
     if not formats.HAS_TESTS[fmt]:
         return evaluate_by_loss(args, fmt, template)
-    data_dir = args.data or common.PREPARED_DIR
-    if template is None:
-        template = common.prepared_settings(data_dir)["template"]
     box = sandbox.Sandbox(sandbox.Limits(timeout=args.timeout, memory_mb=args.memory_mb), workers=args.workers)
     completions = read_completions(args.completions, problems) if args.completions else None
     num_samples = samples_to_score(args.num_samples, completions, args.completions)
@@ -420,7 +419,7 @@ def mean_loss(model, rows, pad_id: int, batch_size: int) -> float:
     return total / max(1, tokens)
 
 
-def evaluate_by_loss(args, fmt: str, template: str | None) -> int:
+def evaluate_by_loss(args, fmt: str, template: str) -> int:
     from datasets import load_from_disk
 
     if args.completions:
@@ -429,7 +428,7 @@ def evaluate_by_loss(args, fmt: str, template: str | None) -> int:
     rows = load_from_disk(data_dir)[args.split]
     rows = rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
     adapter = inference.resolve_adapter(args.adapter, args.base_only, args.model)
-    template = template or inference.adapter_template(adapter, default=common.prepared_settings(data_dir)["template"], model_dir=args.model)
+    template = args.template or inference.adapter_template(adapter, default=template, model_dir=args.model)
     if args.split != "train" and not args.allow_trained_problems and not args.base_only:
         held_out = [{"task_id": task} for task in common.prepared_stats(data_dir)["task_ids"][args.split]]
         refuse_trained_problems(*trained_settings(adapter, args.model), held_out, data_dir)
@@ -460,7 +459,7 @@ def evaluate_by_loss(args, fmt: str, template: str | None) -> int:
     write_results(args.out, {"settings": settings, "models": models}, all_rows, table,
                   lambda path: plot_losses(models, path / LOSS_PLOT_NAME))
     print("\n" + table)
-    for row in all_rows.get("fine-tuned", all_rows.get("base", []))[:2]:
+    for row in list(all_rows.values())[-1][:2]:  # the fine-tuned model's answers, else the only model's
         print(f"--- {row['task'][:70]!r}\n{row['completion'][:300]}")
     files = ", ".join([f"{label}.jsonl" for label in all_rows if all_rows[label]] + ["summary.json", TABLE_NAME, LOSS_PLOT_NAME])
     print(f"✓ results in {args.out}/ ({files})")

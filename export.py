@@ -24,7 +24,6 @@ model and the adapter, so that generate.py and evaluate.py prompt the exported m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -70,11 +69,7 @@ def check_prompts(data_dir: Path, template: str, tokenizer) -> list[str]:
             problems = [{"code_prefix": "", **row} for row in rows.select(range(min(CHECK_PROMPTS, len(rows))))]
             return [formats.prompt_for(fmt, problem, template, tokenizer) for problem in problems]
         return [tokenizer.decode(row["input_ids"][:64]) for row in rows.select(range(min(CHECK_PROMPTS, len(rows))))]
-    with open(common.DEMO_PROBLEMS, encoding="utf-8") as f:
-        problems = [json.loads(line) for line in f][:CHECK_PROMPTS]
-    if template in ("code", "none"):
-        return [f"def {p['code'].split('def ', 1)[1].split(':', 1)[0]}:\n" for p in problems]
-    return [common.format_prompt(template, p["text"], p["test_list"], tokenizer) for p in problems]
+    return [prompt for _, prompt in inference.bundled_prompts(template, tokenizer, CHECK_PROMPTS)]
 
 
 def check_args(args) -> None:

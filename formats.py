@@ -137,17 +137,23 @@ def prompt_for(fmt: str, problem: dict, template: str, tokenizer=None) -> str:
 
 
 def pack_blocks(texts, tokenizer, block: int):
-    """Raw text as causal-LM training blocks: every file's tokens then EOS, joined and cut every `block` tokens
-    (the last block may be shorter), every token trained; nothing dropped, nothing padded. Lazy: `texts` may be
-    a stream larger than memory."""
-    stream: list[int] = []
-    for text in texts:
-        stream += common.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
-        while len(stream) >= block:
-            ids, stream = stream[:block], stream[block:]
-            yield {"input_ids": ids, "attention_mask": [1] * block, "labels": list(ids), "length": block}
-    if stream:
-        yield {"input_ids": stream, "attention_mask": [1] * len(stream), "labels": list(stream), "length": len(stream)}
+    """Raw text as causal-LM training blocks, numbered block-0, block-1, ...: every file's tokens then EOS, joined
+    and cut every `block` tokens (the last block may be shorter), every token trained; nothing padded, and only
+    rows that are not text (empty, missing) skipped. Lazy: `texts` may be a stream larger than memory."""
+    def token_blocks():
+        stream: list[int] = []
+        for text in texts:
+            if isinstance(text, str) and text.strip():
+                stream += common.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
+            while len(stream) >= block:
+                yield stream[:block]
+                stream = stream[block:]
+        if stream:
+            yield stream
+
+    for number, ids in enumerate(token_blocks()):
+        yield {"task_id": f"block-{number}", "input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids),
+               "length": len(ids)}
 
 
 def as_chat(problem: dict) -> dict:

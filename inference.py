@@ -80,6 +80,21 @@ def stop_criteria(tokenizer, template: str, prompt_length: int):
     return StoppingCriteriaList([StopInCompletion()])
 
 
+def bundled_prompts(template: str, tokenizer, count: int) -> list[tuple[str, str]]:
+    """(title, prompt) of the first `count` bundled problems in the shape a model was trained on: task texts with
+    their asserts, or the same problems as code to complete (HumanEval-style, assets/examples/) for models trained
+    on HumanEval or raw code. For smoke tests where no prepared data is at hand."""
+    import gzip
+    import json
+
+    if template in ("code", "none"):
+        with gzip.open(common.REPO_ROOT / "assets" / "examples" / "humaneval_style.jsonl.gz", "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f][:count]
+        return [(row["entry_point"], common.format_prompt(template, row["prompt"])) for row in rows]
+    problems = [json.loads(line) for line in common.DEMO_PROBLEMS.read_text(encoding="utf-8").splitlines()[:count]]
+    return [(p["text"], common.format_prompt(template, p["text"], p["test_list"], tokenizer)) for p in problems]
+
+
 def adapter_settings(adapter_dir: str | Path) -> dict:
     """The training settings saved with an adapter (template, base model, LoRA and run settings); train.py writes
     them into checkpoints/final/ and into every checkpoint-N/. Fails with one line when it is not an adapter."""

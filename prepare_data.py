@@ -74,11 +74,6 @@ def encode_problems(problems: list[dict], tokenizer, fmt: str, template: str, ma
     return kept, dropped
 
 
-def pack_text(texts, tokenizer, block: int) -> list[dict]:
-    """The blocks of formats.pack_blocks, numbered."""
-    return [{"task_id": f"block-{n}", **row} for n, row in enumerate(formats.pack_blocks(texts, tokenizer, block))]
-
-
 def stub_of(code: str) -> str | None:
     """The same program with every function body replaced by `pass` (a do-nothing answer), or None when it has
     no function to empty (or does not parse)."""
@@ -161,8 +156,7 @@ def prepare_stream(args, source: dict, tokenizer) -> int:
         raise StageError(f"{source['dataset']} has only {len(held_out)} files, all held out by --eval-files "
                          f"{args.eval_files}: lower it, or download it without --streaming")
     column = formats.columns_for("text", list(held_out[0]))["code"]
-    blocks = pack_text([row[column] for row in held_out if isinstance(row[column], str) and row[column].strip()],
-                       tokenizer, args.max_length)
+    blocks = list(formats.pack_blocks((row[column] for row in held_out), tokenizer, args.max_length))
     settings = {"format": "text", "template": "none", "max_length": args.max_length, "eval_files": args.eval_files,
                 "seed": args.seed, "model": common.model_id(args.model), "data": source["dataset"],
                 "eos_token_id": tokenizer.eos_token_id, "tokenizer": common.tokenizer_fingerprint(args.model),
@@ -255,7 +249,7 @@ def main(argv=None) -> int:
             raise StageError(f"--eval-fraction {args.eval_fraction} leaves no problem for the {name} split "
                              f"({len(problems)} problems in all): choose a fraction between them")
         if fmt == "text":
-            kept, dropped = pack_text((p["code"] for p in members), tokenizer, args.max_length), []
+            kept, dropped = list(formats.pack_blocks((p["code"] for p in members), tokenizer, args.max_length)), []
             task_ids[name] = [p["task_id"] for p in members]  # the files of each split, not the blocks
         else:
             kept, dropped = encode_problems(members, tokenizer, fmt, template, args.max_length)

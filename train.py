@@ -483,9 +483,7 @@ def streamed_blocks(stream: dict, tokenizer, block: int):
 
     def blocks():
         rows = common.open_stream(stream["source"]).skip(stream["skip_files"])
-        texts = (row[stream["column"]] for row in rows if isinstance(row[stream["column"]], str) and row[stream["column"]].strip())
-        for number, block_row in enumerate(formats.pack_blocks(texts, tokenizer, block)):
-            yield {"task_id": f"block-{number}", **block_row}
+        yield from formats.pack_blocks((row[stream["column"]] for row in rows), tokenizer, block)
 
     return IterableDataset.from_generator(blocks)
 

@@ -78,8 +78,11 @@ def test_gpu_monitor_once_without_a_gpu(capsys):
     assert ("no NVIDIA GPU found" in out and "RAM:" in out) or out.startswith("GPU 0")
 
 
-def test_checkpoint_manager_prompts_in_the_shape_the_adapter_was_trained_on():
-    code = checkpoint_manager.test_prompts("code", None)  # HumanEval-style adapters continue code
+def test_bundled_prompts_in_the_shape_the_adapter_was_trained_on():
+    """checkpoint_manager's `test` and export.py's self-check (without prepared data) prompt with these."""
+    import inference
+
+    code = inference.bundled_prompts("code", None, checkpoint_manager.TEST_PROBLEMS)  # HumanEval-style adapters continue code
     assert len(code) == checkpoint_manager.TEST_PROBLEMS and all(prompt.startswith("def ") and '"""' in prompt for _, prompt in code)
-    tasks = checkpoint_manager.test_prompts("tests", None)
+    tasks = inference.bundled_prompts("tests", None, checkpoint_manager.TEST_PROBLEMS)
     assert all(prompt.startswith("Task: ") and "assert " in prompt for _, prompt in tasks)

@@ -15,7 +15,6 @@ Needs:  common.py, checkpoints.py, inference.py (from the folder above)
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import sys
@@ -112,24 +111,13 @@ def command_delete(run: Path, path: Path) -> int:
     return 0
 
 
-def test_prompts(template: str, tokenizer) -> list[tuple[str, str]]:
-    """(title, prompt) of the first bundled problems, in the shape the adapter was trained on: task texts with
-    their asserts, or the same problems as code to complete for adapters trained on HumanEval or raw code."""
-    if template in ("code", "none"):
-        with gzip.open(common.REPO_ROOT / "assets" / "examples" / "humaneval_style.jsonl.gz", "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f][:TEST_PROBLEMS]
-        return [(row["entry_point"], common.format_prompt(template, row["prompt"])) for row in rows]
-    problems = [json.loads(line) for line in common.DEMO_PROBLEMS.read_text().splitlines()[:TEST_PROBLEMS]]
-    return [(p["text"], common.format_prompt(template, p["text"], p["test_list"], tokenizer)) for p in problems]
-
-
 def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> int:
     template = inference.adapter_template(path)  # also a clear line when it is not an adapter
     common.require_model_dir(model_dir)
     common.quiet_libraries()
     choice = common.pick_device()
     tokenizer = common.load_tokenizer(model_dir)
-    titles, prompts = zip(*test_prompts(template, tokenizer))
+    titles, prompts = zip(*inference.bundled_prompts(template, tokenizer, TEST_PROBLEMS))
     model = inference.load_for_inference(model_dir, None, choice, common.use_4bit(choice, no_4bit=False))
     base = inference.generate(model, tokenizer, list(prompts), max_new_tokens, template=template)
     tuned = inference.generate(inference.attach_adapter(model, path, model_dir), tokenizer, list(prompts), max_new_tokens, template=template)
