@@ -40,6 +40,7 @@ class PipelineTrainer(Trainer):
 
     def __init__(self, *args, run_dir: Path, total_steps: int, settings: dict, trainable_params: int, **kwargs):
         self.run_dir, self.settings, self.trainable_params = Path(run_dir), settings, trainable_params
+        self._trained_tokens = 0  # labelled tokens trained on, over every process (see training_step)
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(self.run_dir / monitoring.LOGS)
         self.stop = GracefulStop()
@@ -58,7 +59,7 @@ class PipelineTrainer(Trainer):
         # Trained tokens: the positions the loss is computed on (a label after the first position, not -100),
         # summed over every process, as the Trainer sums num_input_tokens_seen.
         labelled = (inputs["labels"][:, 1:] != common.IGNORE_INDEX).sum().reshape(1).to(self.args.device)
-        self._trained_tokens = getattr(self, "_trained_tokens", 0) + int(self.accelerator.gather(labelled).sum())
+        self._trained_tokens += int(self.accelerator.gather(labelled).sum())
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs, start_time=None):
@@ -67,7 +68,7 @@ class PipelineTrainer(Trainer):
             # After a resume the history up to the checkpoint is restored: the clock and the count continue from it.
             self._elapsed_before = max((e.get("elapsed_s", 0.0) for e in self.state.log_history), default=0.0)
             trained_before = max((e.get("trained_tokens", 0) for e in self.state.log_history), default=0)
-            self._trained_tokens = trained_before + getattr(self, "_trained_tokens", 0)
+            self._trained_tokens += trained_before
             self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0), trained_before)
         if "loss" in logs:
             last_time, last_tokens, last_trained = self._last_log
