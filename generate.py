@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     choice = common.pick_device()
     tokenizer = common.load_tokenizer(args.model)
     model = inference.load_for_inference(args.model, adapter, choice, common.use_4bit(choice, args.no_4bit, say=lambda m: print(m, file=sys.stderr)))
-    print(f"model: {args.model}/" + (f" + {adapter}/" if adapter else " (base)") + f" · template '{template}' · {choice.device}", file=sys.stderr)
+    which = f" + {adapter}/" if adapter else (" (merged)" if inference.export_settings(args.model) else " (base)")
+    print(f"model: {args.model}/{which} · template '{template}' · {choice.device}", file=sys.stderr)
 
     def complete(task: str) -> str:
         prompt = common.format_prompt(template, task, args.test, tokenizer)

@@ -6,6 +6,7 @@ Needs:  common.py. Nothing heavy is imported at module level.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import common
@@ -142,12 +143,12 @@ def resolve_adapter(requested: str | None, base_only: bool = False, model_dir: s
         adapter_settings(requested)  # fails with a clear line when it is not a finished adapter
         return Path(requested)
     if model_dir is not None and export_settings(model_dir):
-        print(f"note: {model_dir}/ is a merged model (export.py): its adapter is already in its weights")
+        print(f"note: {model_dir}/ is a merged model (export.py): its adapter is already in its weights", file=sys.stderr)
         return None
     default = Path(common.CHECKPOINTS_DIR) / common.FINAL_ADAPTER
     if (default / common.ADAPTER_CONFIG).is_file():
         return default
-    print(f"note: no adapter given and {default}/ does not exist: using the base model alone")
+    print(f"note: no adapter given and {default}/ does not exist: using the base model alone", file=sys.stderr)
     return None
 
 
