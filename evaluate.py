@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -230,6 +231,30 @@ def markdown_table(models: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def problem_name(problem: dict) -> str:
+    """A short name to list a problem by: its task id and the function its reference solution defines."""
+    found = re.search(r"def\s+(\w+)", problem["code"]) or re.search(r"def\s+(\w+)", problem["task"])
+    return f"{problem['task_id']} {found.group(1)}" if found else problem["task_id"]
+
+
+def changed_problems(problems: list[dict], before: list[dict], after: list[dict]) -> dict[str, list[str]]:
+    """The problems one model solves (any sample passed) and the other does not: what a fine-tune gained and lost,
+    which a pass@1 of a few problems alone does not say."""
+    solved = lambda rows: {row["task_id"] for row in rows if row["status"] == "passed"}  # noqa: E731
+    was, now = solved(before), solved(after)
+    return {"gained": [problem_name(p) for p in problems if p["task_id"] in now - was],
+            "lost": [problem_name(p) for p in problems if p["task_id"] in was - now]}
+
+
+def describe_changes(changes: dict[str, list[str]], before: str, after: str, shown: int = 10) -> str:
+    listed = lambda names: ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")  # noqa: E731
+    lines = [f"{after} solves {len(changes['gained'])} problem(s) that {before} does not"
+             + (f": {listed(changes['gained'])}" if changes["gained"] else "")]
+    if changes["lost"]:
+        lines.append(f"{before} solves {len(changes['lost'])} problem(s) that {after} does not: {listed(changes['lost'])}")
+    return "\n".join(lines) + "\n"
+
+
 def plot(models: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -377,10 +402,16 @@ def main(argv=None) -> int:
             record("fine-tuned", completions, {"model": base_id, "adapter": str(adapter.resolve())}, time.time() - started)
 
     table = markdown_table(models)
+    summary = {}
+    if len(all_rows) == 2:  # base (or merged) and fine-tuned: name the problems that changed
+        before, after = all_rows
+        summary["changes"] = changed_problems(problems, all_rows[before], all_rows[after])
+        table += "\n" + describe_changes(summary["changes"], before, after)
     settings = {key: getattr(args, key) for key in ("split", "limit", "benchmark", "temperature", "max_new_tokens", "timeout", "memory_mb")}
     settings.update(num_samples=num_samples, workers=box.workers, template=template, format=fmt, problems_from=where,
                     sandbox_user="unprivileged uid per worker" if box.drop_privileges else "the current user")
-    write_results(args.out, {"settings": settings, "models": models}, all_rows, table, lambda path: plot(models, path / PLOT_NAME))
+    write_results(args.out, {"settings": settings, "models": models, **summary}, all_rows, table,
+                  lambda path: plot(models, path / PLOT_NAME))
     print("\n" + table)
     print(f"✓ every candidate's verdict in {args.out}/ ({', '.join(f'{label}.jsonl' for label in all_rows)}, summary.json, {TABLE_NAME}, {PLOT_NAME})")
     return 0

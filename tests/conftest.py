@@ -17,12 +17,12 @@ import common  # noqa: E402
 import download_dataset  # noqa: E402
 import download_model  # noqa: E402
 import prepare_data  # noqa: E402
+import run_pipeline  # noqa: E402
 import train  # noqa: E402
 
-# The memorisation run: short problems, a learning rate and step count measured to reach 8/8 exact
-# completions (loss ~0.01) on the demo model; the test asks for 7/8.
-MEMORISE_PROBLEMS = 10  # eval fraction 0.2 -> 8 training problems
-MEMORISE_ARGS = ["--max-steps", "150", "--lr", "3e-3", "--batch-size", "8", "--grad-accum", "1", "--save-steps", "1000", "--logging-steps", "50"]
+# assets/demo_problems.jsonl: 9001-9051 are unrelated problems, 9052-9087 the string family (six operations x six
+# names) whose held-out members the demo fine-tune learns to solve.
+FIRST_FAMILY_ID = 9052
 
 
 def demo_problems() -> list[dict]:
@@ -90,15 +90,16 @@ def trained_smoke(tmp_path_factory, demo_model, demo_prepared) -> Path:
     return out
 
 
+def in_family(task_id: str) -> bool:
+    return int(task_id) >= FIRST_FAMILY_ID
+
+
 @pytest.fixture(scope="session")
-def memorised(tmp_path_factory, demo_model) -> dict:
-    """The demo model fine-tuned with 4-bit QLoRA until it reproduces 8 short problems."""
-    root = tmp_path_factory.mktemp("memorise")
-    shortest = sorted(demo_problems(), key=lambda p: len(p["code"]) + len(" ".join(p["test_list"])))[:MEMORISE_PROBLEMS]
-    source = write_jsonl(root / "problems.jsonl", shortest)
-    assert download_dataset.main(["--dataset", str(source), "--out", str(root / "data")]) == 0
-    assert prepare_data.main(["--data", str(root / "data"), "--model", str(demo_model), "--out", str(root / "prepared"),
-                              "--eval-fraction", "0.2"]) == 0
-    assert train.main(["--model", str(demo_model), "--data", str(root / "prepared"), "--out", str(root / "checkpoints"),
-                       *MEMORISE_ARGS]) == 0
-    return {"model": demo_model, "prepared": root / "prepared", "adapter": root / "checkpoints" / common.FINAL_ADAPTER}
+def demo_trained(tmp_path_factory, demo_model, demo_prepared) -> dict:
+    """The demo's fine-tune: 4-bit QLoRA with run_pipeline.py --demo's settings on the demo data (200 steps, 20
+    epochs of 10 steps), one log line per epoch."""
+    out = tmp_path_factory.mktemp("demo-run") / "checkpoints"
+    demo_flags = [token for flag, values in run_pipeline.DEMO_DEFAULTS["train"].items() for token in (flag, *values)]
+    assert train.main(["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(out), *demo_flags,
+                       "--save-steps", "1000", "--logging-steps", "10"]) == 0
+    return {"model": demo_model, "prepared": demo_prepared, "adapter": out / common.FINAL_ADAPTER}

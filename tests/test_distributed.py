@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def runs(demo_model, demo_prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     common_flags = ["--model", str(demo_model), "--data", str(demo_prepared), "--grad-accum", "1", "--lr", "2e-3",
-                    "--epochs", "3", "--save-steps", "1000", "--logging-steps", "1"]
+                    "--max-steps", "36", "--save-steps", "1000", "--logging-steps", "1"]
     # The 2-process run evaluates and saves a checkpoint every 6 of its 36 steps: both ranks keep training after.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -59,7 +59,8 @@ def test_each_process_saw_a_different_half_of_the_data(runs, demo_prepared):
     # The recording also holds the final evaluation's batches: keep the training examples.
     seen0 = [t for t in json.loads((runs["root"] / "rank0.json").read_text())["seen"] if t in train_ids]
     seen1 = [t for t in json.loads((runs["root"] / "rank1.json").read_text())["seen"] if t in train_ids]
-    assert abs(len(seen0) - len(seen1)) <= 2 and len(seen0) + len(seen1) >= 3 * len(train_ids)  # 3 epochs
+    # 36 steps of 2 examples each, together more than an epoch (the loader may fetch one batch ahead)
+    assert len(seen0) == len(seen1) and 36 * 2 <= len(seen0) <= 37 * 2
     first_epoch0, first_epoch1 = set(seen0[: len(train_ids) // 2]), set(seen1[: len(train_ids) // 2])
     assert len(first_epoch0 & first_epoch1) <= 2  # at most the examples repeated to even out the last batch
     assert set(seen0) | set(seen1) == train_ids
@@ -73,7 +74,8 @@ def test_loss_falls_as_in_a_single_process_run_with_the_same_effective_batch(run
     two, one = train_losses(runs["two"]), train_losses(runs["one"])
     assert len(two) == len(one)  # same number of optimiser steps
     assert two[-1] < 0.8 * two[0] and one[-1] < 0.8 * one[0]
-    assert abs(two[-1] - one[-1]) < 0.15 * one[-1]
+    late_two, late_one = sum(two[-6:]) / 6, sum(one[-6:]) / 6  # one step's loss depends on its batch's problems
+    assert abs(late_two - late_one) < 0.15 * late_one
 
 
 def saved_sums(adapter_dir: Path) -> dict[str, float]:

@@ -112,21 +112,6 @@ def test_bad_completions_and_flags_are_refused(demo_prepared, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_fine_tuned_beats_base_on_the_memorised_problems(memorised, tmp_path, capsys):
-    out = tmp_path / "results"
-    code = evaluate.main(["--model", str(memorised["model"]), "--adapter", str(memorised["adapter"]),
-                          "--data", str(memorised["prepared"]), "--split", "train", "--compare-base",
-                          "--max-new-tokens", "160", "--out", str(out)])
-    assert code == 0
-    models = json.loads((out / "summary.json").read_text())["models"]
-    assert models["fine-tuned"]["problems"] == 8 and models["fine-tuned"]["pass@1"] >= 7 / 8
-    assert models["base"]["pass@1"] < models["fine-tuned"]["pass@1"]
-    assert models["fine-tuned"]["identity"]["adapter"] == str(memorised["adapter"].resolve())
-    table = capsys.readouterr().out
-    assert "| base |" in table and "| fine-tuned |" in table
-    assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}
-
-
 SOLUTION = "def add(a, b):\n    return a + b"
 
 

@@ -1,24 +1,24 @@
 import io
 
-from conftest import one_error_line
+from conftest import in_family, one_error_line
 
 import generate
 
 
-def test_prompt_flag_prints_the_memorised_solution(memorised, capsys):
+def test_prompt_flag_prints_the_learned_solution(demo_trained, capsys):
     from datasets import load_from_disk
 
-    row = load_from_disk(str(memorised["prepared"]))["train"][0]
-    args = ["--model", str(memorised["model"]), "--adapter", str(memorised["adapter"]), "--prompt", row["task"]]
+    row = next(row for row in load_from_disk(str(demo_trained["prepared"]))["train"] if in_family(row["task_id"]))
+    args = ["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--prompt", row["task"]]
     for test in row["tests"]:
         args += ["--test", test]
     assert generate.main(args) == 0
     assert capsys.readouterr().out.strip() == row["code"]
 
 
-def test_tasks_are_read_line_by_line_from_stdin(memorised, monkeypatch, capsys):
+def test_tasks_are_read_line_by_line_from_stdin(demo_trained, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("Write a function to add.\n\nWrite a function to subtract.\n"))
-    assert generate.main(["--model", str(memorised["model"]), "--adapter", str(memorised["adapter"]), "--max-new-tokens", "8"]) == 0
+    assert generate.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     # Not interactive: each completion is followed by one empty line, and the blank input line is skipped.
     assert out.endswith("\n\n") and len([block for block in out.split("\n\n") if block.strip()]) == 2, out

@@ -50,21 +50,21 @@ def test_training_log_lines_are_readable(demo_model, demo_prepared, tmp_path, ca
         assert part in line, line
 
 
-def test_trained_tokens_are_the_labelled_ones_and_speeds_divide_totals_by_time(memorised):
-    """The memorisation run takes its 8 training problems in one batch per step: each step sees each once."""
+def test_trained_tokens_are_the_labelled_ones_and_speeds_divide_totals_by_time(demo_trained):
+    """The demo run logs once per epoch (10 steps of 8, the last of 6): by then it has seen every problem once more."""
     from datasets import load_from_disk
 
     import common
 
-    rows = load_from_disk(str(memorised["prepared"]))["train"]
-    assert len(rows) == 8
-    trained_per_step = sum(sum(label != common.IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
-    all_per_step = sum(len(row["input_ids"]) for row in rows)
-    metrics = json.loads((memorised["adapter"].parent / monitoring.METRICS).read_text())
+    rows = load_from_disk(str(demo_trained["prepared"]))["train"]
+    assert len(rows) == 78
+    trained_per_epoch = sum(sum(label != common.IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
+    all_per_epoch = sum(len(row["input_ids"]) for row in rows)
+    metrics = json.loads((demo_trained["adapter"].parent / monitoring.METRICS).read_text())
     train = [row for row in metrics["history"] if "loss" in row]
-    assert train and all(row["trained_tokens"] == row["step"] * trained_per_step for row in train)
-    assert all(row["num_input_tokens_seen"] == row["step"] * all_per_step for row in train)  # prompts too, no padding
+    assert len(train) == 20 and all(row["trained_tokens"] == row["step"] // 10 * trained_per_epoch for row in train)
+    assert all(row["num_input_tokens_seen"] == row["step"] // 10 * all_per_epoch for row in train)  # prompts too, no padding
     assert all(0 < row["trained_tokens_per_second"] < row["tokens_per_second"] for row in train)
     totals = metrics["totals"]
-    assert totals["trained_tokens"] == 150 * trained_per_step
+    assert totals["trained_tokens"] == 20 * trained_per_epoch
     assert totals["trained_tokens_per_second"] == round(totals["trained_tokens"] / totals["elapsed_s"], 1)
