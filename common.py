@@ -283,6 +283,15 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_fingerprint(path: str | Path, *extra: object) -> str:
+    """A short hash of a file's bytes (and of `extra` settings): a copy made from an older version is noticed."""
+    digest = hashlib.sha256(repr(extra).encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def require_model_dir(path: str | Path) -> Path:
     problem = model_folder_problem(path)
     if problem:

@@ -5,7 +5,7 @@ Run:
     python download_dataset.py --dataset mbpp           # the original MBPP, train/validation/test/prompt splits
     python download_dataset.py --dataset my_tasks.jsonl # a local .json, .jsonl or .parquet file (.jsonl.gz, .json.gz too)
     python download_dataset.py --dataset HumanEval.jsonl.gz    # any data shape prepare_data.py knows (see formats.py)
-    python download_dataset.py --demo                   # the 51 problems bundled in assets/, offline
+    python download_dataset.py --demo                   # the 87 problems bundled in assets/, offline
     python download_dataset.py --dataset codeparrot/codeparrot-clean --streaming   # raw code larger than memory
 
 Reads:  the Hugging Face Hub, a local file, or assets/demo_problems.jsonl
@@ -148,10 +148,18 @@ def main(argv=None) -> int:
                 "dataset": str(local.resolve()) if is_local else source, "config": args.config, "revision": args.revision}
     if args.streaming:
         identity.update(streaming=True, **({"builder": builder_for(local)} if is_local else {}))
+    elif is_local:
+        identity["content"] = common.file_fingerprint(local)  # an edited file is not the copy data/ holds
 
     info_path = out / common.DOWNLOAD_INFO
     held = common.read_json(info_path) if info_path.is_file() else {}
     complete = bool(held) and ((out / "dataset_dict.json").is_file() or held.get("streaming", False))  # a streamed source is complete as recorded
+    if complete and "content" in identity and held.get("dataset") == identity["dataset"] and held.get("content") != identity["content"]:
+        if args.demo:  # the project's own problems, updated with the code: nothing of the user's is replaced
+            print(f"{out}/ holds an older version of the demo problems: replacing it")
+        elif not args.force:
+            raise StageError(f"{local} has changed since {out}/ was made from it: pass --force to copy it again")
+        args.force = True
     if common.skip_download(out, args.force, complete, held.get("dataset"), held == identity, identity["dataset"], "dataset"):
         return 0
 

@@ -207,7 +207,15 @@ def build_demo_model(out: Path, tokenizer, family: str = "qwen2", seed: int = 0)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    common.write_json(out / common.DOWNLOAD_INFO, {"source": "demo", "model_id": DEMO_MODEL_IDS[family], "seed": seed})
+    common.write_json(out / common.DOWNLOAD_INFO, {"source": "demo", "model_id": DEMO_MODEL_IDS[family], "seed": seed,
+                                                   "recipe": demo_recipe(family, seed)})
+
+
+def demo_recipe(family: str, seed: int = 0) -> str:
+    """What a demo model is made from (the bundled problems its tokenizer learns, its shape and initialisation):
+    a model/ made by an older version of this file is rebuilt, not reused."""
+    shape = (family, seed, DEMO_VOCAB_SIZE, DEMO_HIDDEN, DEMO_LAYERS, DEMO_INIT_STD, DEMO_EMBEDDING_SCALE)
+    return common.file_fingerprint(common.DEMO_PROBLEMS, *shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,6 +249,9 @@ def main(argv=None) -> int:
     complete = out.is_dir() and model_folder_complete(out)
     held = common.read_json(out / common.DOWNLOAD_INFO) if complete else {}
     same_revision = args.demo or local_source is not None or held.get("revision") == args.revision
+    if args.demo and held.get("model_id") == model_id and held.get("recipe") != demo_recipe(args.demo_family):
+        print(f"{out}/ holds a demo model made from older demo problems or settings: building it again")
+        args.force = True  # generated from the project's own files: nothing of the user's is replaced
     if common.skip_download(out, args.force, complete, held.get("model_id"), held.get("model_id") == model_id and same_revision,
                             model_id, "model"):
         return 0

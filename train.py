@@ -155,12 +155,19 @@ def check(args) -> tuple[dict, bool]:
 
 
 def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
-    """Whether out/final already holds an adapter trained with this very command line and prepared data."""
+    """Whether out/final already holds an adapter trained with this very command line and prepared data, on the
+    same download of the base model (a model/ downloaded again at another revision keeps its id and tokenizer)."""
     saved = out / common.FINAL_ADAPTER / common.TRAINING_SETTINGS
     if not saved.is_file():
         return False
     previous = common.read_json(saved)
-    return previous.get("arguments") == arguments and previous.get("prepared_stats") == stats
+    return (previous.get("arguments") == arguments and previous.get("prepared_stats") == stats
+            and previous.get("base_model_source") == base_model_source(arguments["model"]))
+
+
+def base_model_source(model_dir: str) -> dict:
+    info = Path(model_dir) / common.DOWNLOAD_INFO
+    return common.read_json(info) if info.is_file() else {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,6 +182,7 @@ class RunSettings:
     prepared_stats: dict
     model: str
     base_model_id: str
+    base_model_source: dict  # model/download_info.json: which download (revision, demo recipe) the weights are from
     prepared_data: str
     prepared_fingerprint: str  # which problems are in which split, and how they were tokenized
     template: str
@@ -256,6 +264,7 @@ def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int, proces
         prepared_stats=stats,
         model=str(Path(args.model).resolve()),
         base_model_id=common.model_id(args.model),
+        base_model_source=base_model_source(args.model),
         prepared_data=str(Path(args.data).resolve()),
         prepared_fingerprint=stats.get("fingerprint", ""),
         template=stats["settings"]["template"],

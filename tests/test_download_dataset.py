@@ -22,6 +22,29 @@ def test_local_jsonl_file_prints_rows_and_columns(tmp_path, capsys):
     assert "train: 3 rows" in out and "columns: task_id, text, code, test_list, test_setup_code" in out
 
 
+def test_an_edited_file_is_not_taken_for_the_copy_in_data(demo_data, tmp_path, capsys):
+    import shutil
+
+    rows = demo_problems()[:3]
+    source = write_jsonl(tmp_path / "tasks.jsonl", rows)
+    assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 0
+    assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 0
+    assert "skipping" in capsys.readouterr().out
+    write_jsonl(source, rows[:2])
+    assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 2
+    assert "has changed" in one_error_line(capsys.readouterr())
+    assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data"), "--force"]) == 0
+    assert "train: 2 rows" in capsys.readouterr().out
+    # The demo problems change with the code: a data/ made from an older version is replaced, no --force needed.
+    old = tmp_path / "old-demo"
+    shutil.copytree(demo_data, old)
+    info = json.loads((old / common.DOWNLOAD_INFO).read_text())
+    (old / common.DOWNLOAD_INFO).write_text(json.dumps({**info, "content": "older"}))
+    assert download_dataset.main(["--demo", "--out", str(old)]) == 0
+    assert "older version of the demo problems" in capsys.readouterr().out
+    assert json.loads((old / common.DOWNLOAD_INFO).read_text()) == info
+
+
 def test_missing_file_empty_file_and_wrong_format_are_refused(tmp_path, capsys):
     assert download_dataset.main(["--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "d1")]) == 2
     assert "not found" in one_error_line(capsys.readouterr())

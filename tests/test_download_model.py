@@ -41,6 +41,20 @@ def test_second_run_skips_and_a_different_model_needs_force(demo_model, capsys):
     assert "--force" in one_error_line(capsys.readouterr())
 
 
+def test_a_demo_model_of_an_older_recipe_is_built_again(demo_model, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "model"
+    shutil.copytree(demo_model, old)
+    info = json.loads((old / common.DOWNLOAD_INFO).read_text())
+    assert info["recipe"] == download_model.demo_recipe("qwen2")
+    (old / common.DOWNLOAD_INFO).write_text(json.dumps({**info, "recipe": "older"}))
+    assert download_model.main(["--demo", "--out", str(old)]) == 0
+    assert "building it again" in capsys.readouterr().out
+    assert json.loads((old / common.DOWNLOAD_INFO).read_text()) == info
+    assert (old / "model.safetensors").read_bytes() == (demo_model / "model.safetensors").read_bytes()  # seeded: the same model
+
+
 def test_offline_hub_download_fails_with_one_clear_line_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "model"
     code = download_model.main(["--model-id", "no-such-org/no-such-model", "--out", str(out)])

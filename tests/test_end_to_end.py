@@ -21,7 +21,7 @@ def test_qlora_learns_solutions_and_to_stop(demo_trained):
     longest = max(len(row["input_ids"]) for row in rows)
     results = inference.generate(model, tokenizer, prompts, max_new_tokens=longest + 40)
     exact = [r[0]["completion"] == row["code"] and r[0]["stopped"] for r, row in zip(results, rows)]
-    assert sum(exact) >= 70, [r[0]["completion"] for r in results]  # 77 of 78 here
+    assert sum(exact) >= 62, [r[0]["completion"] for r in results]  # 72 of 78 on the development machine
 
 
 def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_trained, tmp_path, capsys):

@@ -70,6 +70,16 @@ def test_rerun_with_same_settings_skips_and_an_earlier_run_is_not_overwritten(tr
     assert "--resume" in one_error_line(capsys.readouterr())
 
 
+def test_a_base_model_downloaded_again_is_not_taken_as_already_trained(trained_smoke, demo_model, demo_prepared, monkeypatch, capsys):
+    """Same id, same tokenizer, so the same prepared data, but other weights (another revision, a newer demo recipe)."""
+    same = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(trained_smoke), "--max-steps", "4",
+            "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1"]
+    source = json.loads((demo_model / common.DOWNLOAD_INFO).read_text())
+    monkeypatch.setattr(train, "base_model_source", lambda model_dir: {**source, "recipe": "another"})
+    assert train.main(same) == 2
+    assert "holds an earlier run" in one_error_line(capsys.readouterr())
+
+
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--max-steps", "0"), ("--epochs", "0"), ("--grad-accum", "x")])
 def test_nonsensical_flag_values_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
