@@ -37,6 +37,11 @@ DEMO_DEFAULTS = {
     "evaluate": {"--max-new-tokens": ["128"]},
 }
 
+# A held-out member of the demo's string family (with the default seed), asked the way the demo trained: the demo
+# model learned that pattern, not Python, so other tasks or other test words get fragments of training solutions.
+DEMO_TRY = ("--prompt \"Write a function to convert a given title to lower case.\" --test \"assert lower_title('hello') == 'hello'\" "
+            "--test \"assert lower_title('Python') == 'python'\" --test \"assert lower_title('data Science') == 'data science'\"")
+
 
 def group_flags(extra: list[str]) -> dict[str, list[str]]:
     """['--lr', '1e-4', '--force'] -> {'--lr': ['1e-4'], '--force': []}"""
@@ -105,8 +110,8 @@ def main(argv=None) -> int:
             print(f"\nstopped: {stage}.py failed (exit {code}); fix the problem above and rerun (finished stages are skipped)", file=sys.stderr)
             return code
     print(f"\n✓ pipeline finished in {time.time() - started:.0f}s; the adapter is in {common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}/, "
-          f"the evaluation in {common.RESULTS_DIR}/, the merged model in {common.EXPORT_DIR}/; "
-          f"try: python generate.py --prompt \"Write a function to ...\"")
+          f"the evaluation in {common.RESULTS_DIR}/, the merged model in {common.EXPORT_DIR}/; try: python generate.py "
+          + (DEMO_TRY if args.demo else '--prompt "Write a function to ..."'))
     return 0
 
 

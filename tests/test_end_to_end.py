@@ -41,3 +41,14 @@ def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_
     assert "| base |" in table and "| fine-tuned |" in table and f"fine-tuned solves {len(solved)} problem(s) that base does not" in table
     assert summary["changes"]["gained"][0] in (out / evaluate.TABLE_NAME).read_text()
     assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}
+
+
+def test_the_command_the_demo_suggests_shows_the_fine_tune_at_work(demo_trained, capsys):
+    import shlex
+
+    import generate
+    import run_pipeline
+
+    argv = ["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), *shlex.split(run_pipeline.DEMO_TRY)]
+    assert generate.main(argv) == 0
+    assert capsys.readouterr().out.strip() == "def lower_title(s):\n    return s.lower()"
