@@ -325,9 +325,13 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def model_id(model_dir: str | Path) -> str:
     """The model a folder holds: its Hub id (from download_info.json), else the folder's absolute path."""
-    info = Path(model_dir) / DOWNLOAD_INFO
-    recorded = read_json(info).get("model_id") if info.is_file() else None
-    return recorded or str(Path(model_dir).resolve())
+    return download_info(model_dir).get("model_id") or str(Path(model_dir).resolve())
+
+
+def download_info(folder: str | Path) -> dict:
+    """What download_model.py or download_dataset.py recorded of where a folder came from ({} if nothing)."""
+    info = Path(folder) / DOWNLOAD_INFO
+    return read_json(info) if info.is_file() else {}
 
 
 def data_fingerprint(task_ids: dict[str, list[str]], settings: dict) -> str:

@@ -151,8 +151,7 @@ def main(argv=None) -> int:
     elif is_local:
         identity["content"] = common.file_fingerprint(local)  # an edited file is not the copy data/ holds
 
-    info_path = out / common.DOWNLOAD_INFO
-    held = common.read_json(info_path) if info_path.is_file() else {}
+    held = common.download_info(out)
     complete = bool(held) and ((out / "dataset_dict.json").is_file() or held.get("streaming", False))  # a streamed source is complete as recorded
     if complete and "content" in identity and held.get("dataset") == identity["dataset"] and held.get("content") != identity["content"]:
         if args.demo:  # the project's own problems, updated with the code: nothing of the user's is replaced

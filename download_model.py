@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         model_id = str(local_source.resolve())
 
     complete = out.is_dir() and model_folder_complete(out)
-    held = common.read_json(out / common.DOWNLOAD_INFO) if complete else {}
+    held = common.download_info(out) if complete else {}
     same_revision = args.demo or local_source is not None or held.get("revision") == args.revision
     if args.demo and held.get("model_id") == model_id and held.get("recipe") != demo_recipe(args.demo_family):
         print(f"{out}/ holds a demo model made from older demo problems or settings: building it again")

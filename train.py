@@ -162,12 +162,7 @@ def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
         return False
     previous = common.read_json(saved)
     return (previous.get("arguments") == arguments and previous.get("prepared_stats") == stats
-            and previous.get("base_model_source") == base_model_source(arguments["model"]))
-
-
-def base_model_source(model_dir: str) -> dict:
-    info = Path(model_dir) / common.DOWNLOAD_INFO
-    return common.read_json(info) if info.is_file() else {}
+            and previous.get("base_model_source") == common.download_info(arguments["model"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +259,7 @@ def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int, proces
         prepared_stats=stats,
         model=str(Path(args.model).resolve()),
         base_model_id=common.model_id(args.model),
-        base_model_source=base_model_source(args.model),
+        base_model_source=common.download_info(args.model),
         prepared_data=str(Path(args.data).resolve()),
         prepared_fingerprint=stats.get("fingerprint", ""),
         template=stats["settings"]["template"],

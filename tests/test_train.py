@@ -75,7 +75,7 @@ def test_a_base_model_downloaded_again_is_not_taken_as_already_trained(trained_s
     same = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(trained_smoke), "--max-steps", "4",
             "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1"]
     source = json.loads((demo_model / common.DOWNLOAD_INFO).read_text())
-    monkeypatch.setattr(train, "base_model_source", lambda model_dir: {**source, "recipe": "another"})
+    monkeypatch.setattr(common, "download_info", lambda folder: {**source, "recipe": "another"})
     assert train.main(same) == 2
     assert "holds an earlier run" in one_error_line(capsys.readouterr())
 
