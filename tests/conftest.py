@@ -90,8 +90,11 @@ def trained_smoke(tmp_path_factory, demo_model, demo_prepared) -> Path:
     return out
 
 
-def in_family(task_id: str) -> bool:
-    return int(task_id) >= FIRST_FAMILY_ID
+def family_rows(prepared: Path, split: str) -> list[dict]:
+    """The string family's rows of a split of the prepared demo data."""
+    from datasets import load_from_disk
+
+    return [row for row in load_from_disk(str(prepared))[split] if int(row["task_id"]) >= FIRST_FAMILY_ID]
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ held-out members of the string family that the base model cannot."""
 
 import json
 
-from conftest import in_family
+from conftest import family_rows
 from datasets import load_from_disk
 
 import common
@@ -32,7 +32,7 @@ def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_
     summary = json.loads((out / "summary.json").read_text())
     models = summary["models"]
     assert models["base"]["pass@1"] == 0 and models["fine-tuned"]["identity"]["adapter"] == str(demo_trained["adapter"].resolve())
-    family = [row["task_id"] for row in load_from_disk(str(demo_trained["prepared"]))["eval"] if in_family(row["task_id"])]
+    family = [row["task_id"] for row in family_rows(demo_trained["prepared"], "eval")]
     solved = {json.loads(line)["task_id"] for line in (out / "fine-tuned.jsonl").open() if json.loads(line)["status"] == "passed"}
     assert len(family) >= 3 and len(solved & set(family)) >= len(family) / 2, (family, solved)
     # The problems it gained are named, on the screen and in the files.

@@ -3,18 +3,13 @@
 import json
 
 import pytest
-from conftest import in_family, one_error_line
-from datasets import load_from_disk
+from conftest import family_rows, one_error_line
 
 import common
 import evaluate
 import export
 import generate
 import inference
-
-
-def family_rows(run: dict, split: str) -> list[dict]:
-    return [row for row in load_from_disk(str(run["prepared"]))[split] if in_family(row["task_id"])]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter_doe
     tokenizer = common.load_tokenizer(exported)
     choice = common.DeviceChoice("cpu", "float32", "test")
     adapter = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], choice, load_in_4bit=False)
-    rows = family_rows(demo_trained, "train")[:8]
+    rows = family_rows(demo_trained["prepared"], "train")[:8]
     prompts = [common.format_prompt(common.DEFAULT_TEMPLATE, row["task"], row["tests"]) for row in rows]
     ours = inference.generate(merged, tokenizer, prompts, 48)
     theirs = inference.generate(adapter, tokenizer, prompts, 48)
@@ -46,7 +41,7 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter_doe
 
 
 def test_generate_and_evaluate_take_the_export_as_a_model(demo_trained, exported, tmp_path, capsys):
-    rows = family_rows(demo_trained, "train")
+    rows = family_rows(demo_trained["prepared"], "train")
     assert generate.main(["--model", str(exported), "--prompt", rows[0]["task"], *sum([["--test", t] for t in rows[0]["tests"]], []),
                           "--no-4bit", "--max-new-tokens", "64"]) == 0
     captured = capsys.readouterr()
@@ -55,7 +50,7 @@ def test_generate_and_evaluate_take_the_export_as_a_model(demo_trained, exported
     assert evaluate.main(["--model", str(exported), "--data", str(demo_trained["prepared"]), "--no-4bit",
                           "--max-new-tokens", "64", "--out", str(tmp_path / "r")]) == 0
     models = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]
-    held_out = len(family_rows(demo_trained, "eval"))
+    held_out = len(family_rows(demo_trained["prepared"], "eval"))
     assert list(models) == ["merged"] and models["merged"]["counts"]["passed"] >= held_out / 2
 
 

@@ -1,14 +1,12 @@
 import io
 
-from conftest import in_family, one_error_line
+from conftest import family_rows, one_error_line
 
 import generate
 
 
 def test_prompt_flag_prints_the_learned_solution(demo_trained, capsys):
-    from datasets import load_from_disk
-
-    row = next(row for row in load_from_disk(str(demo_trained["prepared"]))["train"] if in_family(row["task_id"]))
+    row = family_rows(demo_trained["prepared"], "train")[0]
     args = ["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--prompt", row["task"]]
     for test in row["tests"]:
         args += ["--test", test]
