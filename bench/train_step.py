@@ -71,7 +71,7 @@ def make_batch(variant: str, vocab: int):
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    import train
+    import common
 
     generator = torch.Generator().manual_seed(1)
     if variant.endswith("4x512"):
@@ -130,8 +130,10 @@ def run_variant(variant: str, model_dir: str) -> dict:
     model = train.build_model(model_dir, choice, True, lora_r=16, lora_alpha=32, lora_dropout=0.05, seed=0)
     model.train()
     chunked = variant in ("chunked-4x512", "project")
-    # The loss stays installed for the rest of this one-step process: the stack is never closed.
-    compute_loss = contextlib.ExitStack().enter_context(train.loss_for(model, "chunked" if chunked else "standard"))
+    # The loss stays installed until this function returns: the stack must stay referenced, since a collected
+    # stack's generator is closed, which puts the output layer back.
+    stack = contextlib.ExitStack()
+    compute_loss = stack.enter_context(train.loss_for(model, "chunked" if chunked else "standard"))
     import bitsandbytes as bnb
 
     optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
