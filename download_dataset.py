@@ -1,17 +1,17 @@
-"""Stage 2: download the problems: MBPP by default, any data shape of formats.py, a local file, or the demo problems.
+"""Stage 2: download the problems: MBPP by default, any data shape of pipeline/data.py, a local file, or the demo problems.
 
 Run:
     python download_dataset.py                          # code-rag-bench/mbpp from the Hugging Face Hub
     python download_dataset.py --dataset mbpp           # the original MBPP, train/validation/test/prompt splits
     python download_dataset.py --dataset my_tasks.jsonl # a local .json, .jsonl or .parquet file (.jsonl.gz, .json.gz too)
-    python download_dataset.py --dataset HumanEval.jsonl.gz    # any data shape prepare_data.py knows (see formats.py)
+    python download_dataset.py --dataset HumanEval.jsonl.gz    # any data shape prepare_data.py knows (see pipeline/data.py)
     python download_dataset.py --demo                   # the 87 problems bundled in assets/, offline
     python download_dataset.py --dataset codeparrot/codeparrot-clean --streaming   # raw code larger than memory
 
 Reads:  the Hugging Face Hub, a local file, or assets/demo_problems.jsonl
 Writes: data/ (a datasets DatasetDict written with save_to_disk, plus download_info.json); with --streaming only
         download_info.json: prepare_data.py and train.py then read the rows lazily from the source
-Needs:  common.py
+Needs:  pipeline/
 Next:   prepare_data.py
 """
 
@@ -23,11 +23,101 @@ import json
 import sys
 from pathlib import Path
 
-import common
-from common import StageError
+from pipeline import cli, data, folders, models
+from pipeline.cli import StageError
 
 DEFAULT_DATASET = "code-rag-bench/mbpp"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".json.gz": "json", ".jsonl.gz": "json"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=DEFAULT_DATASET,
+                        help="Hub dataset name or a local .json/.jsonl/.parquet file, .jsonl.gz/.json.gz too (default: %(default)s)")
+    parser.add_argument("--config", default=None, help="dataset configuration on the Hub, e.g. 'sanitized' for mbpp (default: the dataset's default)")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub dataset (default: main)")
+    parser.add_argument("--out", default=folders.DATA_DIR, help="output folder (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace an existing data folder instead of skipping")
+    parser.add_argument("--demo", action="store_true", help=f"write the bundled demo problems ({folders.DEMO_PROBLEMS.name}) instead")
+    parser.add_argument("--streaming", action="store_true",
+                        help="do not download: record the source so that its rows are read lazily (raw text larger than memory; "
+                             "train.py then runs by --max-steps)")
+    return parser
+
+
+
+@cli.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    identity = check(args)
+    return 0 if identity is None else run(args, identity)
+
+
+def check(args) -> dict | None:
+    """What --out will record of its source (download_info.json); None when --out already holds it (the stage
+    skips). Refuses a folder or missing file, and a local file edited since --out was made from it."""
+    out, local = Path(args.out), source_path(args)
+    is_local = args.demo or file_type(local) in LOCAL_FORMATS or local.exists()
+    if is_local and local.is_dir():
+        raise StageError(f"{local} is a folder: pass a .json, .jsonl or .parquet file, or a Hub dataset name "
+                         f"(a folder written by this stage is used as it is by prepare_data.py --data {local})")
+    if is_local and not local.is_file():
+        raise StageError(f"dataset file {local} not found")
+    identity = {"source": "demo" if args.demo else ("local" if is_local else "hub"),
+                "dataset": str(local.resolve()) if is_local else args.dataset, "config": args.config,
+                "revision": args.revision}
+    if args.streaming:
+        identity.update(streaming=True, **({"builder": builder_for(local)} if is_local else {}))
+    elif is_local:
+        identity["content"] = folders.file_fingerprint(local)  # an edited file is not the copy data/ holds
+
+    held = folders.download_info(out)
+    # a streamed source is complete as recorded
+    complete = bool(held) and (folders.is_saved_dataset(out) or held.get("streaming", False))
+    force = args.force
+    edited = "content" in identity and held.get("dataset") == identity["dataset"]
+    if complete and edited and held.get("content") != identity["content"]:
+        if args.demo:  # the project's own problems, updated with the code: nothing of the user's is replaced
+            print(f"{out}/ holds an older version of the demo problems: replacing it")
+        elif not force:
+            raise StageError(f"{local} has changed since {out}/ was made from it: pass --force to copy it again")
+        force = True
+    if folders.skip_download(out, force, complete, held.get("dataset"), held == identity, identity["dataset"], "dataset"):
+        return None
+    return identity
+
+
+def source_path(args) -> Path:
+    """--dataset as a path (the bundled problems with --demo): a local file, or a Hub name if no such file."""
+    return folders.DEMO_PROBLEMS if args.demo else Path(args.dataset)
+
+
+def run(args, identity: dict) -> int:
+    out = Path(args.out)
+    models.quiet_libraries()
+    if args.streaming:
+        return record_stream(out, identity)
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the bars of a sub-second save are noise
+    if identity["source"] == "hub":
+        dataset = load_from_hub(identity["dataset"], args.config, args.revision)
+    else:
+        dataset = load_local(source_path(args))
+    if sum(len(part) for part in dataset.values()) == 0:
+        raise StageError(f"{identity['dataset']} has no rows")
+
+    with folders.atomic_output_dir(out) as tmp:
+        dataset.save_to_disk(str(tmp))
+        folders.write_json(tmp / folders.DOWNLOAD_INFO, identity)
+    print(describe(dataset))
+    print(f"✓ saved in {out}/")
+    print("next: python prepare_data.py")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a local file, a Hub dataset, a stream
 
 
 def file_type(path: Path) -> str:
@@ -56,7 +146,7 @@ def load_local(path: Path):
     try:
         return load_dataset(builder, data_files=str(path))
     except Exception as error:  # malformed JSON or parquet
-        raise StageError(f"{path} could not be read as {builder}: {common.short_error(error)}") from None
+        raise StageError(f"{path} could not be read as {builder}: {cli.short_error(error)}") from None
 
 
 def check_json_lines(path: Path) -> None:
@@ -86,24 +176,24 @@ def load_from_hub(name: str, config: str | None, revision: str | None, check_onl
         # Fails in milliseconds when offline; load_dataset alone retries for half a minute first.
         HfApi().dataset_info(name, revision=revision)
     except Exception as error:
-        raise StageError(common.hub_error_message(error, f"dataset {name}"), common.EXIT_FAILED) from None
+        raise StageError(cli.hub_error_message(error, f"dataset {name}"), cli.EXIT_FAILED) from None
     if check_only:
         return None
     try:
         return load_dataset(name, config, revision=revision)
     except Exception as error:
-        raise StageError(f"loading {name} failed: {common.short_error(error)}", common.EXIT_FAILED) from None
+        raise StageError(f"loading {name} failed: {cli.short_error(error)}", cli.EXIT_FAILED) from None
 
 
 def record_stream(out: Path, identity: dict) -> int:
     """--streaming: check that the source answers and show its first row's columns; write only download_info.json."""
     if identity["source"] == "hub":
         load_from_hub(identity["dataset"], identity["config"], identity["revision"], check_only=True)
-    first = next(iter(common.open_stream(identity)), None)
+    first = next(iter(data.open_stream(identity)), None)
     if first is None:
         raise StageError(f"{identity['dataset']} has no rows")
-    with common.atomic_output_dir(out) as tmp:
-        common.write_json(tmp / common.DOWNLOAD_INFO, identity)
+    with folders.atomic_output_dir(out) as tmp:
+        folders.write_json(tmp / folders.DOWNLOAD_INFO, identity)
     print(f"streaming source recorded: {identity['dataset']} (nothing downloaded; rows are read as training needs them)")
     print(f"columns: {', '.join(first)}")
     print(f"✓ saved in {out}/")
@@ -115,70 +205,6 @@ def describe(dataset) -> str:
     rows = ", ".join(f"{split}: {len(part)} rows" for split, part in dataset.items())
     columns = next(iter(dataset.values())).column_names
     return f"{rows}\ncolumns: {', '.join(columns)}"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=DEFAULT_DATASET,
-                        help="Hub dataset name or a local .json/.jsonl/.parquet file, .jsonl.gz/.json.gz too (default: %(default)s)")
-    parser.add_argument("--config", default=None, help="dataset configuration on the Hub, e.g. 'sanitized' for mbpp (default: the dataset's default)")
-    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub dataset (default: main)")
-    parser.add_argument("--out", default=common.DATA_DIR, help="output folder (default: %(default)s)")
-    parser.add_argument("--force", action="store_true", help="replace an existing data folder instead of skipping")
-    parser.add_argument("--demo", action="store_true", help=f"write the bundled demo problems ({common.DEMO_PROBLEMS.name}) instead")
-    parser.add_argument("--streaming", action="store_true",
-                        help="do not download: record the source so that its rows are read lazily (raw text larger than memory; "
-                             "train.py then runs by --max-steps)")
-    return parser
-
-
-@common.report_errors
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    source = str(common.DEMO_PROBLEMS) if args.demo else args.dataset
-    local = Path(source)
-    is_local = args.demo or file_type(local) in LOCAL_FORMATS or local.exists()
-    if is_local and local.is_dir():
-        raise StageError(f"{local} is a folder: pass a .json, .jsonl or .parquet file, or a Hub dataset name "
-                         f"(a folder written by this stage is used as it is by prepare_data.py --data {local})")
-    if is_local and not local.is_file():
-        raise StageError(f"dataset file {local} not found")
-    identity = {"source": "demo" if args.demo else ("local" if is_local else "hub"),
-                "dataset": str(local.resolve()) if is_local else source, "config": args.config, "revision": args.revision}
-    if args.streaming:
-        identity.update(streaming=True, **({"builder": builder_for(local)} if is_local else {}))
-    elif is_local:
-        identity["content"] = common.file_fingerprint(local)  # an edited file is not the copy data/ holds
-
-    held = common.download_info(out)
-    complete = bool(held) and ((out / "dataset_dict.json").is_file() or held.get("streaming", False))  # a streamed source is complete as recorded
-    if complete and "content" in identity and held.get("dataset") == identity["dataset"] and held.get("content") != identity["content"]:
-        if args.demo:  # the project's own problems, updated with the code: nothing of the user's is replaced
-            print(f"{out}/ holds an older version of the demo problems: replacing it")
-        elif not args.force:
-            raise StageError(f"{local} has changed since {out}/ was made from it: pass --force to copy it again")
-        args.force = True
-    if common.skip_download(out, args.force, complete, held.get("dataset"), held == identity, identity["dataset"], "dataset"):
-        return 0
-
-    common.quiet_libraries()
-    if args.streaming:
-        return record_stream(out, identity)
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()  # the bars of a sub-second save are noise
-    dataset = load_local(local) if is_local else load_from_hub(source, args.config, args.revision)
-    if sum(len(part) for part in dataset.values()) == 0:
-        raise StageError(f"{source} has no rows")
-
-    with common.atomic_output_dir(out) as tmp:
-        dataset.save_to_disk(str(tmp))
-        common.write_json(tmp / common.DOWNLOAD_INFO, identity)
-    print(describe(dataset))
-    print(f"✓ saved in {out}/")
-    print("next: python prepare_data.py")
-    return 0
 
 
 if __name__ == "__main__":

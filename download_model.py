@@ -7,7 +7,7 @@ Run:
 
 Reads:  the Hugging Face Hub, a local model folder, or (with --demo) assets/demo_problems.jsonl
 Writes: model/ (config.json, *.safetensors, tokenizer files, download_info.json)
-Needs:  common.py
+Needs:  pipeline/
 Next:   download_dataset.py
 
 Only .safetensors weights are fetched (no pickled .bin files), and no remote code is trusted: Qwen2 is native
@@ -24,8 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import common
-from common import StageError
+from pipeline import cli, folders, models, prompts
+from pipeline.cli import StageError
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B"
 # Files a model folder needs; weights are .safetensors only.
@@ -57,8 +57,77 @@ CHATML_TEMPLATE = (
 )
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="Hub model id or a local model folder (default: %(default)s)")
+    parser.add_argument("--revision", default="main", help="branch, tag or commit on the Hub (default: %(default)s)")
+    parser.add_argument("--out", default=folders.MODEL_DIR, help="output folder (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace a complete model folder instead of skipping")
+    parser.add_argument("--demo", action="store_true", help="write the tiny offline demo model instead (no download)")
+    parser.add_argument("--demo-family", choices=sorted(DEMO_MODEL_IDS), default="qwen2",
+                        help="architecture and tokenizer kind of the demo model (default: %(default)s, as Qwen2.5-Coder)")
+    return parser
+
+
+
+@cli.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    source = check(args)
+    return 0 if source is None else run(args, *source)
+
+
+def check(args) -> tuple[str, Path | None] | None:
+    """What to write into --out: the model id and, for a local model, the folder to copy; None when --out already
+    holds it (the stage skips). Refuses, naming --force, when --out holds another model or an incomplete folder."""
+    out = Path(args.out)
+    model_id = DEMO_MODEL_IDS[args.demo_family] if args.demo else args.model_id
+    local_source = None if args.demo else Path(args.model_id)
+    if local_source is not None and not local_source.is_dir():
+        if args.model_id.startswith((".", "/", "~")) or args.model_id.count("/") > 1:
+            raise StageError(f"local model folder {args.model_id} not found")
+        local_source = None
+    if local_source is not None:
+        model_id = str(local_source.resolve())
+
+    complete = out.is_dir() and model_folder_complete(out)
+    held = folders.download_info(out) if complete else {}
+    same = held.get("model_id") == model_id
+    same_revision = args.demo or local_source is not None or held.get("revision") == args.revision
+    force = args.force
+    if args.demo and same and held.get("recipe") != demo_recipe(args.demo_family):
+        print(f"{out}/ holds a demo model made from older demo problems or settings: building it again")
+        force = True  # generated from the project's own files: nothing of the user's is replaced
+    if folders.skip_download(out, force, complete, held.get("model_id"), same and same_revision, model_id, "model"):
+        return None
+    return model_id, local_source
+
+
+def run(args, model_id: str, local_source: Path | None) -> int:
+    out = Path(args.out)
+    models.quiet_libraries()
+    if args.demo:
+        tokenizer = build_demo_tokenizer(args.demo_family)  # before the output folder exists: Ctrl-C leaves nothing
+        with folders.atomic_output_dir(out) as tmp:
+            build_demo_model(tmp, tokenizer, args.demo_family)
+    elif local_source is not None:
+        with folders.atomic_output_dir(out) as tmp:
+            copy_local_model(local_source, tmp)
+    else:
+        folders.replace_dir(download_from_hub(args.model_id, args.revision, out), out)
+
+    size_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
+    print(f"✓ {model_id} saved in {out}/ ({size_mb:.1f} MB of safetensors weights)")
+    print("next: python download_dataset.py" + (" --demo" if args.demo else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A complete, loadable model folder
+
+
 def model_folder_complete(path: Path) -> bool:
-    return common.model_folder_problem(path) is None and (path / common.DOWNLOAD_INFO).is_file()
+    return models.model_folder_problem(path) is None and (path / folders.DOWNLOAD_INFO).is_file()
 
 
 def check_loads(path: Path) -> None:
@@ -67,11 +136,11 @@ def check_loads(path: Path) -> None:
 
     try:
         AutoConfig.from_pretrained(str(path))
-        common.load_tokenizer(path)
+        models.load_tokenizer(path)
     except StageError:
         raise
     except Exception as error:  # a corrupt or incompatible file from the source
-        raise StageError(f"the downloaded model does not load: {common.short_error(error)}", common.EXIT_FAILED) from None
+        raise StageError(f"the downloaded model does not load: {cli.short_error(error)}", cli.EXIT_FAILED) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,7 +157,7 @@ def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
         # apart from a network problem.
         info = HfApi().model_info(model_id, revision=revision, files_metadata=True)
     except Exception as error:
-        raise StageError(common.hub_error_message(error, model_id), common.EXIT_FAILED) from None
+        raise StageError(cli.hub_error_message(error, model_id), cli.EXIT_FAILED) from None
     files = [s.rfilename for s in info.siblings or []]
     if not any(name.endswith(".safetensors") for name in files):
         raise StageError(f"{model_id} has no .safetensors weights; this pipeline does not load pickled .bin files")
@@ -97,32 +166,32 @@ def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
     partial = out.with_name(f".{out.name}.partial")
     wanted = [s for s in info.siblings or [] if any(fnmatch.fnmatch(s.rfilename, p) for p in ALLOWED_PATTERNS)]
     have = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.exists() else 0
-    common.check_free_space(out.parent, sum(s.size or 0 for s in wanted) - have, f"downloading {model_id}")
+    folders.check_free_space(out.parent, sum(s.size or 0 for s in wanted) - have, f"downloading {model_id}")
     print(f"downloading {model_id} @ {info.sha[:10]} into {partial}/ (resumable)")
     enable_progress_bars()  # quiet_libraries() turned them off with transformers' bars: a 1 GB download needs one
     try:
         snapshot_download(model_id, revision=info.sha, allow_patterns=ALLOWED_PATTERNS, local_dir=str(partial))
     except Exception as error:
         raise StageError(
-            common.hub_error_message(error, model_id) + f"; rerun to resume ({partial}/ keeps what was downloaded)",
-            common.EXIT_FAILED,
+            cli.hub_error_message(error, model_id) + f"; rerun to resume ({partial}/ keeps what was downloaded)",
+            cli.EXIT_FAILED,
         ) from None
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
     check_loads(partial)
-    common.write_json(partial / common.DOWNLOAD_INFO, {"source": "hub", "model_id": model_id, "revision": revision, "commit": info.sha})
+    folders.write_json(partial / folders.DOWNLOAD_INFO, {"source": "hub", "model_id": model_id, "revision": revision, "commit": info.sha})
     return partial
 
 
 def copy_local_model(source: Path, destination: Path) -> None:
-    problem = common.model_folder_problem(source, remedy=False)  # the fix is another source, not --force on this one
+    problem = models.model_folder_problem(source, remedy=False)  # the fix is another source, not --force on this one
     if problem:
         raise StageError(f"cannot copy {source}/: {problem}; point --model-id at a complete model folder")
     for pattern in ALLOWED_PATTERNS:
         for file in source.glob(pattern):
-            if file.is_file() and file.name != common.DOWNLOAD_INFO:
+            if file.is_file() and file.name != folders.DOWNLOAD_INFO:
                 shutil.copy2(file, destination / file.name)
     check_loads(destination)
-    common.write_json(destination / common.DOWNLOAD_INFO, {"source": "local", "model_id": str(source.resolve())})
+    folders.write_json(destination / folders.DOWNLOAD_INFO, {"source": "local", "model_id": str(source.resolve())})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,11 +201,11 @@ def copy_local_model(source: Path, destination: Path) -> None:
 def demo_corpus() -> list[str]:
     """Texts to train the demo tokenizer on: the bundled problems in every prompt template."""
     corpus = []
-    with open(common.DEMO_PROBLEMS, encoding="utf-8") as f:
+    with open(folders.DEMO_PROBLEMS, encoding="utf-8") as f:
         for line in f:
             problem = json.loads(line)
-            for template in ("guide", "tests"):  # fixed: the demo tokenizer must not change with new templates
-                prompt = common.format_prompt(template, problem["text"], problem["test_list"])
+            for template in (prompts.GUIDE, prompts.TESTS):  # fixed: the demo tokenizer must not change with new templates
+                prompt = template.prompt(problem["text"], problem["test_list"])
                 corpus.append(prompt + problem["code"])
     return corpus
 
@@ -207,7 +276,7 @@ def build_demo_model(out: Path, tokenizer, family: str = "qwen2", seed: int = 0)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    common.write_json(out / common.DOWNLOAD_INFO, {"source": "demo", "model_id": DEMO_MODEL_IDS[family], "seed": seed,
+    folders.write_json(out / folders.DOWNLOAD_INFO, {"source": "demo", "model_id": DEMO_MODEL_IDS[family], "seed": seed,
                                                    "recipe": demo_recipe(family, seed)})
 
 
@@ -215,62 +284,7 @@ def demo_recipe(family: str, seed: int = 0) -> str:
     """What a demo model is made from (the bundled problems its tokenizer learns, its shape and initialisation):
     a model/ made by an older version of this file is rebuilt, not reused."""
     shape = (family, seed, DEMO_VOCAB_SIZE, DEMO_HIDDEN, DEMO_LAYERS, DEMO_INIT_STD, DEMO_EMBEDDING_SCALE)
-    return common.file_fingerprint(common.DEMO_PROBLEMS, *shape)
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="Hub model id or a local model folder (default: %(default)s)")
-    parser.add_argument("--revision", default="main", help="branch, tag or commit on the Hub (default: %(default)s)")
-    parser.add_argument("--out", default=common.MODEL_DIR, help="output folder (default: %(default)s)")
-    parser.add_argument("--force", action="store_true", help="replace a complete model folder instead of skipping")
-    parser.add_argument("--demo", action="store_true", help="write the tiny offline demo model instead (no download)")
-    parser.add_argument("--demo-family", choices=sorted(DEMO_MODEL_IDS), default="qwen2",
-                        help="architecture and tokenizer kind of the demo model (default: %(default)s, as Qwen2.5-Coder)")
-    return parser
-
-
-@common.report_errors
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    model_id = DEMO_MODEL_IDS[args.demo_family] if args.demo else args.model_id
-    local_source = None if args.demo else Path(args.model_id)
-    if local_source is not None and not local_source.is_dir():
-        if args.model_id.startswith((".", "/", "~")) or args.model_id.count("/") > 1:
-            raise StageError(f"local model folder {args.model_id} not found")
-        local_source = None
-    if local_source is not None:
-        model_id = str(local_source.resolve())
-
-    complete = out.is_dir() and model_folder_complete(out)
-    held = common.download_info(out) if complete else {}
-    same_revision = args.demo or local_source is not None or held.get("revision") == args.revision
-    if args.demo and held.get("model_id") == model_id and held.get("recipe") != demo_recipe(args.demo_family):
-        print(f"{out}/ holds a demo model made from older demo problems or settings: building it again")
-        args.force = True  # generated from the project's own files: nothing of the user's is replaced
-    if common.skip_download(out, args.force, complete, held.get("model_id"), held.get("model_id") == model_id and same_revision,
-                            model_id, "model"):
-        return 0
-
-    common.quiet_libraries()
-    if args.demo:
-        tokenizer = build_demo_tokenizer(args.demo_family)  # before the output folder exists: a Ctrl-C here leaves nothing
-        with common.atomic_output_dir(out) as tmp:
-            build_demo_model(tmp, tokenizer, args.demo_family)
-    elif local_source is not None:
-        with common.atomic_output_dir(out) as tmp:
-            copy_local_model(local_source, tmp)
-    else:
-        common.replace_dir(download_from_hub(args.model_id, args.revision, out), out)
-
-    size_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
-    print(f"✓ {model_id} saved in {out}/ ({size_mb:.1f} MB of safetensors weights)")
-    print("next: python download_dataset.py" + (" --demo" if args.demo else ""))
-    return 0
+    return folders.file_fingerprint(folders.DEMO_PROBLEMS, *shape)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Run:
 
 Reads:  model/, the adapter (checkpoints/final/ by default, if it exists)
 Writes: nothing; prints each completion
-Needs:  common.py, inference.py
+Needs:  pipeline/
 Before: train.py
 
 The prompt is built with the template the adapter was trained with (training_settings.json), exactly as in
@@ -21,56 +21,69 @@ from __future__ import annotations
 import argparse
 import sys
 
-import common
-import inference
+from pipeline import cli, folders, inference, models
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=common.MODEL_DIR, help="base model folder, or a merged model from export.py (default: %(default)s)")
+    parser.add_argument("--model", default=folders.MODEL_DIR,
+                        help="base model folder, or a merged model from export.py (default: %(default)s)")
     parser.add_argument("--adapter", default=None, help="adapter folder (default: checkpoints/final if it exists)")
     parser.add_argument("--base-only", action="store_true", help="use the base model without the adapter")
-    parser.add_argument("--prompt", default=None, help="the task description; without it, tasks are read from standard input")
-    parser.add_argument("--test", action="append", default=[], metavar="ASSERT", help="an assert the solution should pass (repeatable)")
-    parser.add_argument("--max-new-tokens", type=common.positive(int), default=256, help="longest completion in tokens (default: %(default)s)")
+    parser.add_argument("--prompt", default=None,
+                        help="the task description; without it, tasks are read from standard input")
+    parser.add_argument("--test", action="append", default=[], metavar="ASSERT",
+                        help="an assert the solution should pass (repeatable)")
+    parser.add_argument("--max-new-tokens", type=cli.positive(int), default=256,
+                        help="longest completion in tokens (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), > 0 to sample")
     parser.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
     return parser
 
 
-@common.report_errors
+@cli.report_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check(args)
+    return run(args)
+
+
+def check(args) -> None:
     problems = []
     if args.temperature < 0:
         problems.append(f"--temperature must be 0 or more, got {args.temperature}")
-    try:
-        common.require_model_dir(args.model)
-    except common.StageError as error:
-        problems.append(str(error))
-    common.fail_on_problems(problems)
+    if args.prompt is not None and not args.prompt.strip():
+        problems.append("--prompt is empty: describe the function to write")
+    problem = models.model_folder_problem(args.model)
+    if problem:
+        problems.append(problem)
+    cli.fail_on_problems(problems)
 
-    common.quiet_libraries()
+
+def run(args) -> int:
+    """The model loaded once, then each task answered: the --prompt, or one per line of standard input."""
+    models.quiet_libraries()
     adapter = inference.resolve_adapter(args.adapter, args.base_only, args.model)
     template = inference.adapter_template(adapter, model_dir=args.model)
-    choice = common.pick_device()
-    tokenizer = common.load_tokenizer(args.model)
-    model = inference.load_for_inference(args.model, adapter, choice, common.use_4bit(choice, args.no_4bit, say=lambda m: print(m, file=sys.stderr)))
+    choice = models.pick_device()
+    tokenizer = models.load_tokenizer(args.model)
+    note = lambda message: print(message, file=sys.stderr)  # noqa: E731  (standard output holds the answers only)
+    model = inference.load_for_inference(args.model, adapter, choice, models.use_4bit(choice, args.no_4bit, say=note))
     which = f" + {adapter}/" if adapter else (" (merged)" if inference.export_settings(args.model) else " (base)")
-    print(f"model: {args.model}/{which} · template '{template}' · {choice.device}", file=sys.stderr)
+    note(f"model: {args.model}/{which} · template '{template.name}' · {choice.device}")
 
     def complete(task: str) -> str:
-        prompt = common.format_prompt(template, task, args.test, tokenizer)
-        return inference.generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature, template=template)[0][0]["completion"]
+        prompt = template.prompt(task, args.test, tokenizer)
+        results = inference.generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature,
+                                     template=template)
+        return results[0][0]["completion"]
 
     if args.prompt is not None:
-        if not args.prompt.strip():
-            raise common.StageError("--prompt is empty: describe the function to write")
         print(complete(args.prompt))
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print("Describe a function per line (Ctrl-D to quit).", file=sys.stderr)
+        note("Describe a function per line (Ctrl-D to quit).")
     for line in sys.stdin:
         if line.strip():
             print(complete(line.strip()))

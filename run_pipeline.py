@@ -11,8 +11,7 @@ Any other flag goes to every stage that has it (--force to both downloads, --see
 pipeline always uses the default folders; run the stages one by one to use others.
 
 Reads/writes: model/, data/, prepared_data/, checkpoints/, results/, export/ (see each stage's header).
-Needs:  every stage file above, and what each of them needs (common.py, formats.py, inference.py, checkpoints.py,
-        monitoring.py, trainer.py, chunked_loss.py, sandbox.py)
+Needs:  every stage file above, and pipeline/
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ import importlib
 import sys
 import time
 
-import common
-from common import StageError
+from pipeline import cli, folders
+from pipeline.cli import StageError
 
 STAGES = ["download_model", "download_dataset", "prepare_data", "train", "verify_model", "evaluate", "export"]
 FOLDER_FLAGS = {"--model", "--data", "--out", "--adapter"}
@@ -41,6 +40,48 @@ DEMO_DEFAULTS = {
 # model learned that pattern, not Python, so other tasks or other test words get fragments of training solutions.
 DEMO_TRY = ("--prompt \"Write a function to convert a given title to lower case.\" --test \"assert lower_title('hello') == 'hello'\" "
             "--test \"assert lower_title('Python') == 'python'\" --test \"assert lower_title('data Science') == 'data science'\"")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="run offline on the tiny demo model and the bundled problems")
+    return parser
+
+
+@cli.report_errors
+def main(argv=None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    stage_args = check(args, extra)
+    return run(args, stage_args)
+
+
+def check(args, extra: list[str]) -> dict[str, list[str]]:
+    """Each stage's command line, after checking that every flag given belongs to some stage."""
+    groups = group_flags(extra)
+    known = {stage: stage_flags(importlib.import_module(stage).build_parser()) for stage in STAGES}
+    problems = [f"{flag} means a different folder in each stage: run the stages one by one to change folders"
+                for flag in groups if flag in FOLDER_FLAGS]
+    problems += [f"no stage has the flag {flag}" for flag in groups
+                 if flag not in FOLDER_FLAGS and not any(flag in flags for flags in known.values())]
+    cli.fail_on_problems(problems)
+    return {stage: stage_argv(stage, known[stage], groups, args.demo) for stage in STAGES}
+
+
+def run(args, stage_args: dict[str, list[str]]) -> int:
+    """Each stage's main() in this process, in order; stop at the first that fails."""
+    started = time.time()
+    for number, stage in enumerate(STAGES, start=1):
+        print(f"\n=== [{number}/{len(STAGES)}] {stage}.py {' '.join(stage_args[stage])}", flush=True)
+        code = importlib.import_module(stage).main(stage_args[stage])
+        if code != 0:
+            print(f"\nstopped: {stage}.py failed (exit {code}); fix the problem above and rerun (finished stages are "
+                  f"skipped)", file=sys.stderr)
+            return code
+    print(f"\n✓ pipeline finished in {time.time() - started:.0f}s; the adapter is in "
+          f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}/, the evaluation in {folders.RESULTS_DIR}/, the merged "
+          f"model in {folders.EXPORT_DIR}/; try: python generate.py "
+          + (DEMO_TRY if args.demo else '--prompt "Write a function to ..."'))
+    return 0
 
 
 def group_flags(extra: list[str]) -> dict[str, list[str]]:
@@ -70,7 +111,7 @@ def stage_argv(stage: str, flags: set[str], groups: dict[str, list[str]], demo: 
     if demo and "--demo" in flags:
         chosen["--demo"] = []
     if stage in ("verify_model", "evaluate"):
-        chosen["--adapter"] = [f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}"]
+        chosen["--adapter"] = [f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}"]
     if stage == "evaluate":
         chosen["--compare-base"] = []
     if stage in ("evaluate", "export"):
@@ -81,38 +122,6 @@ def stage_argv(stage: str, flags: set[str], groups: dict[str, list[str]], demo: 
         if flag in flags:
             argv += [flag, *values]
     return argv
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", action="store_true", help="run offline on the tiny demo model and the bundled problems")
-    return parser
-
-
-@common.report_errors
-def main(argv=None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    groups = group_flags(extra)
-    modules = {stage: importlib.import_module(stage) for stage in STAGES}
-    known = {stage: stage_flags(module.build_parser()) for stage, module in modules.items()}
-    problems = [f"{flag} means a different folder in each stage: run the stages one by one to change folders"
-                for flag in groups if flag in FOLDER_FLAGS]
-    problems += [f"no stage has the flag {flag}" for flag in groups
-                 if flag not in FOLDER_FLAGS and not any(flag in flags for flags in known.values())]
-    common.fail_on_problems(problems)
-
-    started = time.time()
-    for number, stage in enumerate(STAGES, start=1):
-        stage_args = stage_argv(stage, known[stage], groups, args.demo)
-        print(f"\n=== [{number}/{len(STAGES)}] {stage}.py {' '.join(stage_args)}", flush=True)
-        code = modules[stage].main(stage_args)
-        if code != 0:
-            print(f"\nstopped: {stage}.py failed (exit {code}); fix the problem above and rerun (finished stages are skipped)", file=sys.stderr)
-            return code
-    print(f"\n✓ pipeline finished in {time.time() - started:.0f}s; the adapter is in {common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}/, "
-          f"the evaluation in {common.RESULTS_DIR}/, the merged model in {common.EXPORT_DIR}/; try: python generate.py "
-          + (DEMO_TRY if args.demo else '--prompt "Write a function to ..."'))
-    return 0
 
 
 if __name__ == "__main__":

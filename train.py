@@ -7,23 +7,24 @@ Run:
 
 Reads:  model/ (download_model.py), prepared_data/ (prepare_data.py)
 Stop:   Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and says how to resume; a second
-        Ctrl-C stops at once. Checkpoints are written atomically (see trainer.py).
+        Ctrl-C stops at once. Checkpoints are written atomically (see pipeline/trainer.py).
 Writes: checkpoints/run_settings.json, checkpoints/checkpoint-<step>/ (every --save-steps, the last --keep-last
         kept), checkpoints/final/ (adapter_config.json, adapter_model.safetensors, tokenizer,
         training_settings.json), metrics.json, training_curves.png, logs/ (TensorBoard)
-Needs:  common.py, checkpoints.py, formats.py, monitoring.py, and once training starts trainer.py and chunked_loss.py
+Needs:  pipeline/
 Next:   verify_model.py --adapter checkpoints/final
 
 The recipe is QLoRA (Dettmers et al. 2023): the base weights frozen in 4-bit NF4 with double quantisation,
 LoRA adapters on every linear projection, gradient checkpointing, paged 8-bit AdamW, cosine schedule with
 warm-up. Two things keep it within a 6 GB GPU: the loss projects only the labelled positions onto the
 151,936-entry vocabulary, a chunk at a time, instead of materialising logits for the whole batch
-(chunked_loss.py); and batches are padded only to their longest example, with examples of similar length
+(pipeline/loss.py); and batches are padded only to their longest example, with examples of similar length
 batched together.
 
-The code reads top to bottom in five phases: main() checks (flags and folders, nothing heavy) and takes the run
-folder's lock; run() plans (every setting settled into one frozen RunSettings), builds (tokenizer, 4-bit model,
-LoRA, Trainer), trains and saves.
+The code reads top to bottom in the order it runs: main() checks the flags and folders (nothing heavy) and
+takes the run folder's lock; run() loads the inputs, builds the 4-bit model with its LoRA adapters, plans (every
+setting settled once into a frozen RunSettings; after the build, because --auto-batch-size measures the built
+model), trains and saves.
 """
 
 from __future__ import annotations
@@ -40,11 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-import checkpoints
-import common
-import formats
-import monitoring
-from common import StageError
+from pipeline import cli, data, folders, memory, models, monitoring, prompts, run_folder
+from pipeline.cli import StageError
 
 # Settings that make a checkpoint meaningless for another run if they differ.
 RESUME_KEYS = ("model", "prepared_data", "prepared_fingerprint", "template", "lora_r", "lora_alpha", "load_in_4bit")
@@ -52,47 +50,78 @@ RESUME_KEYS = ("model", "prepared_data", "prepared_fingerprint", "template", "lo
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive_int, positive_float = cli.positive(int), cli.positive(float)
     # folders
-    parser.add_argument("--model", default=common.MODEL_DIR, help="base model folder (default: %(default)s)")
-    parser.add_argument("--data", default=common.PREPARED_DIR, help="folder written by prepare_data.py (default: %(default)s)")
-    parser.add_argument("--out", default=common.CHECKPOINTS_DIR, help="checkpoint and adapter folder (default: %(default)s)")
+    parser.add_argument("--model", default=folders.MODEL_DIR, help="base model folder (default: %(default)s)")
+    parser.add_argument("--data", default=folders.PREPARED_DIR,
+                        help="folder written by prepare_data.py (default: %(default)s)")
+    parser.add_argument("--out", default=folders.CHECKPOINTS_DIR,
+                        help="checkpoint and adapter folder (default: %(default)s)")
     # optimisation
-    parser.add_argument("--epochs", type=common.positive(float), default=3, help="passes over the training split (default: %(default)s)")
-    parser.add_argument("--max-steps", type=common.positive(int), default=None, help="stop after this many optimiser steps; overrides --epochs (smoke runs)")
-    parser.add_argument("--batch-size", type=common.positive(int), default=4, help="micro-batch: examples per forward pass (default: %(default)s)")
-    parser.add_argument("--grad-accum", type=common.positive(int), default=4, help="micro-batches per optimiser step (default: %(default)s)")
-    parser.add_argument("--lr", type=common.positive(float), default=2e-4, help="peak learning rate (default: %(default)s)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps for linear warm-up, in [0, 1) (default: %(default)s)")
-    parser.add_argument("--optim", default=None, help="Trainer optimiser name (default: paged_adamw_8bit on CUDA with 4-bit, adamw_8bit on CPU, else adamw_torch)")
-    parser.add_argument("--seed", type=int, default=42, help="seed for LoRA initialisation and data order (default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_float, default=3,
+                        help="passes over the training split (default: %(default)s)")
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="stop after this many optimiser steps; overrides --epochs (smoke runs)")
+    parser.add_argument("--batch-size", type=positive_int, default=4,
+                        help="micro-batch: examples per forward pass (default: %(default)s)")
+    parser.add_argument("--grad-accum", type=positive_int, default=4,
+                        help="micro-batches per optimiser step (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.05,
+                        help="share of steps for linear warm-up, in [0, 1) (default: %(default)s)")
+    parser.add_argument("--optim", default=None, help="Trainer optimiser name (default: paged_adamw_8bit on CUDA "
+                                                      "with 4-bit, adamw_8bit on CPU, else adamw_torch)")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed for LoRA initialisation and data order (default: %(default)s)")
     # LoRA
-    parser.add_argument("--lora-r", type=common.positive(int), default=16, help="LoRA rank (default: %(default)s)")
-    parser.add_argument("--lora-alpha", type=common.positive(float), default=None, help="LoRA scaling alpha (default: 2 x rank)")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input, in [0, 1) (default: %(default)s)")
-    parser.add_argument("--no-4bit", action="store_true", help="load the base model unquantised in the compute dtype (needs more memory)")
+    parser.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (default: %(default)s)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
+                        help="LoRA scaling alpha (default: 2 x rank)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05,
+                        help="dropout on the LoRA input, in [0, 1) (default: %(default)s)")
+    parser.add_argument("--no-4bit", action="store_true",
+                        help="load the base model unquantised in the compute dtype (needs more memory)")
     # memory
     parser.add_argument("--loss", choices=["chunked", "standard"], default="chunked",
-                        help="chunked: project only labelled positions, in chunks (default); standard: the model's own loss")
+                        help="chunked: project only labelled positions, in chunks (default); standard: the model's "
+                             "own loss")
     parser.add_argument("--auto-batch-size", action="store_true",
-                        help="on CUDA, use the largest micro-batch that fits and keep the effective batch by raising --grad-accum")
+                        help="on CUDA, use the largest micro-batch that fits and keep the effective batch by raising "
+                             "--grad-accum")
     # checkpoints and logging
-    parser.add_argument("--save-steps", type=common.positive(int), default=50, help="checkpoint and eval loss every N steps (default: %(default)s)")
-    parser.add_argument("--keep-last", type=common.positive(int), default=3, help="checkpoints to keep (default: %(default)s)")
-    parser.add_argument("--logging-steps", type=common.positive(int), default=10, help="one log line every N steps (default: %(default)s)")
+    parser.add_argument("--save-steps", type=positive_int, default=50,
+                        help="checkpoint and eval loss every N steps (default: %(default)s)")
+    parser.add_argument("--keep-last", type=positive_int, default=3, help="checkpoints to keep (default: %(default)s)")
+    parser.add_argument("--logging-steps", type=positive_int, default=10,
+                        help="one log line every N steps (default: %(default)s)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue from the newest checkpoint in --out, or from PATH")
-    parser.add_argument("--force-resume", action="store_true", help="resume even though key settings (model, data, LoRA) differ from the checkpoint's")
-    parser.add_argument("--overwrite", action="store_true", help="delete the checkpoints of an earlier run in --out and start over")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume even though key settings (model, data, LoRA) differ from the checkpoint's")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the checkpoints of an earlier run in --out and start over")
     return parser
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Processes: under torchrun or accelerate launch every process runs this script; only the first one writes
-# and talks. This is the only place that reads the launcher's environment.
+@cli.report_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    ranks = Ranks.from_environment()
+    stats, finished = check(args)
+    if finished:
+        ranks.say(f"✓ {args.out}/{folders.FINAL_ADAPTER}/ already holds an adapter trained with these settings: "
+                  f"skipping (use --overwrite to train again)")
+        return 0
+    # One train.py at a time per run folder (the first process of a multi-process run holds it for all).
+    with run_folder.run_lock(args.out) if ranks.is_main else contextlib.nullcontext():
+        return run(args, stats, ranks, argv)
 
 
 @dataclasses.dataclass(frozen=True)
 class Ranks:
+    """Under torchrun or accelerate launch every process runs this script; only the first one writes and talks.
+    The only place that reads the launcher's environment."""
+
     rank: int = 0
     world_size: int = 1
 
@@ -122,47 +151,198 @@ def check(args) -> tuple[dict, bool]:
         problems.append(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.resume and args.overwrite:
         problems.append("--resume and --overwrite contradict each other: choose one")
-    model_problem = common.model_folder_problem(args.model)
+    model_problem = models.model_folder_problem(args.model)
     if model_problem:
         problems.append(model_problem)
     try:
-        common.require_dataset_dir(args.data, "prepare_data.py")
-        stats = common.prepared_stats(args.data)
+        folders.require_dataset_dir(args.data, "prepare_data.py")
+        stats = data.prepared_stats(args.data)
     except StageError as error:
         problems.append(str(error))
     if stats and not model_problem:
-        recorded_id = (Path(args.model) / common.DOWNLOAD_INFO).is_file()  # a Hub id, not just a path
-        model_id = common.model_id(args.model)
-        if recorded_id and stats["settings"]["model"] != model_id:
-            problems.append(f"{args.data}/ was tokenized for {stats['settings']['model']} but {args.model}/ holds "
-                            f"{model_id}: run prepare_data.py --model {args.model}")
-        elif stats["settings"].get("tokenizer") != common.tokenizer_fingerprint(args.model):
-            problems.append(f"{args.data}/ was tokenized with another tokenizer than the one in {args.model}/: "
-                            f"run prepare_data.py --model {args.model}")
+        problems += tokenizer_problems(args, stats["settings"])
     if stats.get("settings", {}).get("streaming") and not args.max_steps:
-        problems.append(f"{args.data}/ streams its training text, whose length is unknown: pass --max-steps (e.g. --max-steps 1000)")
+        problems.append(f"{args.data}/ streams its training text, whose length is unknown: pass --max-steps "
+                        f"(e.g. --max-steps 1000)")
     out = Path(args.out)
     finished = finished_before(out, vars(args), stats)
-    earlier = out.is_dir() and (checkpoints.find_checkpoints(out) or (out / common.FINAL_ADAPTER).exists())
+    earlier = out.is_dir() and (run_folder.find_checkpoints(out) or (out / folders.FINAL_ADAPTER).exists())
     if not args.resume and not args.overwrite and earlier and not finished:
-        problems.append(f"{out}/ holds an earlier run: pass --resume to continue it, --overwrite to start over, or --out for a new folder")
-    if common.out_file_problem(out):
-        problems.append(common.out_file_problem(out))
+        problems.append(f"{out}/ holds an earlier run: pass --resume to continue it, --overwrite to start over, or "
+                        f"--out for a new folder")
+    if folders.out_file_problem(out):
+        problems.append(folders.out_file_problem(out))
     if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
         problems.append(f"--resume {args.resume}: no such checkpoint folder")
-    common.fail_on_problems(problems)
+    cli.fail_on_problems(problems)
     return stats, finished and not args.overwrite
+
+
+def tokenizer_problems(args, prepared: dict) -> list[str]:
+    """The prepared data must have been tokenized for this model (its Hub id) with this very tokenizer."""
+    recorded_id = (Path(args.model) / folders.DOWNLOAD_INFO).is_file()  # a Hub id, not just a path
+    model_id = models.model_id(args.model)
+    if recorded_id and prepared["model"] != model_id:
+        return [f"{args.data}/ was tokenized for {prepared['model']} but {args.model}/ holds {model_id}: run "
+                f"prepare_data.py --model {args.model}"]
+    if prepared.get("tokenizer") != models.tokenizer_fingerprint(args.model):
+        return [f"{args.data}/ was tokenized with another tokenizer than the one in {args.model}/: run "
+                f"prepare_data.py --model {args.model}"]
+    return []
 
 
 def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
     """Whether out/final already holds an adapter trained with this very command line and prepared data, on the
     same download of the base model (a model/ downloaded again at another revision keeps its id and tokenizer)."""
-    saved = out / common.FINAL_ADAPTER / common.TRAINING_SETTINGS
+    saved = out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS
     if not saved.is_file():
         return False
-    previous = common.read_json(saved)
+    previous = folders.read_json(saved)
     return (previous.get("arguments") == arguments and previous.get("prepared_stats") == stats
-            and previous.get("base_model_source") == common.download_info(arguments["model"]))
+            and previous.get("base_model_source") == folders.download_info(arguments["model"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run: load -> build -> plan -> train -> save.
+
+
+def run(args, stats: dict, ranks: Ranks, argv) -> int:
+    """Trains for checked arguments, with the run folder held."""
+    say, out = ranks.say, Path(args.out)
+    memory.return_freed_memory()  # before the model is loaded: every large buffer from here on
+    models.quiet_libraries()
+    inputs = load_inputs(args, stats, say)
+    targets = models.find_lora_targets(args.model)
+    model = build_model(args.model, inputs.choice, inputs.load_in_4bit, args.lora_r, lora_alpha(args),
+                        args.lora_dropout, args.seed, targets)
+    # Inside this block the model returns its last hidden states instead of logits, and compute_loss projects only
+    # the labelled positions onto the vocabulary (pipeline/loss.py); the output layer is back on leaving, so the
+    # adapter is saved with the real model. compute_loss is None with --loss standard: the model's own loss.
+    with loss_for(model, args.loss) as compute_loss:
+        settings = plan(args, stats, inputs, model, compute_loss, targets, ranks)
+        checkpoint = resume_point(args.resume, args.force_resume, out, settings, say)
+        if ranks.is_main:
+            prepare_run_folder(out, args.overwrite, checkpoint is not None, settings)
+        trainer, padding = build_trainer(settings, model, compute_loss, inputs, out, say)
+        started = time.time()
+        if checkpoint:
+            say(f"resuming from {checkpoint}")
+        outcome = trainer.train(resume_from_checkpoint=checkpoint)
+        if trainer.stop.signal_name is not None:
+            return stopped(trainer, settings, out, argv, say)
+        history = trainer.state.log_history
+        result = {"global_step": trainer.state.global_step, "train_loss": outcome.training_loss,
+                  "padding_share": round(padding, 4),
+                  "last_train_loss": next((e["loss"] for e in reversed(history) if "loss" in e), None),
+                  "eval_loss": trainer.final_eval_loss(), "runtime_s": round(time.time() - started, 1)}
+    if ranks.is_main:  # the first process saves the adapter
+        save(model, inputs.tokenizer, settings, result, out, say)
+        say(f"next: python verify_model.py --model {args.model} --adapter {out / folders.FINAL_ADAPTER}")
+    return 0
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the run trains on and where: the device, the tokenizer, the two splits."""
+
+    choice: models.DeviceChoice
+    load_in_4bit: bool
+    tokenizer: object
+    train_rows: object  # a Dataset, or an IterableDataset of packed blocks for a streamed source
+    eval_rows: object
+    stream: dict | None  # a streamed source's settings, from stats.json
+    longest: int  # tokens in the longest training example
+
+    @property
+    def n_train(self) -> int | None:
+        return None if self.stream else len(self.train_rows)
+
+
+def load_inputs(args, stats: dict, say) -> Inputs:
+    from datasets import load_from_disk
+
+    choice = models.pick_device()
+    load_in_4bit = models.use_4bit(choice, args.no_4bit, say)
+    prepared = load_from_disk(args.data)
+    tokenizer = models.load_tokenizer(args.model)
+    settings = stats["settings"]
+    stream = settings.get("streaming")
+    if stream:
+        train_rows, longest = streamed_blocks(stream, tokenizer, settings["max_length"]), settings["max_length"]
+    else:
+        train_rows = prepared["train"]
+        longest = max(train_rows["length"])
+    return Inputs(choice, load_in_4bit, tokenizer, train_rows, prepared["eval"], stream, longest)
+
+
+def streamed_blocks(stream: dict, tokenizer, block: int):
+    """The training blocks of a streamed source: its files after the held-out ones, packed as prepare_data.py
+    packs text, read lazily (an IterableDataset: the Trainer takes batches as it needs them, and starts over at its
+    end)."""
+    from datasets import IterableDataset
+
+    def blocks():
+        rows = data.open_stream(stream["source"]).skip(stream["skip_files"])
+        yield from data.pack_blocks((row[stream["column"]] for row in rows), tokenizer, block)
+
+    return IterableDataset.from_generator(blocks)
+
+
+def lora_alpha(args) -> float:
+    return args.lora_alpha or 2 * args.lora_r
+
+
+def build_model(model_dir: str, choice, load_in_4bit: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
+                seed: int, lora_targets: list[str] | None = None):
+    """The base model (4-bit NF4 or plain) prepared for training, with LoRA adapters on `lora_targets` (by default
+    every linear projection of its decoder blocks, see models.find_lora_targets)."""
+    lora_targets = lora_targets or models.find_lora_targets(model_dir)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    from pipeline import loss
+
+    model = models.load_model(model_dir, choice, load_in_4bit)
+    # Gradient checkpointing recomputes activations in backward: far less memory for ~30% more compute.
+    # The non-reentrant form works with frozen inputs and under DDP.
+    checkpointing = {"use_reentrant": False}
+    if load_in_4bit:
+        # Casts norms to fp32 for stability and makes the frozen inputs carry gradients for checkpointing.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=checkpointing)
+        # The frozen tied embedding / output layer gains nothing from the fp32 upcast done above.
+        loss.keep_embedding_in_compute_dtype(model, choice.dtype)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if load_in_4bit and choice.device == "cpu":
+        keep_trainable_4bit_layout(model)
+    set_seed(seed)  # LoRA's A matrices are random: same seed, same start
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def keep_trainable_4bit_layout(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its inference kernel the first time it runs
+    in eval mode without gradients (the mid-run evaluation), and from then on training goes through that kernel,
+    which has no backward and adds the bias in place (a crash under DDP). Keep the trainable layout all run."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def loss_for(model, loss: str):
+    """A context manager yielding the Trainer's compute_loss_func: the chunked loss with the output layer
+    skipped inside the block (put back on leaving), or None for the model's own loss."""
+    if loss == "standard":
+        return contextlib.nullcontext(None)
+    from pipeline.loss import output_layer_skipped
+
+    return output_layer_skipped(model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,58 +394,39 @@ class RunSettings:
         return dataclasses.asdict(self)
 
 
-def find_lora_targets(model_dir: str) -> list[str]:
-    """The names of every linear projection in the model's decoder blocks, in the order they appear: q_proj ...
-    down_proj for Qwen2 and Llama, c_attn, c_proj, c_fc for GPT-2. Never the output layer (nor the embeddings),
-    as in QLoRA. Read from the architecture built on the meta device: no weights are loaded."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    output = skeleton.get_output_embeddings()
-    names: list[str] = []
-    for path, module in skeleton.named_modules():
-        name = path.rsplit(".", 1)[-1]
-        if module is not output and isinstance(module, (torch.nn.Linear, Conv1D)) and name not in names:
-            names.append(name)
-    if not names:
-        raise StageError(f"the {skeleton.config.model_type} model in {model_dir}/ has no linear layers for LoRA adapters")
-    return names
+def plan(args, stats: dict, inputs: Inputs, model, compute_loss, lora_targets: list[str], ranks: Ranks) -> RunSettings:
+    """The run's settings, with the micro-batch that --auto-batch-size measured on the built model (CUDA)."""
+    batch = (args.batch_size, args.grad_accum)
+    if args.auto_batch_size and inputs.choice.device == "cuda":
+        model.train()  # gradient checkpointing is active in train mode only
+        batch = memory.fit_batch(*batch, lambda b: memory.cuda_batch_fits(model, compute_loss, b, inputs.longest))
+        ranks.say(f"--auto-batch-size: micro-batch {batch[0]} x accumulation {batch[1]} (asked {args.batch_size} x "
+                  f"{args.grad_accum})")
+    elif args.auto_batch_size:
+        ranks.say(f"--auto-batch-size measures GPU memory and needs CUDA: keeping micro-batch {args.batch_size}")
+    return plan_run(args, stats, inputs.choice, inputs.load_in_4bit, inputs.n_train, ranks.world_size, lora_targets,
+                    batch)
 
 
-def default_optimizer(device: str, load_in_4bit: bool) -> str:
-    """Paged 8-bit AdamW on CUDA (pages optimiser state to RAM under memory pressure); bitsandbytes' 8-bit
-    AdamW on CPU, where paging does not exist; plain AdamW when the model is not quantised."""
-    if not load_in_4bit:
-        return "adamw_torch"
-    return "paged_adamw_8bit" if device == "cuda" else "adamw_8bit"
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum))
-
-
-def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int, processes: int, lora_targets: list[str],
-             fitted_batch: tuple[int, int] | None = None) -> RunSettings:
-    """Every setting of the run from the flags, the data, the device and the model's LoRA targets. `fitted_batch`
-    is the (micro-batch, accumulation) that --auto-batch-size measured on the GPU; it replaces the asked ones."""
-    batch_size, grad_accum = fitted_batch or (args.batch_size, args.grad_accum)
-    per_epoch = steps_per_epoch(n_train, batch_size * processes, grad_accum)
+def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int | None, processes: int,
+             lora_targets: list[str], batch: tuple[int, int] | None = None) -> RunSettings:
+    """Every setting of the run from the flags, the data, the device, the model's LoRA targets and the micro-batch
+    and accumulation to use (the asked ones unless given). `n_train` is None for a streamed source, whose length
+    is unknown: its "epoch" is the --max-steps that check() required."""
+    batch_size, grad_accum = batch or (args.batch_size, args.grad_accum)
+    per_epoch = args.max_steps if n_train is None else steps_per_epoch(n_train, batch_size * processes, grad_accum)
     return RunSettings(
         arguments=dict(vars(args)),
         prepared_stats=stats,
         model=str(Path(args.model).resolve()),
-        base_model_id=common.model_id(args.model),
-        base_model_source=common.download_info(args.model),
+        base_model_id=models.model_id(args.model),
+        base_model_source=folders.download_info(args.model),
         prepared_data=str(Path(args.data).resolve()),
         prepared_fingerprint=stats.get("fingerprint", ""),
         template=stats["settings"]["template"],
         max_length=stats["settings"]["max_length"],
         lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha or 2 * args.lora_r,
+        lora_alpha=lora_alpha(args),
         lora_dropout=args.lora_dropout,
         lora_target_modules=list(lora_targets),
         load_in_4bit=load_in_4bit,
@@ -290,206 +451,119 @@ def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int, proces
     )
 
 
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum))
+
+
+def default_optimizer(device: str, load_in_4bit: bool) -> str:
+    """Paged 8-bit AdamW on CUDA (pages optimiser state to RAM under memory pressure); bitsandbytes' 8-bit
+    AdamW on CPU, where paging does not exist; plain AdamW when the model is not quantised."""
+    if not load_in_4bit:
+        return "adamw_torch"
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_8bit"
+
+
 def resume_point(resume: str | None, force: bool, out: Path, settings: RunSettings, say=print) -> str | None:
     """The checkpoint to resume from, after checking it belongs to a run with the same key settings."""
     if not resume:
         return None
     if resume == "latest":
-        checkpoint = checkpoints.latest_valid_checkpoint(out)
+        checkpoint = run_folder.latest_valid_checkpoint(out)
         if checkpoint is None:
             say(f"--resume: no usable checkpoint in {out}/ yet: starting from step 0")
             return None
     else:
         checkpoint = Path(resume)
-        problem = checkpoints.checkpoint_problem(checkpoint)
+        problem = run_folder.checkpoint_problem(checkpoint)
         if problem:
-            raise StageError(f"cannot resume from {checkpoint}: {problem}; try --resume without a path to pick the newest good one")
-    saved_path = out / common.RUN_SETTINGS
+            raise StageError(f"cannot resume from {checkpoint}: {problem}; try --resume without a path to pick the "
+                             f"newest good one")
+    saved_path = out / folders.RUN_SETTINGS
     if saved_path.is_file():
-        saved, current = common.read_json(saved_path), settings.to_json()
-        differing = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESUME_KEYS if saved.get(key) != current[key]]
+        saved, current = folders.read_json(saved_path), settings.to_json()
+        differing = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESUME_KEYS
+                     if saved.get(key) != current[key]]
         if differing and not force:
-            raise StageError(f"cannot resume {checkpoint}: it was trained with other settings or data ({'; '.join(differing)}); "
-                             f"use --overwrite to start over, or --force-resume")
+            raise StageError(f"cannot resume {checkpoint}: it was trained with other settings or data "
+                             f"({'; '.join(differing)}); use --overwrite to start over, or --force-resume")
     return str(checkpoint)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Memory: an estimate printed before training, and the batch fit of --auto-batch-size (CUDA).
-
-
-def estimate_peak_memory(config, micro_batch: int, seq_len: int, lora_r: int, load_in_4bit: bool = True,
-                         dtype_bytes: int = 2, optimizer_bytes: float = 2.0, chunked_loss: bool = True,
-                         labelled_share: float = 0.5, chunk_size: int = 128) -> dict:
-    """Estimated bytes of GPU memory at the peak of a training step, by component. Deliberately simple: which
-    terms dominate, and how they scale.
-
-    config: a transformers config of a decoder-only model (Qwen2, Llama, GPT-2, ...); optimizer_bytes: bytes of optimiser state per trainable
-    parameter (2 for 8-bit AdamW's two moments, 8 for fp32 AdamW); labelled_share: share of positions that carry
-    a label (the solution; the prompt is masked); chunk_size: rows of logits the chunked loss projects at a time.
-    """
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden  # GPT-2: n_inner or 4 x
-    kv = hidden * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) // config.num_attention_heads
-    embedding_copies = 1 if getattr(config, "tie_word_embeddings", True) else 2  # an untied output layer is a second one
-    per_layer_linear = hidden * hidden * 2 + hidden * kv * 2 + hidden * inter * 3  # q, o, k, v, gate, up, down
-    linear_params = per_layer_linear * layers
-    # NF4 with double quantisation: 4 bits per weight plus ~0.13 bits of quantisation constants.
-    weight_bytes = linear_params * (4.13 / 8 if load_in_4bit else dtype_bytes) + embedding_copies * vocab * hidden * dtype_bytes
-    lora_params = lora_r * layers * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))
-    lora_bytes = lora_params * (4 + 4 + optimizer_bytes)  # fp32 weights, fp32 gradients, optimiser state
-    tokens = micro_batch * seq_len
-    # Gradient checkpointing keeps each layer's input; one layer's activations are live during recompute.
-    kept_inputs = tokens * hidden * dtype_bytes * layers
-    one_layer = tokens * (10 * hidden + 3 * inter) * dtype_bytes
-    if chunked_loss:
-        # one chunk of logits in the compute dtype and in fp32, and the gradient of the labelled hidden states
-        loss = min(chunk_size, tokens) * vocab * (dtype_bytes + 4) + tokens * labelled_share * hidden * 4 * 2
-    else:
-        # logits in the compute dtype, their fp32 upcast, log-softmax and its gradient, over every position
-        loss = tokens * vocab * (dtype_bytes + 4 + 4 + 4)
-    parts = {"weights": weight_bytes, "lora_and_optimizer": lora_bytes, "activations": kept_inputs + one_layer, "loss": loss}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def describe_estimate(parts: dict) -> str:
-    detail = ", ".join(f"{name.replace('_', ' ')} {value / common.GIB:.2f}" for name, value in parts.items() if name != "total")
-    return f"{parts['total'] / common.GIB:.2f} GiB ({detail}; CUDA's own context adds ~0.3-0.5 GiB outside this)"
-
-
-def fit_batch(requested_batch: int, grad_accum: int, fits) -> tuple[int, int]:
-    """Largest micro-batch <= the effective batch for which fits(batch) holds, and the accumulation that keeps
-    the effective batch (micro-batch x accumulation) as close as possible to what was asked."""
-    effective = requested_batch * grad_accum
-    batch = effective
-    while batch > 1 and not fits(batch):
-        batch //= 2
-    return batch, max(1, math.ceil(effective / batch))
-
-
-def cuda_batch_fits(model, compute_loss, batch: int, seq_len: int) -> bool:
-    """Try one forward and backward pass of `batch` examples of `seq_len` tokens, every position labelled (the
-    worst case), and keep 10 % of the GPU free for the optimiser state and fragmentation."""
-    import torch
-
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
-    try:
-        if compute_loss:
-            loss = compute_loss(model(input_ids=ids, attention_mask=torch.ones_like(ids)), ids)
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        fits = torch.cuda.max_memory_allocated() < 0.9 * torch.cuda.get_device_properties(0).total_memory
-    except torch.cuda.OutOfMemoryError:
-        fits = False
-    model.zero_grad(set_to_none=True)
-    torch.cuda.empty_cache()
-    return fits
+def prepare_run_folder(out: Path, overwrite: bool, resuming: bool, settings: RunSettings) -> None:
+    """Clear an earlier run on --overwrite, drop half-written checkpoints, record this run's settings."""
+    if overwrite:
+        for old in run_folder.find_checkpoints(out) + [out / folders.FINAL_ADAPTER]:
+            shutil.rmtree(old, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    run_folder.remove_staging(out)  # half-written checkpoints of an interrupted save
+    if not (resuming and (out / folders.RUN_SETTINGS).is_file()):
+        folders.write_json(out / folders.RUN_SETTINGS, settings.to_json())
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Build: batches, the model with its LoRA adapters, the loss.
+# Train: the Trainer, what it will do printed first.
 
 
-def padding_share(batches: list[list[int]], pad_to: int | None = None) -> float:
-    """Share of padding among the tokens of `batches` (lists of example lengths), each padded to its longest
-    example, or to `pad_to` tokens."""
-    padded = sum((pad_to or max(lengths)) * len(lengths) for lengths in batches)
-    return 1 - sum(map(sum, batches)) / max(1, padded)
+def build_trainer(settings: RunSettings, model, compute_loss, inputs: Inputs, out: Path, say):
+    """The Trainer, and the share of padding in an epoch of its batches; what it will do is printed first."""
+    from pipeline.trainer import PipelineTrainer
+
+    trainable, total = model.get_nb_trainable_parameters()
+    say(describe_plan(settings, inputs, trainable, total))
+    estimate = memory.estimate_peak_memory(
+        model.config, settings.batch_size, inputs.longest, settings.lora_r, settings.load_in_4bit,
+        dtype_bytes=2 if settings.device == "cuda" else 4, optimizer_bytes=2 if "8bit" in settings.optim else 8,
+        chunked_loss=settings.loss == "chunked")
+    where = "" if settings.device == "cuda" else " (were this a GPU run)"
+    say(f"estimated peak GPU memory{where} at micro-batch {settings.batch_size} x {inputs.longest} tokens: "
+        f"{memory.describe_estimate(estimate)}")
+    example = (inputs.eval_rows if inputs.stream else inputs.train_rows)[0]
+    say("one training example (only the part in ⟦ ⟧ is trained):\n" + show_trained_span(inputs.tokenizer, example))
+    multiple = 8 if settings.device == "cuda" else 1  # tensor cores like multiples of 8
+    pad_id = inputs.tokenizer.pad_token_id
+    trainer = PipelineTrainer(
+        model=model,
+        args=training_arguments(settings, out, grouped=not inputs.stream),
+        train_dataset=inputs.train_rows,
+        eval_dataset=inputs.eval_rows,
+        data_collator=lambda features: data.pad_batch(features, pad_id, multiple),
+        compute_loss_func=compute_loss,
+        run_dir=out,
+        total_steps=settings.total_steps,
+        settings=settings.to_json(),
+        trainable_params=trainable,
+    )
+    if inputs.stream:  # full blocks of packed text: nothing to pad, and the stream is not read twice
+        say(f"training text streamed from {inputs.stream['source']['dataset']} after its first "
+            f"{inputs.stream['skip_files']} files (held out), packed in blocks of {inputs.longest} tokens")
+        return trainer, 0.0
+    lengths = [batch["attention_mask"].sum(dim=1).tolist() for batch in trainer.get_train_dataloader()]
+    padding = data.padding_share(lengths)
+    say(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their "
+        f"longest)")
+    return trainer, padding
+
+
+def describe_plan(settings: RunSettings, inputs: Inputs, trainable: int, total: int) -> str:
+    precision = "4-bit NF4" if settings.load_in_4bit else settings.compute_dtype
+    processes = f" x {settings.processes} processes" if settings.processes > 1 else ""
+    n_train = "streamed" if inputs.n_train is None else inputs.n_train
+    return "\n".join([
+        f"device: {inputs.choice.reason}",
+        f"model: {settings.model} ({precision}), LoRA r={settings.lora_r} alpha={settings.lora_alpha:g} on "
+        f"{', '.join(settings.lora_target_modules)}",
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
+        f"examples: train {n_train}, eval {len(inputs.eval_rows)} · effective batch {settings.batch_size} x "
+        f"{settings.grad_accum}{processes} = {settings.effective_batch} · {settings.steps_per_epoch} steps/epoch · "
+        f"{settings.total_steps} steps in total · optimiser {settings.optim}",
+    ])
 
 
 def show_trained_span(tokenizer, example: dict) -> str:
     """Decode one example with the trained tokens (labels != -100) between ⟦ and ⟧."""
     ids, labels = example["input_ids"], example["labels"]
-    first = next(i for i, label in enumerate(labels) if label != common.IGNORE_INDEX)
+    first = next(i for i, label in enumerate(labels) if label != prompts.IGNORE_INDEX)
     return tokenizer.decode(ids[:first]) + "⟦" + tokenizer.decode(ids[first:]) + "⟧"
-
-
-def build_model(model_dir: str, choice, load_in_4bit: bool, lora_r: int, lora_alpha: float, lora_dropout: float, seed: int,
-                lora_targets: list[str] | None = None):
-    """The base model (4-bit NF4 or plain) prepared for training, with LoRA adapters on `lora_targets` (by default
-    every linear projection of its decoder blocks, see find_lora_targets)."""
-    lora_targets = lora_targets or find_lora_targets(model_dir)
-    import chunked_loss
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import set_seed
-
-    model = common.load_model(model_dir, choice, load_in_4bit)
-    # Gradient checkpointing recomputes activations in backward: far less memory for ~30% more compute.
-    # The non-reentrant form works with frozen inputs and under DDP.
-    checkpointing = {"use_reentrant": False}
-    if load_in_4bit:
-        # Casts norms to fp32 for stability and makes the frozen inputs carry gradients for checkpointing.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=checkpointing)
-        # The frozen tied embedding / output layer gains nothing from the fp32 upcast done above.
-        chunked_loss.keep_embedding_in_compute_dtype(model, choice.dtype)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-        model.enable_input_require_grads()
-    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    if load_in_4bit and choice.device == "cpu":
-        # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its inference kernel the first time
-        # it runs in eval mode without gradients (the mid-run evaluation), and from then on training goes
-        # through that kernel, which has no backward and adds the bias in place (a crash under DDP). Keep the
-        # trainable layout for the whole run.
-        import bitsandbytes as bnb
-
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
-    set_seed(seed)  # LoRA's A matrices are random: same seed, same start
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets,
-                      bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
-def loss_for(model, loss: str):
-    """A context manager yielding the Trainer's compute_loss_func: the chunked loss with the output layer
-    skipped inside the block (put back on leaving), or None for the model's own loss."""
-    if loss == "standard":
-        return contextlib.nullcontext(None)
-    import chunked_loss
-
-    return chunked_loss.output_layer_skipped(model)
-
-
-# glibc serves allocations below a threshold from its heap and keeps what is freed there; the threshold starts at
-# 128 KiB but rises to the size of any large buffer freed (up to 32 MiB). A CPU training step frees and
-# reallocates hundreds of 3-40 MB buffers (dequantised weights, activations), and the heap fragments: 4.3 GiB
-# resident for 1.8 GiB in use (bench/whole_run.py). With a fixed threshold of 4 MiB those buffers are mapped and
-# unmapped, and freed memory goes back: 2.3 GiB, for up to ~15 % of CPU speed (1 MiB: the same memory, slower;
-# 16 MiB: no gain). CUDA tensors are not concerned: they live in CUDA's caching allocator.
-GLIBC_MMAP_THRESHOLD = 4 << 20
-
-
-def return_freed_memory() -> bool:
-    """Make glibc give large freed buffers back to the system (see GLIBC_MMAP_THRESHOLD). Not where the user set
-    MALLOC_MMAP_THRESHOLD_ themselves, nor with PIPELINE_GLIBC_DEFAULTS=1 (the benchmark's baseline)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("PIPELINE_GLIBC_DEFAULTS"):
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-    return mallopt(-3, GLIBC_MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD; 1 means it took
-
-
-def streamed_blocks(stream: dict, tokenizer, block: int):
-    """The training blocks of a streamed source: its files after the held-out ones, packed as prepare_data.py packs
-    text, read lazily (an IterableDataset: the Trainer takes batches as it needs them, and starts over at its end)."""
-    from datasets import IterableDataset
-
-    def blocks():
-        rows = common.open_stream(stream["source"]).skip(stream["skip_files"])
-        yield from formats.pack_blocks((row[stream["column"]] for row in rows), tokenizer, block)
-
-    return IterableDataset.from_generator(blocks)
 
 
 def training_arguments(settings: RunSettings, out: Path, grouped: bool = True):
@@ -519,9 +593,9 @@ def training_arguments(settings: RunSettings, out: Path, grouped: bool = True):
         # Batches of similar length: little padding (a stream of packed blocks has nothing to group).
         train_sampling_strategy="group_by_length" if grouped else "sequential",
         length_column_name="length",
-        remove_unused_columns=False,  # common.pad_batch picks the model inputs itself
+        remove_unused_columns=False,  # data.pad_batch picks the model inputs itself
         prediction_loss_only=True,  # evaluation needs the loss only, not every position's logits
-        report_to="none",  # the Trainer's TensorBoard callback is added by trainer.py, writing to <out>/logs
+        report_to="none",  # the Trainer's TensorBoard callback is added by pipeline/trainer.py, writing to <out>/logs
         include_num_input_tokens_seen="non_padding",  # for tokens per second
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda,
@@ -532,156 +606,33 @@ def training_arguments(settings: RunSettings, out: Path, grouped: bool = True):
     )
 
 
-def prepare_run_folder(out: Path, overwrite: bool, resuming: bool, settings: RunSettings) -> None:
-    """Clear an earlier run on --overwrite, drop half-written checkpoints, record this run's settings."""
-    if overwrite:
-        for old in checkpoints.find_checkpoints(out) + [out / common.FINAL_ADAPTER]:
-            shutil.rmtree(old, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoints.remove_staging(out)  # half-written checkpoints of an interrupted save
-    if not (resuming and (out / common.RUN_SETTINGS).is_file()):
-        common.write_json(out / common.RUN_SETTINGS, settings.to_json())
+def stopped(trainer, settings: RunSettings, out: Path, argv, say) -> int:
+    """A Ctrl-C or SIGTERM: the Trainer saved a checkpoint; say how to resume, exit as the signal would."""
+    command = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--resume"]
+    say(f"stopped by {trainer.stop.signal_name} at step {trainer.state.global_step}/{settings.total_steps}; "
+        f"checkpoint saved in {run_folder.find_checkpoints(out)[-1]}/\n"
+        f"resume with: python train.py {shlex.join(command + ['--resume'])}")
+    return 128 + getattr(signal, trainer.stop.signal_name)
 
 
-def describe_plan(settings: RunSettings, choice, trainable: int, total: int, n_train: int, n_eval: int) -> str:
-    precision = "4-bit NF4" if settings.load_in_4bit else settings.compute_dtype
-    processes = f" x {settings.processes} processes" if settings.processes > 1 else ""
-    return "\n".join([
-        f"device: {choice.reason}",
-        f"model: {settings.model} ({precision}), LoRA r={settings.lora_r} alpha={settings.lora_alpha:g} on "
-        f"{', '.join(settings.lora_target_modules)}",
-        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
-        f"examples: train {n_train}, eval {n_eval} · effective batch {settings.batch_size} x {settings.grad_accum}"
-        f"{processes} = {settings.effective_batch} · {settings.steps_per_epoch} steps/epoch · "
-        f"{settings.total_steps} steps in total · optimiser {settings.optim}",
-    ])
+# ----------------------------------------------------------------------------------------------------------
+# Save: the final adapter with the settings that made it, atomically.
 
 
-@common.report_errors
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    ranks = Ranks.from_environment()
-    say, out = ranks.say, Path(args.out)
-
-    # ---- check ------------------------------------------------------------------------------------------
-    stats, finished = check(args)
-    if finished:
-        say(f"✓ {out}/{common.FINAL_ADAPTER}/ already holds an adapter trained with these settings: skipping "
-            f"(use --overwrite to train again)")
-        return 0
-    # One train.py at a time per run folder (the first process of a multi-process run holds it for all).
-    with checkpoints.run_lock(out) if ranks.is_main else contextlib.nullcontext():
-        return run(args, stats, ranks, argv)
-
-
-def run(args, stats: dict, ranks: Ranks, argv) -> int:
-    """plan -> build -> train -> save, for checked arguments, with the run folder held."""
-    say, out = ranks.say, Path(args.out)
-    return_freed_memory()  # before the model is loaded: every large buffer from here on
-    common.quiet_libraries()
-    from datasets import load_from_disk
-
-    import trainer as pipeline_trainer
-
-    # ---- plan -------------------------------------------------------------------------------------------
-    choice = common.pick_device()
-    load_in_4bit = common.use_4bit(choice, args.no_4bit, say)
-    data = load_from_disk(args.data)
-    tokenizer = common.load_tokenizer(args.model)
-    stream = stats["settings"].get("streaming")
-    train_rows, eval_rows = streamed_blocks(stream, tokenizer, stats["settings"]["max_length"]) if stream else data["train"], data["eval"]
-    # A stream's length is unknown: its "epoch" is the --max-steps that check() required.
-    n_train = args.max_steps * args.batch_size * args.grad_accum * ranks.world_size if stream else len(train_rows)
-    settings = plan_run(args, stats, choice, load_in_4bit, n_train, ranks.world_size, find_lora_targets(args.model))
-    checkpoint = resume_point(args.resume, args.force_resume, out, settings, say)
-
-    # ---- build ------------------------------------------------------------------------------------------
-    model = build_model(args.model, choice, load_in_4bit, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.seed,
-                        settings.lora_target_modules)
-    longest = stats["settings"]["max_length"] if stream else max(train_rows["length"])
-    with loss_for(model, settings.loss) as compute_loss:
-        if args.auto_batch_size and choice.device == "cuda":
-            # What fits can only be measured on the built model: the plan is settled again with the fitted batch.
-            model.train()  # gradient checkpointing is active in train mode only
-            fitted = fit_batch(args.batch_size, args.grad_accum, lambda b: cuda_batch_fits(model, compute_loss, b, longest))
-            say(f"--auto-batch-size: micro-batch {fitted[0]} x accumulation {fitted[1]} (asked {args.batch_size} x {args.grad_accum})")
-            settings = plan_run(args, stats, choice, load_in_4bit, len(train_rows), ranks.world_size, settings.lora_target_modules, fitted)
-        elif args.auto_batch_size:
-            say(f"--auto-batch-size measures GPU memory and needs CUDA: keeping micro-batch {args.batch_size}")
-        if ranks.is_main:
-            prepare_run_folder(out, args.overwrite, checkpoint is not None, settings)
-
-        trainable, total = model.get_nb_trainable_parameters()
-        say(describe_plan(settings, choice, trainable, total, "streamed" if stream else len(train_rows), len(eval_rows)))
-        estimate = estimate_peak_memory(model.config, settings.batch_size, longest, settings.lora_r, load_in_4bit,
-                                        dtype_bytes=2 if choice.device == "cuda" else 4,
-                                        optimizer_bytes=2 if "8bit" in settings.optim else 8, chunked_loss=settings.loss == "chunked")
-        where = "" if choice.device == "cuda" else " (were this a GPU run)"
-        say(f"estimated peak GPU memory{where} at micro-batch {settings.batch_size} x {longest} tokens: {describe_estimate(estimate)}")
-        say("one training example (only the part in ⟦ ⟧ is trained):\n" + show_trained_span(tokenizer, (eval_rows if stream else train_rows)[0]))
-
-        multiple = 8 if choice.device == "cuda" else 1  # tensor cores like multiples of 8
-        trainer = pipeline_trainer.PipelineTrainer(
-            model=model,
-            args=training_arguments(settings, out, grouped=not stream),
-            train_dataset=train_rows,
-            eval_dataset=eval_rows,
-            data_collator=lambda features: common.pad_batch(features, tokenizer.pad_token_id, multiple),
-            compute_loss_func=compute_loss,
-            run_dir=out,
-            total_steps=settings.total_steps,
-            settings=settings.to_json(),
-            trainable_params=trainable,
-        )
-        if stream:  # full blocks of packed text: nothing to pad, and the stream is not read twice
-            padding = 0.0
-            say(f"training text streamed from {stream['source']['dataset']} after its first {stream['skip_files']} files "
-                f"(held out), packed in blocks of {longest} tokens")
-        else:
-            padding = padding_share([batch["attention_mask"].sum(dim=1).tolist() for batch in trainer.get_train_dataloader()])
-            say(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their longest)")
-
-        # ---- train ------------------------------------------------------------------------------------------
-        started = time.time()
-        if checkpoint:
-            say(f"resuming from {checkpoint}")
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        if trainer.stop.signal_name is not None:
-            command = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--resume"]
-            say(f"stopped by {trainer.stop.signal_name} at step {trainer.state.global_step}/{settings.total_steps}; "
-                f"checkpoint saved in {checkpoints.find_checkpoints(out)[-1]}/\n"
-                f"resume with: python train.py {shlex.join(command + ['--resume'])}")
-            return 128 + getattr(signal, trainer.stop.signal_name)
-        # The last step is often an evaluation step already; evaluate again only when it was not.
-        last = trainer.state.log_history[-2:]
-        logged = [entry["eval_loss"] for entry in last if "eval_loss" in entry and entry.get("step") == trainer.state.global_step]
-        eval_loss = logged[0] if logged else trainer.evaluate()["eval_loss"]
-        runtime = time.time() - started
-
-    # ---- save (the output layer is back in place) ---------------------------------------------------------
-    if not ranks.is_main:
-        return 0  # the first process saves the adapter
-    final = out / common.FINAL_ADAPTER
-    last_train_loss = next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None)
-    with common.atomic_output_dir(final) as tmp:
+def save(model, tokenizer, settings: RunSettings, result: dict, out: Path, say) -> None:
+    final = out / folders.FINAL_ADAPTER
+    with folders.atomic_output_dir(final) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        common.write_json(tmp / common.TRAINING_SETTINGS, {
-            **settings.to_json(),
-            "result": {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
-                       "padding_share": round(padding, 4), "last_train_loss": last_train_loss,
-                       "eval_loss": eval_loss, "runtime_s": round(runtime, 1)},
-        })
-    say(f"✓ trained {trainer.state.global_step} steps in {runtime:.0f}s: mean train loss {result.training_loss:.4f}, "
-        f"eval loss {eval_loss:.4f}")
+        folders.write_json(tmp / folders.TRAINING_SETTINGS, {**settings.to_json(), "result": result})
+    say(f"✓ trained {result['global_step']} steps in {result['runtime_s']:.0f}s: mean train loss "
+        f"{result['train_loss']:.4f}, eval loss {result['eval_loss']:.4f}")
     say(f"✓ adapter saved in {final}/; curves in {out / monitoring.CURVES}, history in {out / monitoring.METRICS}, "
         f"TensorBoard: tensorboard --logdir {out / monitoring.LOGS}")
-    if choice.device == "cuda":
+    if settings.device == "cuda":
         import torch
 
-        say(f"peak GPU memory: {torch.cuda.max_memory_allocated() / common.GIB:.2f} GiB")
-    say(f"next: python verify_model.py --model {args.model} --adapter {final}")
-    return 0
+        say(f"peak GPU memory: {torch.cuda.max_memory_allocated() / folders.GIB:.2f} GiB")
 
 
 if __name__ == "__main__":

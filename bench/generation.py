@@ -20,16 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
-import inference  # noqa: E402
+from pipeline import cli, folders, inference, models, prompts, sandbox  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: a fresh demo model)")
-    parser.add_argument("--problems", type=common.positive(int), default=32, help="problems to generate for (default: %(default)s)")
-    parser.add_argument("--batch-size", type=common.positive(int), default=16, help="batch of the batched run (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=common.positive(int), default=64, help="tokens per completion (default: %(default)s)")
+    parser.add_argument("--problems", type=cli.positive(int), default=32,
+                        help="problems to generate for (default: %(default)s)")
+    parser.add_argument("--batch-size", type=cli.positive(int), default=16,
+                        help="batch of the batched run (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=cli.positive(int), default=64,
+                        help="tokens per completion (default: %(default)s)")
     return parser
 
 
@@ -41,26 +43,26 @@ def timed(action) -> tuple[float, object]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    common.quiet_libraries()
-    import sandbox
-
+    models.quiet_libraries()
     model_dir = args.model
     if model_dir is None:
         import download_model
 
         model_dir = str(Path(tempfile.mkdtemp()) / "model")
         download_model.main(["--demo", "--out", model_dir])
-    problems = [json.loads(line) for line in common.DEMO_PROBLEMS.read_text().splitlines()]
+    problems = [json.loads(line) for line in folders.DEMO_PROBLEMS.read_text().splitlines()]
     problems = (problems * (args.problems // len(problems) + 1))[: args.problems]
-    prompts = [common.format_prompt(common.DEFAULT_TEMPLATE, p["text"], p["test_list"]) for p in problems]
-    choice = common.pick_device()
-    tokenizer = common.load_tokenizer(model_dir)
-    model = inference.load_for_inference(model_dir, None, choice, common.use_4bit(choice, no_4bit=False))
-    inference.generate(model, tokenizer, prompts[:2], 4)  # warm-up
+    texts = [prompts.DEFAULT.prompt(p["text"], p["test_list"]) for p in problems]
+    choice = models.pick_device()
+    tokenizer = models.load_tokenizer(model_dir)
+    model = inference.load_for_inference(model_dir, None, choice, models.use_4bit(choice, no_4bit=False))
+    inference.generate(model, tokenizer, texts[:2], 4)  # warm-up
 
     # A random model rarely emits EOS, so both runs generate max_new_tokens for every prompt: equal work.
-    one_s, _ = timed(lambda: [inference.generate(model, tokenizer, [p], args.max_new_tokens, batch_size=1) for p in prompts])
-    batch_s, _ = timed(lambda: inference.generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.batch_size))
+    one_s, _ = timed(lambda: [inference.generate(model, tokenizer, [p], args.max_new_tokens, batch_size=1)
+                              for p in texts])
+    batch_s, _ = timed(lambda: inference.generate(model, tokenizer, texts, args.max_new_tokens,
+                                                  batch_size=args.batch_size))
 
     programs = [sandbox.build_program(p["code"], p["test_list"], p["test_setup_code"]) for p in problems]
     serial_s, serial = timed(lambda: sandbox.Sandbox(workers=1).run_many(programs))
@@ -69,16 +71,16 @@ def main(argv=None) -> int:
     assert all(v.status == "passed" for v in serial + parallel)
 
     rows = [
-        ("generation, one prompt at a time", len(prompts) / one_s, 1.0),
-        (f"generation, batch {args.batch_size}", len(prompts) / batch_s, one_s / batch_s),
+        ("generation, one prompt at a time", len(texts) / one_s, 1.0),
+        (f"generation, batch {args.batch_size}", len(texts) / batch_s, one_s / batch_s),
         ("test execution, 1 worker", len(programs) / serial_s, 1.0),
         (f"test execution, {cores} workers", len(programs) / parallel_s, serial_s / parallel_s),
     ]
-    print(f"device: {choice.reason}; {len(prompts)} problems, {args.max_new_tokens} new tokens each")
+    print(f"device: {choice.reason}; {len(texts)} problems, {args.max_new_tokens} new tokens each")
     print(f"{'variant':40s} {'problems/s':>11s} {'speed-up':>9s}")
     for name, rate, ratio in rows:
         print(f"{name:40s} {rate:11.2f} {ratio:8.2f}x")
-    print(json.dumps({"device": choice.device, "problems": len(prompts), "max_new_tokens": args.max_new_tokens,
+    print(json.dumps({"device": choice.device, "problems": len(texts), "max_new_tokens": args.max_new_tokens,
                       "batch_size": args.batch_size, "generation_speedup": round(one_s / batch_s, 2),
                       "execution_workers": cores, "execution_speedup": round(serial_s / parallel_s, 2)}))
     return 0

@@ -60,10 +60,10 @@ def mbpp_like_lengths(n: int = 877, seed: int = 0) -> list[int]:
 
 
 def epoch_padding(lengths: list[int], order: list[int], pad_to: int | None = None) -> float:
-    import train
+    from pipeline import data
 
     batches = [[lengths[i] for i in order[start:start + BATCH]] for start in range(0, len(order), BATCH)]
-    return train.padding_share(batches, pad_to)
+    return data.padding_share(batches, pad_to)
 
 
 def make_batch(variant: str, vocab: int):
@@ -71,7 +71,7 @@ def make_batch(variant: str, vocab: int):
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    import common
+    from pipeline import data
 
     generator = torch.Generator().manual_seed(1)
     if variant.endswith("4x512"):
@@ -90,7 +90,7 @@ def make_batch(variant: str, vocab: int):
         ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
         prompt = int(prompt_share * length)
         features.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
-    batch = common.pad_batch(features, pad_token_id=QWEN_CONFIG["eos_token_id"])
+    batch = data.pad_batch(features, pad_token_id=QWEN_CONFIG["eos_token_id"])
     if variant == "guide":  # pad to max length, as the guides do
         extra = MAX_LEN - batch["input_ids"].shape[1]
         batch = {k: torch.nn.functional.pad(v, (0, extra), value={"input_ids": QWEN_CONFIG["eos_token_id"], "attention_mask": 0, "labels": -100}[k])
@@ -122,12 +122,14 @@ def run_variant(variant: str, model_dir: str) -> dict:
     """One training step in this process; returns its measurements."""
     import torch
 
-    import common
     import train
+    from pipeline import loss, models
 
-    common.quiet_libraries()
-    choice = common.pick_device()
-    model = train.build_model(model_dir, choice, True, lora_r=16, lora_alpha=32, lora_dropout=0.05, seed=0)
+    models.quiet_libraries()
+    choice = models.pick_device()
+    recipe = train.build_parser().parse_args([])  # train.py's defaults: LoRA rank, alpha, dropout
+    model = train.build_model(model_dir, choice, True, recipe.lora_r, train.lora_alpha(recipe), recipe.lora_dropout,
+                              seed=0)
     model.train()
     chunked = variant in ("chunked-4x512", "project")
     # The loss stays installed until this function returns: the stack must stay referenced, since a collected
@@ -139,7 +141,7 @@ def run_variant(variant: str, model_dir: str) -> dict:
     optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch, padding = make_batch(variant, QWEN_CONFIG["vocab_size"])
     batch = {k: v.to(choice.device) for k, v in batch.items()}
-    trained_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    trained_tokens = int(loss.trained_positions(batch["labels"]))
 
     if choice.device == "cuda":
         torch.cuda.synchronize()
@@ -157,10 +159,11 @@ def run_variant(variant: str, model_dir: str) -> dict:
     started = time.perf_counter()
     with torch.autocast(choice.device, dtype=choice.dtype, enabled=choice.device == "cuda"):
         if chunked:
-            loss = compute_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
+            step_loss = compute_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                                     batch["labels"])
         else:
-            loss = model(**batch).loss
-    loss.backward()
+            step_loss = model(**batch).loss
+    step_loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if choice.device == "cuda":
@@ -172,7 +175,7 @@ def run_variant(variant: str, model_dir: str) -> dict:
     return {"variant": variant, "device": choice.device, "batch_shape": list(batch["input_ids"].shape),
             "peak_gib": peak / 2**30, "above_model_gib": (peak - baseline) / 2**30, "step_s": seconds,
             "trained_tokens": trained_tokens, "trained_tokens_per_s": trained_tokens / seconds,
-            "epoch_padding_share": padding, "loss": float(loss)}
+            "epoch_padding_share": padding, "loss": float(step_loss)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,8 +7,8 @@ Run:
 
 Every variant is a process of its own, run one after the other on the same model folder and the same prepared
 problems: the Qwen2.5-Coder-0.5B architecture with random weights (built once, bf16 safetensors, no download),
-loaded in 4-bit NF4 with double quantisation, LoRA r=16 alpha 32 on every linear projection of the decoder blocks,
-gradient checkpointing, 8-bit AdamW (paged on CUDA), micro-batch 4 x accumulation 1, `--steps` optimiser steps,
+loaded in 4-bit NF4 with double quantisation, LoRA as train.py's defaults (r=16, alpha 32) on every linear projection
+of the decoder blocks, gradient checkpointing, 8-bit AdamW (paged on CUDA), micro-batch 4 x accumulation 1, `--steps` optimiser steps,
 then an evaluation, a checkpoint and the final save, as train.py does with `--max-steps N --save-steps N`. The
 problems are MBPP-sized (420-512 tokens, the first 45 % a masked prompt), 4 per step, 4 held out.
 
@@ -46,13 +46,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import common  # noqa: E402
+from pipeline import cli, data, folders, memory, models, prompts  # noqa: E402
 from train_step import build_model_folder, read_status  # noqa: E402  (the same model, the same /proc reading)
 
 VARIANTS = ["project", "standard", "trl", "project-plain", "trl-tuned"]
 BATCH, MAX_LEN, EVAL_ROWS, PROMPT_SHARE = 4, 512, 4, 0.45
 PHASES = ["load", "first step", "steady steps", "evaluation", "checkpoint save", "final save"]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,7 +67,7 @@ def build_inputs(cache: Path, steps: int) -> tuple[Path, Path]:
     build_model_folder(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         download_model.build_demo_tokenizer().save_pretrained(str(model_dir))
-    if (data_dir / common.PREPARED_STATS).is_file():
+    if (data_dir / folders.PREPARED_STATS).is_file():
         return model_dir, data_dir
     from datasets import Dataset, DatasetDict
 
@@ -81,19 +80,19 @@ def build_inputs(cache: Path, steps: int) -> tuple[Path, Path]:
             ids = [rng.randrange(1, 1024) for _ in range(length)]
             prompt = int(PROMPT_SHARE * length)
             made.append({"task_id": f"{prefix}-{i}", "input_ids": ids, "attention_mask": [1] * length,
-                         "labels": [common.IGNORE_INDEX] * prompt + ids[prompt:], "length": length})
+                         "labels": [prompts.IGNORE_INDEX] * prompt + ids[prompt:], "length": length})
         return made
 
     splits = {"train": rows(steps * BATCH, "train"), "eval": rows(EVAL_ROWS, "eval")}
     settings = {"format": "mbpp", "template": "tests", "max_length": MAX_LEN, "eval_fraction": 0.1, "seed": 0,
-                "model": common.model_id(model_dir), "data": "bench", "eos_token_id": 151643,
-                "tokenizer": common.tokenizer_fingerprint(model_dir)}
+                "model": models.model_id(model_dir), "data": "bench", "eos_token_id": 151643,
+                "tokenizer": models.tokenizer_fingerprint(model_dir)}
     task_ids = {name: [row["task_id"] for row in split] for name, split in splits.items()}
     stats = {"settings": settings, "rows": {name: len(split) for name, split in splits.items()}, "task_ids": task_ids,
-             "fingerprint": common.data_fingerprint(task_ids, settings)}
-    with common.atomic_output_dir(data_dir) as tmp:
+             "fingerprint": data.data_fingerprint(task_ids, settings)}
+    with folders.atomic_output_dir(data_dir) as tmp:
         DatasetDict({name: Dataset.from_list(split) for name, split in splits.items()}).save_to_disk(str(tmp))
-        common.write_json(tmp / common.PREPARED_STATS, stats)
+        folders.write_json(tmp / folders.PREPARED_STATS, stats)
     return model_dir, data_dir
 
 
@@ -130,11 +129,12 @@ class Probe:
 
         if self.cuda:
             torch.cuda.synchronize()
-            peak = {"allocated_gib": torch.cuda.max_memory_allocated() / common.GIB,
-                    "reserved_gib": torch.cuda.max_memory_reserved() / common.GIB}
+            peak = {"allocated_gib": torch.cuda.max_memory_allocated() / folders.GIB,
+                    "reserved_gib": torch.cuda.max_memory_reserved() / folders.GIB}
             torch.cuda.reset_peak_memory_stats()
         else:
-            peak = {"rss_gib": read_status("VmHWM") / common.GIB, "anon_gib": max(self.anon_peak, read_status("RssAnon")) / common.GIB}
+            peak = {"rss_gib": read_status("VmHWM") / folders.GIB,
+                    "anon_gib": max(self.anon_peak, read_status("RssAnon")) / folders.GIB}
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := the current resident size
             self.anon_peak = 0
@@ -146,6 +146,8 @@ class Probe:
         """A callback in every Trainer of this process (train.py's and TRL's), and a count of trained tokens."""
         import transformers.trainer as hf_trainer
         from transformers import Trainer, TrainerCallback
+
+        from pipeline.loss import trained_positions
 
         probe = self
 
@@ -170,7 +172,7 @@ class Probe:
         training_step = Trainer.training_step
 
         def counted(trainer, model, inputs, num_items_in_batch=None):
-            probe.trained_tokens += int((inputs["labels"][:, 1:] != common.IGNORE_INDEX).sum())
+            probe.trained_tokens += int(trained_positions(inputs["labels"]))
             return training_step(trainer, model, inputs, num_items_in_batch)
 
         Trainer.training_step = counted
@@ -200,38 +202,43 @@ def run_project(model_dir: Path, data_dir: Path, out: Path, steps: int, loss: st
 
 
 def run_trl(model_dir: Path, data_dir: Path, out: Path, steps: int) -> int:
-    """TRL's SFTTrainer with the settings train.py uses, on the same tokens: the answer tokens are its completion."""
+    """TRL's SFTTrainer with the settings train.py uses (its parser's defaults, its 4-bit config, its LoRA targets
+    and optimiser), on the same tokens: the answer tokens are its completion."""
     import torch
     from datasets import load_from_disk
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    common.quiet_libraries()
-    choice = common.pick_device()
-    data = load_from_disk(str(data_dir))
+    import train
+
+    models.quiet_libraries()
+    recipe = train.build_parser().parse_args([])
+    choice = models.pick_device()
+    splits = load_from_disk(str(data_dir))
 
     def as_completion(split):
-        return split.map(lambda row: {"completion_mask": [int(label != common.IGNORE_INDEX) for label in row["labels"]]},
-                         remove_columns=["labels", "task_id", "length", "attention_mask"])
+        mask = lambda row: {"completion_mask": [int(label != prompts.IGNORE_INDEX) for label in row["labels"]]}  # noqa: E731
+        return split.map(mask, remove_columns=["labels", "task_id", "length", "attention_mask"])
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=choice.dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=choice.dtype, quantization_config=quantization,
-                                                 device_map={"": choice.device})
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=choice.dtype, device_map={"": choice.device},
+                                                 quantization_config=models.quantization_config(choice.dtype))
     cuda = choice.device == "cuda"
     config = SFTConfig(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
-        gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05,
-        optim="paged_adamw_8bit" if cuda else "adamw_8bit", gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, eval_strategy="steps", eval_steps=steps,
-        save_strategy="steps", save_steps=steps, logging_steps=1, report_to="none", bf16=cuda and choice.dtype == torch.bfloat16,
-        fp16=cuda and choice.dtype == torch.float16, use_cpu=not cuda, max_length=MAX_LEN, completion_only_loss=True,
-        activation_offloading=cuda, dataloader_num_workers=0, seed=0,
+        gradient_accumulation_steps=1, learning_rate=recipe.lr, lr_scheduler_type="cosine",
+        warmup_steps=recipe.warmup_ratio, optim=train.default_optimizer(choice.device, load_in_4bit=True),
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, eval_strategy="steps",
+        eval_steps=steps, save_strategy="steps", save_steps=steps, logging_steps=1, report_to="none",
+        bf16=cuda and choice.dtype == torch.bfloat16, fp16=cuda and choice.dtype == torch.float16, use_cpu=not cuda,
+        max_length=MAX_LEN, completion_only_loss=True, activation_offloading=cuda, dataloader_num_workers=0,
+        seed=recipe.seed,
     )
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=as_completion(data["train"]), eval_dataset=as_completion(data["eval"]),
-                         peft_config=lora, processing_class=common.load_tokenizer(model_dir))
+    lora = LoraConfig(r=recipe.lora_r, lora_alpha=train.lora_alpha(recipe), lora_dropout=recipe.lora_dropout,
+                      target_modules=models.find_lora_targets(model_dir), bias="none", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=as_completion(splits["train"]),
+                         eval_dataset=as_completion(splits["eval"]), peft_config=lora,
+                         processing_class=models.load_tokenizer(model_dir))
     trainer.train()
     trainer.save_model(str(out / "final"))
     return 0
@@ -258,16 +265,14 @@ def variant_env(variant: str) -> dict:
     if variant == "project-plain":
         env["PIPELINE_GLIBC_DEFAULTS"] = "1"  # train.py leaves glibc's allocator settings alone
     if variant == "trl-tuned":
-        import train
-
-        env["MALLOC_MMAP_THRESHOLD_"] = str(train.GLIBC_MMAP_THRESHOLD)  # what train.py sets, given to TRL by its environment
+        env["MALLOC_MMAP_THRESHOLD_"] = str(memory.GLIBC_MMAP_THRESHOLD)  # what train.py sets, given to TRL by its environment
     return env
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
-    parser.add_argument("--steps", type=common.positive(int), default=2, help="optimiser steps per run (default: %(default)s)")
+    parser.add_argument("--steps", type=cli.positive(int), default=2, help="optimiser steps per run (default: %(default)s)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "qwen2.5-coder-0.5b-random"),
                         help="folder for the random-weight model and the prepared problems (default: %(default)s)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
 
-import common  # noqa: E402
+from pipeline import folders  # noqa: E402
+
 import download_dataset  # noqa: E402
 import download_model  # noqa: E402
 import prepare_data  # noqa: E402
@@ -26,7 +27,7 @@ FIRST_FAMILY_ID = 9052
 
 
 def demo_problems() -> list[dict]:
-    with open(common.DEMO_PROBLEMS, encoding="utf-8") as f:
+    with open(folders.DEMO_PROBLEMS, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -51,7 +52,7 @@ def assert_adapter_loaded(model, adapter_dir: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    saved = load_file(str(Path(adapter_dir) / common.ADAPTER_WEIGHTS))
+    saved = load_file(str(Path(adapter_dir) / folders.ADAPTER_WEIGHTS))
     params = dict(model.named_parameters())
     assert saved, adapter_dir
     for name, tensor in saved.items():
@@ -80,13 +81,25 @@ def demo_prepared(tmp_path_factory, demo_model, demo_data) -> Path:
     return out
 
 
+SMOKE_FLAGS = {"max_steps": 4, "save_steps": 2, "keep_last": 1, "batch_size": 4, "grad_accum": 1, "logging_steps": 1}
+
+
+def train_argv(model, data, out, *extra: str, **overrides) -> list[str]:
+    """train.py's command line for a short run: 4 steps of 4 examples, a checkpoint and an evaluation every 2 steps,
+    a log every step. Keyword overrides (max_steps=6, lr="1e-3") replace or add flags, None drops one; `extra` flags
+    are appended as they are (--resume)."""
+    argv = ["--model", str(model), "--data", str(data), "--out", str(out)]
+    for name, value in {**SMOKE_FLAGS, **overrides}.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv + list(extra)
+
+
 @pytest.fixture(scope="session")
 def trained_smoke(tmp_path_factory, demo_model, demo_prepared) -> Path:
     """A 4-step QLoRA run on the demo data with a checkpoint and an evaluation every 2 steps, a log every step."""
     out = tmp_path_factory.mktemp("smoke") / "checkpoints"
-    code = train.main(["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(out), "--max-steps", "4",
-                       "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1"])
-    assert code == 0
+    assert train.main(train_argv(demo_model, demo_prepared, out)) == 0
     return out
 
 
@@ -105,4 +118,4 @@ def demo_trained(tmp_path_factory, demo_model, demo_prepared) -> dict:
     demo_flags = [token for flag, values in run_pipeline.DEMO_DEFAULTS["train"].items() for token in (flag, *values)]
     assert train.main(["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(out), *demo_flags,
                        "--save-steps", "1000", "--logging-steps", "10"]) == 0
-    return {"model": demo_model, "prepared": demo_prepared, "adapter": out / common.FINAL_ADAPTER}
+    return {"model": demo_model, "prepared": demo_prepared, "adapter": out / folders.FINAL_ADAPTER}

@@ -12,13 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
+from pipeline import data, trainer  # noqa: E402
+
 import train  # noqa: E402
-import trainer  # noqa: E402
 
 record_dir, train_argv = Path(sys.argv[1]), sys.argv[2:]
 seen: list[str] = []
-pad_batch = common.pad_batch
+pad_batch = data.pad_batch
 
 
 def recording_pad_batch(features, *args, **kwargs):
@@ -40,6 +40,6 @@ def record(self, args, state, control, model=None, **kwargs):
     return on_train_end(self, args, state, control, model=model, **kwargs)
 
 
-common.pad_batch = recording_pad_batch
+data.pad_batch = recording_pad_batch
 trainer.GracefulStop.on_train_begin, trainer.GracefulStop.on_train_end = start, record
 sys.exit(train.main(train_argv))

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import demo_problems, one_error_line, write_jsonl
 
-import common
+from pipeline import folders
+
 import prepare_data
 import train
+from conftest import demo_problems, one_error_line, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def test_a_folder_that_cannot_be_written_gives_one_line(demo_model, demo_data, t
     def refuse(*args, **kwargs):  # what a read-only folder does (root, as in CI, is never refused by chmod)
         raise PermissionError(13, "Permission denied", str(out))
 
-    monkeypatch.setattr(common, "replace_dir", refuse)
+    monkeypatch.setattr(folders, "replace_dir", refuse)
     assert prepare_data.main(["--model", str(demo_model), "--data", str(demo_data), "--out", str(out), "--seed", "3", "--check-tests", "off"]) == 1
     assert "permission denied" in one_error_line(capsys.readouterr())
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
@@ -168,7 +169,7 @@ def test_data_prepared_again_is_refused_by_resume_and_by_evaluation(short_run, d
 
 def test_verify_model_refuses_an_adapter_on_another_base(short_run, demo_model, tmp_path):
     other = copy_model(demo_model, tmp_path / "other")
-    common.write_json(other / common.DOWNLOAD_INFO, {"source": "hub", "model_id": "someone/other-model"})
+    folders.write_json(other / folders.DOWNLOAD_INFO, {"source": "hub", "model_id": "someone/other-model"})
     done = stage(ROOT / "verify_model.py", "--model", other, "--adapter", short_run / "run" / "final")
     assert done.returncode == 1 and "✗ adapter was trained on this base model: it was trained on demo/tiny-qwen2" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
@@ -198,9 +199,9 @@ def test_an_adapter_of_another_shape_is_refused_by_generate_and_evaluate(short_r
 
     adapter = tmp_path / "adapter"
     shutil.copytree(short_run / "run" / "final", adapter)
-    weights = load_file(str(adapter / common.ADAPTER_WEIGHTS))
+    weights = load_file(str(adapter / folders.ADAPTER_WEIGHTS))
     save_file({name: tensor[..., :64].contiguous() if "lora_A" in name else tensor for name, tensor in weights.items()},
-              str(adapter / common.ADAPTER_WEIGHTS))  # as if made for a model of half the width
+              str(adapter / folders.ADAPTER_WEIGHTS))  # as if made for a model of half the width
     error = single_error(stage(ROOT / "generate.py", "--model", demo_model, "--adapter", adapter, "--prompt", "x"))
     assert "does not fit the model" in error
     error = single_error(stage(ROOT / "evaluate.py", "--model", demo_model, "--adapter", adapter, "--data", short_run / "prepared",

@@ -6,22 +6,21 @@ import gzip
 import json
 
 import pytest
-from conftest import demo_problems, one_error_line, write_jsonl
 from datasets import load_from_disk
 
-import common
+from pipeline import cli, data, folders, models, prompts, sandbox
+
 import download_dataset
 import download_model
 import evaluate
-import formats
-import inference
 import prepare_data
 import train
 import verify_model
+from conftest import demo_problems, one_error_line, write_jsonl
 
-EXAMPLES = common.REPO_ROOT / "assets" / "examples"
+EXAMPLES = folders.REPO_ROOT / "assets" / "examples"
 FILES = {"humaneval": EXAMPLES / "humaneval_style.jsonl.gz", "instruction": EXAMPLES / "instructions.jsonl",
-         "text": EXAMPLES / "code_files.jsonl", "mbpp": common.DEMO_PROBLEMS}
+         "text": EXAMPLES / "code_files.jsonl", "mbpp": folders.DEMO_PROBLEMS}
 # (family, shape, template): the guides' setups. Llama-3 8B on HumanEval; an instruct model on instruction data
 # and on MBPP with its chat template; codeparrot (GPT-2) on raw code; Qwen on HumanEval and on instructions.
 RUNS = [("qwen2", "humaneval", None), ("llama", "humaneval", None), ("qwen2", "instruction", None),
@@ -29,7 +28,7 @@ RUNS = [("qwen2", "humaneval", None), ("llama", "humaneval", None), ("qwen2", "i
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def family_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     built = {}
     for family in sorted({family for family, _, _ in RUNS}):
@@ -47,38 +46,38 @@ def datasets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=RUNS, ids=lambda run: "-".join(filter(None, run)))
-def run(request, models, datasets, tmp_path_factory):
+def run(request, family_models, datasets, tmp_path_factory):
     family, shape, template = request.param
     root = tmp_path_factory.mktemp(f"{family}-{shape}")
     # The test check runs once per shape that has tests (see test_the_test_check_...); off here to stay quick.
     flags = (["--template", template] if template else []) + ["--max-length", "256", "--check-tests", "off"]
-    assert prepare_data.main(["--data", str(datasets / shape), "--model", str(models[family]), "--out", str(root / "prepared"), *flags]) == 0
-    assert train.main(["--model", str(models[family]), "--data", str(root / "prepared"), "--out", str(root / "run"), "--max-steps", "2",
+    assert prepare_data.main(["--data", str(datasets / shape), "--model", str(family_models[family]), "--out", str(root / "prepared"), *flags]) == 0
+    assert train.main(["--model", str(family_models[family]), "--data", str(root / "prepared"), "--out", str(root / "run"), "--max-steps", "2",
                        "--save-steps", "100", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3"]) == 0
-    return {"family": family, "shape": shape, "template": template or formats.DEFAULT_TEMPLATES[shape], "model": models[family],
-            "prepared": root / "prepared", "adapter": root / "run" / common.FINAL_ADAPTER, "root": root}
+    return {"family": family, "shape": shape, "template": template or prompts.default_for(shape).name, "model": family_models[family],
+            "prepared": root / "prepared", "adapter": root / "run" / folders.FINAL_ADAPTER, "root": root}
 
 
 def trained_part(row):
-    first = next(i for i, label in enumerate(row["labels"]) if label != common.IGNORE_INDEX)
-    assert row["labels"][:first] == [common.IGNORE_INDEX] * first and row["labels"][first:] == row["input_ids"][first:]
+    first = next(i for i, label in enumerate(row["labels"]) if label != prompts.IGNORE_INDEX)
+    assert row["labels"][:first] == [prompts.IGNORE_INDEX] * first and row["labels"][first:] == row["input_ids"][first:]
     return row["input_ids"][:first], row["input_ids"][first:]
 
 
 def test_labels_train_exactly_the_answer_and_its_end(run):
-    tokenizer = common.load_tokenizer(run["model"])
-    stats = common.prepared_stats(run["prepared"])
+    tokenizer = models.load_tokenizer(run["model"])
+    stats = data.prepared_stats(run["prepared"])
     assert stats["settings"]["format"] == run["shape"] and stats["settings"]["template"] == run["template"]
     rows = load_from_disk(str(run["prepared"]))["train"]
     if run["shape"] == "text":  # every token trained, EOS between files, blocks of at most --max-length
         assert all(row["labels"] == row["input_ids"] and row["length"] <= 256 for row in rows)
         assert sum(row["input_ids"].count(tokenizer.eos_token_id) for row in rows) == len(stats["task_ids"]["train"])
         return
-    end = common.end_of_turn_id(tokenizer) if run["template"] == "chat" else tokenizer.eos_token_id
+    end = prompts.end_of_turn_id(tokenizer) if run["template"] == "chat" else tokenizer.eos_token_id
     for row in rows.select(range(4)):
         prompt, answer = trained_part(row)
         assert answer[-1] == end and tokenizer.decode(answer[:-1]) == row["code"]
-        assert prompt.count(tokenizer.bos_token_id) <= 1 if tokenizer.bos_token_id is not None else True
+        assert tokenizer.bos_token_id is None or prompt.count(tokenizer.bos_token_id) <= 1
         if run["template"] == "chat":  # the user turn rendered by the tokenizer's own template, the answer as its turn
             assert end != tokenizer.eos_token_id and tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
             assert tokenizer.decode(prompt).startswith("<|im_start|>system")
@@ -89,18 +88,18 @@ def test_labels_train_exactly_the_answer_and_its_end(run):
 
 
 def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_path, capsys):
-    settings = json.loads((run["adapter"] / common.TRAINING_SETTINGS).read_text())
+    settings = json.loads((run["adapter"] / folders.TRAINING_SETTINGS).read_text())
     assert settings["template"] == run["template"]
     assert verify_model.main(["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--max-new-tokens", "8"]) == 0
     capsys.readouterr()
     out = tmp_path / "results"
-    limit = ["--limit", "3"] if formats.HAS_TESTS[run["shape"]] else []  # the loss over the whole eval split, as training's
+    limit = ["--limit", "3"] if data.HAS_TESTS[run["shape"]] else []  # the loss over the whole eval split, as training's
     assert evaluate.main(["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--data", str(run["prepared"]),
                           *limit, "--max-new-tokens", "8", "--compare-base", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["template"] == run["template"] and set(summary["models"]) == {"base", "fine-tuned"}
-    if formats.HAS_TESTS[run["shape"]]:
+    if data.HAS_TESTS[run["shape"]]:
         assert all(model["problems"] == 3 and "pass@1" in model for model in summary["models"].values())
     if run["shape"] == "humaneval":  # and the benchmark itself, base and adapter in one command, offline
         assert evaluate.main(["--benchmark", "humaneval", "--model", str(run["model"]), "--adapter", str(run["adapter"]),
@@ -110,7 +109,7 @@ def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_pat
         assert {label: m["problems"] for label, m in benchmark["models"].items()} == {"base": 3, "fine-tuned": 3}
         rows = [json.loads(line) for line in (tmp_path / "he" / "fine-tuned.jsonl").read_text().splitlines()]
         assert [row["task_id"] for row in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
-    if formats.HAS_TESTS[run["shape"]]:
+    if data.HAS_TESTS[run["shape"]]:
         return
     # No tests: the held-out loss instead of pass@k, said plainly; training lowered it.
     assert "no pass@k" in printed and "no pass@k" in summary["settings"]["no_pass_at_k"]
@@ -123,29 +122,27 @@ def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_pat
 
 
 def test_shapes_are_detected_from_the_columns_and_named_when_none_fits():
-    assert formats.detect(["task_id", "prompt", "canonical_solution", "test", "entry_point"]) == "humaneval"
-    assert formats.detect(["instruction", "input", "output"]) == "instruction"
-    assert formats.detect(["prompt", "response"]) == "instruction"
-    assert formats.detect(["repo_name", "path", "content", "license"]) == "text"
-    assert formats.detect(["prompt", "code", "test_list", "test_imports"]) == "mbpp"  # sanitized mbpp, not instructions
-    with pytest.raises(common.StageError, match="mbpp .*humaneval .*instruction .*text"):
-        formats.detect(["question_id", "body"])
-    with pytest.raises(common.StageError, match="'code'"):  # mbpp with a column missing is not raw text
-        formats.detect(["task_id", "text", "test_list"])
+    assert data.detect(["task_id", "prompt", "canonical_solution", "test", "entry_point"]) == "humaneval"
+    assert data.detect(["instruction", "input", "output"]) == "instruction"
+    assert data.detect(["prompt", "response"]) == "instruction"
+    assert data.detect(["repo_name", "path", "content", "license"]) == "text"
+    assert data.detect(["prompt", "code", "test_list", "test_imports"]) == "mbpp"  # sanitized mbpp, not instructions
+    with pytest.raises(cli.StageError, match="mbpp .*humaneval .*instruction .*text"):
+        data.detect(["question_id", "body"])
+    with pytest.raises(cli.StageError, match="'code'"):  # mbpp with a column missing is not raw text
+        data.detect(["task_id", "text", "test_list"])
 
 
 def test_a_humaneval_row_runs_as_the_benchmark_defines():
-    import sandbox
-
     row = json.loads(gzip.open(FILES["humaneval"], "rt").readline())
-    problem = formats.normalize("humaneval", row, formats.columns_for("humaneval", list(row)), 0)
+    problem = data.normalize("humaneval", row, data.columns_for("humaneval", list(row)), 0)
     assert problem["tests"][0].rstrip().endswith(f"check({row['entry_point']})")  # the check is called
     box = sandbox.Sandbox(workers=1)
-    right, wrong = (sandbox.build_program(*formats.program(problem, body)) for body in (row["canonical_solution"], "    return None\n"))
+    right, wrong = (sandbox.build_program(*data.program(problem, body)) for body in (row["canonical_solution"], "    return None\n"))
     assert [box.run(program).status for program in (right, wrong)] == ["passed", "failed"]
 
 
-def test_the_test_check_drops_problems_whose_tests_cannot_fail_or_whose_reference_fails(models, tmp_path, capsys):
+def test_the_test_check_drops_problems_whose_tests_cannot_fail_or_whose_reference_fails(family_models, tmp_path, capsys):
     good = demo_problems()[:6]
     vacuous = {**good[0], "task_id": "never-called",  # HumanEval converted by hand: `check` defined, never called
                "test_list": ["def check(candidate):\n    assert candidate([1, 2]) == 3"]}
@@ -153,16 +150,16 @@ def test_the_test_check_drops_problems_whose_tests_cannot_fail_or_whose_referenc
     broken = {**good[2], "task_id": "wrong-reference", "code": good[2]["code"].replace("return", "return 1 +", 1)}
     source = write_jsonl(tmp_path / "mixed.jsonl", good + [vacuous, always, broken])
     assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 0
-    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(models["qwen2"]), "--out", str(tmp_path / "p")]) == 0
-    stats = common.prepared_stats(tmp_path / "p")
+    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(family_models["qwen2"]), "--out", str(tmp_path / "p")]) == 0
+    stats = data.prepared_stats(tmp_path / "p")
     flagged = stats["failed_test_check"]
     assert set(flagged) == {"never-called", "assert-true", "wrong-reference"}
     assert "cannot fail" in flagged["never-called"] and "reference" in flagged["wrong-reference"]
     assert not set(flagged) & set(stats["task_ids"]["train"] + stats["task_ids"]["eval"]) and stats["problems"] == 6
     assert "dropped by the test check: 3" in capsys.readouterr().out
-    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(models["qwen2"]), "--out", str(tmp_path / "off"),
+    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(family_models["qwen2"]), "--out", str(tmp_path / "off"),
                               "--check-tests", "off"]) == 0
-    assert common.prepared_stats(tmp_path / "off")["problems"] == 9
+    assert data.prepared_stats(tmp_path / "off")["problems"] == 9
 
 
 def test_humaneval_benchmark_offline_scores_its_164_problems_in_one_call(tmp_path):
@@ -193,29 +190,29 @@ def test_mbpp_benchmark_is_the_test_split_of_the_downloaded_mbpp(tmp_path, capsy
     assert "download_dataset.py --dataset mbpp" in one_error_line(capsys.readouterr())
 
 
-def test_streamed_raw_code_trains_by_max_steps(models, tmp_path, capsys):
+def test_streamed_raw_code_trains_by_max_steps(family_models, tmp_path, capsys):
     data, prepared, out = tmp_path / "data", tmp_path / "prepared", tmp_path / "run"
     assert download_dataset.main(["--dataset", str(FILES["text"]), "--streaming", "--out", str(data)]) == 0
-    assert {p.name for p in data.iterdir()} == {common.DOWNLOAD_INFO}  # nothing downloaded
-    assert prepare_data.main(["--data", str(data), "--model", str(models["gpt2"]), "--out", str(prepared), "--eval-files", "2",
+    assert {p.name for p in data.iterdir()} == {folders.DOWNLOAD_INFO}  # nothing downloaded
+    assert prepare_data.main(["--data", str(data), "--model", str(family_models["gpt2"]), "--out", str(prepared), "--eval-files", "2",
                               "--max-length", "128"]) == 0
     assert set(load_from_disk(str(prepared))) == {"eval"}
     capsys.readouterr()
-    flags = ["--model", str(models["gpt2"]), "--data", str(prepared), "--out", str(out), "--batch-size", "2", "--grad-accum", "1"]
+    flags = ["--model", str(family_models["gpt2"]), "--data", str(prepared), "--out", str(out), "--batch-size", "2", "--grad-accum", "1"]
     assert train.main(flags) == 2
     assert "--max-steps" in one_error_line(capsys.readouterr())
     assert train.main(flags + ["--max-steps", "3", "--save-steps", "2"]) == 0
     assert "streamed from" in capsys.readouterr().out
-    history = json.loads((out / "metrics.json").read_text())
-    assert json.loads((out / common.FINAL_ADAPTER / common.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 3
-    assert history
+    assert json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 3
+    totals = json.loads((out / "metrics.json").read_text())["totals"]
+    assert totals["step"] == totals["total_steps"] == 3 and totals["finished"]
 
 
-def test_wrong_template_or_shape_gets_one_line(models, datasets, tmp_path, capsys):
+def test_wrong_template_or_shape_gets_one_line(family_models, datasets, tmp_path, capsys):
     prepared = tmp_path / "p"
-    cases = [(["--data", str(datasets / "mbpp"), "--model", str(models["qwen2"]), "--template", "chat"], "chat template"),
-             (["--data", str(datasets / "mbpp"), "--model", str(models["qwen2"]), "--template", "code"], "does not fit mbpp data"),
-             (["--data", str(datasets / "text"), "--model", str(models["qwen2"]), "--format", "humaneval"], "--format humaneval")]
+    cases = [(["--data", str(datasets / "mbpp"), "--model", str(family_models["qwen2"]), "--template", "chat"], "chat template"),
+             (["--data", str(datasets / "mbpp"), "--model", str(family_models["qwen2"]), "--template", "code"], "does not fit mbpp data"),
+             (["--data", str(datasets / "text"), "--model", str(family_models["qwen2"]), "--format", "humaneval"], "--format humaneval")]
     for argv, message in cases:
         assert prepare_data.main(argv + ["--out", str(prepared)]) == 2
         assert message in one_error_line(capsys.readouterr())
@@ -226,12 +223,13 @@ def test_wrong_template_or_shape_gets_one_line(models, datasets, tmp_path, capsy
     assert "gzip" in one_error_line(capsys.readouterr())
 
 
-def test_an_instruct_model_folder_keeps_its_chat_template_and_gets_a_hint(models, datasets, tmp_path, capsys):
+def test_an_instruct_model_folder_keeps_its_chat_template_and_gets_a_hint(family_models, datasets, tmp_path, capsys):
     copy = tmp_path / "copy"
-    assert download_model.main(["--model-id", str(models["qwen2-instruct"]), "--out", str(copy)]) == 0
-    assert (copy / "chat_template.jinja").is_file() and common.has_chat_template(common.load_tokenizer(copy))
-    assert prepare_data.main(["--data", str(datasets / "instruction"), "--model", str(models["qwen2-instruct"]), "--out", str(tmp_path / "p")]) == 0
+    assert download_model.main(["--model-id", str(family_models["qwen2-instruct"]), "--out", str(copy)]) == 0
+    assert (copy / "chat_template.jinja").is_file() and prompts.has_chat_template(models.load_tokenizer(copy))
+    assert prepare_data.main(["--data", str(datasets / "instruction"), "--model", str(family_models["qwen2-instruct"]), "--out", str(tmp_path / "p")]) == 0
     assert "--template chat" in capsys.readouterr().out
-    tokenizer = common.load_tokenizer(models["qwen2-instruct"])
-    assert inference.stop_token_ids(tokenizer, "chat") == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
-    assert inference.cut_at_stop("    return a + b\n\n\ndef main():\n    pass", "code") == "    return a + b\n\n"
+    tokenizer = models.load_tokenizer(family_models["qwen2-instruct"])
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert prompts.CHAT.stop_ids(tokenizer) == sorted({tokenizer.eos_token_id, end_of_turn})
+    assert prompts.CODE.cut("    return a + b\n\n\ndef main():\n    pass") == "    return a + b\n\n"

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_adapter_loaded
 
-import common
-import inference
-import monitoring
+from pipeline import folders, inference, models, monitoring
+
+from conftest import assert_adapter_loaded
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,11 +35,11 @@ def runs(demo_model, demo_prepared, tmp_path_factory):
 
 def test_one_final_adapter_and_one_metrics_history(runs, demo_model):
     out = runs["two"]
-    assert (out / common.FINAL_ADAPTER / "adapter_model.safetensors").is_file()
-    assert [p.name for p in out.iterdir() if p.name.startswith((common.FINAL_ADAPTER, ".staging", ".final"))] == [common.FINAL_ADAPTER]
+    assert (out / folders.FINAL_ADAPTER / "adapter_model.safetensors").is_file()
+    assert [p.name for p in out.iterdir() if p.name.startswith((folders.FINAL_ADAPTER, ".staging", ".final"))] == [folders.FINAL_ADAPTER]
     assert len(list(out.rglob(monitoring.METRICS))) == 1 and len(list((out / monitoring.LOGS).rglob("events.out.tfevents.*"))) == 1
-    model = inference.load_for_inference(demo_model, out / common.FINAL_ADAPTER, common.pick_device(), True)
-    assert_adapter_loaded(model, out / common.FINAL_ADAPTER)
+    model = inference.load_for_inference(demo_model, out / folders.FINAL_ADAPTER, models.pick_device(), True)
+    assert_adapter_loaded(model, out / folders.FINAL_ADAPTER)
     assert "x 2 processes = 4" in runs["stdout"]  # effective batch: micro-batch x accumulation x processes
     assert runs["stdout"].count("trainable parameters") == 1  # only the first process talks
 
@@ -81,7 +80,7 @@ def test_loss_falls_as_in_a_single_process_run_with_the_same_effective_batch(run
 def saved_sums(adapter_dir: Path) -> dict[str, float]:
     from safetensors.torch import load_file
 
-    return {name: float(t.double().sum()) for name, t in load_file(str(adapter_dir / common.ADAPTER_WEIGHTS)).items()}
+    return {name: float(t.double().sum()) for name, t in load_file(str(adapter_dir / folders.ADAPTER_WEIGHTS)).items()}
 
 
 def test_mid_run_checkpoints_and_evaluations_under_two_processes(runs):
@@ -90,7 +89,7 @@ def test_mid_run_checkpoints_and_evaluations_under_two_processes(runs):
     assert sorted(p.name for p in runs["two"].glob("checkpoint-*")) == ["checkpoint-24", "checkpoint-30", "checkpoint-36"]
     # The final adapter is what rank 0 held at the end (the probe's sums of the same tensors).
     rank0 = json.loads((runs["root"] / "rank0.json").read_text())["weights"]
-    final = saved_sums(runs["two"] / common.FINAL_ADAPTER)
+    final = saved_sums(runs["two"] / folders.FINAL_ADAPTER)
     assert final.keys() == {name.replace(".default.", ".") for name in rank0}
     assert all(abs(final[name.replace(".default.", ".")] - value) < 1e-6 for name, value in rank0.items())
 
@@ -114,5 +113,5 @@ def test_resume_under_two_processes(demo_model, demo_prepared, tmp_path):
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())["weights"]
     rank1 = json.loads((tmp_path / "rank1.json").read_text())["weights"]
-    final = saved_sums(tmp_path / "run" / common.FINAL_ADAPTER)
+    final = saved_sums(tmp_path / "run" / folders.FINAL_ADAPTER)
     assert rank0 == rank1 and all(abs(final[name.replace(".default.", ".")] - value) < 1e-6 for name, value in rank0.items())

@@ -1,9 +1,9 @@
 import json
 
-from conftest import demo_problems, one_error_line, write_jsonl
+from pipeline import cli, folders
 
-import common
 import download_dataset
+from conftest import demo_problems, one_error_line, write_jsonl
 
 
 def test_demo_writes_a_saved_dataset_with_every_bundled_problem(demo_data, capsys):
@@ -12,7 +12,7 @@ def test_demo_writes_a_saved_dataset_with_every_bundled_problem(demo_data, capsy
     dataset = load_from_disk(str(demo_data))
     assert list(dataset) == ["train"] and len(dataset["train"]) == len(demo_problems())
     assert {"task_id", "text", "code", "test_list", "test_setup_code"} <= set(dataset["train"].column_names)
-    assert json.loads((demo_data / common.DOWNLOAD_INFO).read_text())["source"] == "demo"
+    assert json.loads((demo_data / folders.DOWNLOAD_INFO).read_text())["source"] == "demo"
 
 
 def test_local_jsonl_file_prints_rows_and_columns(tmp_path, capsys):
@@ -38,11 +38,11 @@ def test_an_edited_file_is_not_taken_for_the_copy_in_data(demo_data, tmp_path, c
     # The demo problems change with the code: a data/ made from an older version is replaced, no --force needed.
     old = tmp_path / "old-demo"
     shutil.copytree(demo_data, old)
-    info = json.loads((old / common.DOWNLOAD_INFO).read_text())
-    (old / common.DOWNLOAD_INFO).write_text(json.dumps({**info, "content": "older"}))
+    info = json.loads((old / folders.DOWNLOAD_INFO).read_text())
+    (old / folders.DOWNLOAD_INFO).write_text(json.dumps({**info, "content": "older"}))
     assert download_dataset.main(["--demo", "--out", str(old)]) == 0
     assert "older version of the demo problems" in capsys.readouterr().out
-    assert json.loads((old / common.DOWNLOAD_INFO).read_text()) == info
+    assert json.loads((old / folders.DOWNLOAD_INFO).read_text()) == info
 
 
 def test_missing_file_empty_file_and_wrong_format_are_refused(tmp_path, capsys):
@@ -61,6 +61,19 @@ def test_missing_file_empty_file_and_wrong_format_are_refused(tmp_path, capsys):
 
 
 def test_offline_hub_dataset_fails_fast_with_a_clear_line(tmp_path, capsys):
-    assert download_dataset.main(["--dataset", "no-such-org/no-such-data", "--out", str(tmp_path / "data")]) == common.EXIT_FAILED
+    assert download_dataset.main(["--dataset", "no-such-org/no-such-data", "--out", str(tmp_path / "data")]) == cli.EXIT_FAILED
     assert "no-such-org/no-such-data" in one_error_line(capsys.readouterr())
     assert not (tmp_path / "data").exists()
+
+
+def test_bundled_problems_are_mbpp_style_and_their_solutions_pass():
+    problems = demo_problems()
+    assert len(problems) >= 40
+    assert len({p["task_id"] for p in problems}) == len(problems)
+    for problem in problems:
+        assert problem["text"].strip() and problem["code"].strip()
+        assert len(problem["test_list"]) >= 3
+        namespace: dict = {}
+        exec(problem["test_setup_code"] + "\n" + problem["code"], namespace)  # our own reference code
+        for test in problem["test_list"]:
+            exec(test, namespace)

@@ -3,23 +3,23 @@ held-out members of the string family that the base model cannot."""
 
 import json
 
-from conftest import family_rows
 from datasets import load_from_disk
 
-import common
+from pipeline import inference, models, prompts
+
 import evaluate
-import inference
+from conftest import family_rows
 
 
 def test_qlora_learns_solutions_and_to_stop(demo_trained):
-    tokenizer = common.load_tokenizer(demo_trained["model"])
-    model = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], common.pick_device(), load_in_4bit=True)
+    tokenizer = models.load_tokenizer(demo_trained["model"])
+    model = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], models.pick_device(), load_in_4bit=True)
     rows = load_from_disk(str(demo_trained["prepared"]))["train"]
     assert len(rows) == 78
-    prompts = [common.format_prompt(common.DEFAULT_TEMPLATE, row["task"], row["tests"]) for row in rows]
+    texts = [prompts.DEFAULT.prompt(row["task"], row["tests"]) for row in rows]
     # Room for 40 more tokens than any solution: a model that never learned EOS would run on.
     longest = max(len(row["input_ids"]) for row in rows)
-    results = inference.generate(model, tokenizer, prompts, max_new_tokens=longest + 40)
+    results = inference.generate(model, tokenizer, texts, max_new_tokens=longest + 40)
     exact = [r[0]["completion"] == row["code"] and r[0]["stopped"] for r, row in zip(results, rows)]
     assert sum(exact) >= 62, [r[0]["completion"] for r in results]  # 72 of 78 on the development machine
 

@@ -1,30 +1,11 @@
 import json
-import math
 
 import pytest
-from conftest import one_error_line
 
-import common
+from pipeline import inference, models, prompts, sandbox, scoring
+
 import evaluate
-import inference
-
-
-@pytest.mark.parametrize("n, c, k, expected", [
-    (1, 1, 1, 1.0), (1, 0, 1, 0.0), (5, 2, 1, 0.4),
-    (5, 2, 2, 1 - math.comb(3, 2) / math.comb(5, 2)),  # 0.7
-    (10, 3, 5, 1 - math.comb(7, 5) / math.comb(10, 5)),  # 1 - 21/252
-    (4, 3, 2, 1.0),  # fewer failures than k: some sample must pass
-])
-def test_pass_at_k_matches_the_unbiased_estimator(n, c, k, expected):
-    assert evaluate.pass_at_k(n, c, k) == pytest.approx(expected)
-
-
-def test_summary_averages_pass_at_k_over_problems():
-    rows = [{"task_id": "a", "status": "passed"}, {"task_id": "a", "status": "failed"},
-            {"task_id": "b", "status": "timeout"}, {"task_id": "b", "status": "error"}]
-    summary = evaluate.summarize(rows, num_samples=2)
-    assert summary["pass@1"] == pytest.approx(0.25) and summary["pass@2"] == pytest.approx(0.5)
-    assert summary["counts"] == {"passed": 1, "failed": 1, "timeout": 1, "error": 1} and summary["problems"] == 2
+from conftest import one_error_line
 
 
 def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_path, monkeypatch, capsys):
@@ -33,7 +14,7 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(common, "load_model", no_model)
+    monkeypatch.setattr(models, "load_model", no_model)
     rows = load_from_disk(str(demo_prepared))["train"].select(range(4))
     completions = tmp_path / "completions.jsonl"
     with open(completions, "w") as f:
@@ -53,10 +34,10 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
 
 def test_pass_at_k_is_only_reported_for_k_up_to_the_samples_of_every_problem(demo_prepared, tmp_path, capsys):
     rows = [{"task_id": "a", "status": "failed"}, {"task_id": "a", "status": "failed"}, {"task_id": "b", "status": "failed"}]
-    summary = evaluate.summarize(rows, num_samples=5)
+    summary = scoring.summarize(rows, num_samples=5)
     assert summary["pass@1"] == 0.0 and "pass@2" not in summary  # b has one sample: pass@2 would read 100 %
     with pytest.raises(ValueError):
-        evaluate.pass_at_k(1, 0, 2)
+        scoring.pass_at_k(1, 0, 2)
 
     from datasets import load_from_disk
 
@@ -123,27 +104,25 @@ SOLUTION = "def add(a, b):\n    return a + b"
     f"```python\n{SOLUTION}\n",  # a fence the token limit left open
 ])
 def test_the_code_that_runs_is_extracted_from_every_common_answer_shape(completion):
-    import sandbox
-
-    code = inference.extract_code(completion)
+    code = prompts.extract_code(completion)
     assert code.strip() == SOLUTION
     program = sandbox.build_program(code, ["assert add(1, 2) == 3"])
     assert sandbox.Sandbox(workers=1).run(program).status == "passed"
 
 
-@pytest.mark.parametrize("stop", inference.STOP_SEQUENCES)
+@pytest.mark.parametrize("stop", prompts.TASK_STOPS)
 def test_an_answer_may_start_with_a_stop_sequence(stop):
     """Stop sequences match only inside the generated text: a prompt ends with a newline, and an answer that
     starts with ``` or `assert` (or `print(`, `if __name__`, `Task:`) is not cut to nothing."""
     answer = stop.lstrip("\n") + "python\n" + SOLUTION if stop == "\n```" else stop.lstrip("\n") + "x\n" + SOLUTION
-    assert inference.cut_at_stop(answer).startswith(stop.lstrip("\n"))
+    assert prompts.DEFAULT.cut(answer).startswith(stop.lstrip("\n"))
 
 
 def test_an_opening_fence_is_kept_and_a_closing_one_ends_the_answer():
     answer = f"Sure:\n```python\n{SOLUTION}\n```\nassert add(1, 2) == 3\n"
-    assert inference.cut_at_stop(answer) == f"Sure:\n```python\n{SOLUTION}"
-    assert inference.cut_at_stop(f"{SOLUTION}\nassert add(1, 2) == 3") == SOLUTION  # the model's own tests are cut
-    assert inference.cut_at_stop(f"{SOLUTION}\n\n\ndef main():\n    pass", "code") == f"{SOLUTION}\n\n"
+    assert prompts.DEFAULT.cut(answer) == f"Sure:\n```python\n{SOLUTION}"
+    assert prompts.DEFAULT.cut(f"{SOLUTION}\nassert add(1, 2) == 3") == SOLUTION  # the model's own tests are cut
+    assert prompts.CODE.cut(f"{SOLUTION}\n\n\ndef main():\n    pass") == f"{SOLUTION}\n\n"
 
 
 def test_generation_stops_are_looked_for_in_the_completion_only(demo_model):
@@ -151,9 +130,9 @@ def test_generation_stops_are_looked_for_in_the_completion_only(demo_model):
     by a generated ``` is not a stop, a generated newline and ``` after an opened fence is."""
     import torch
 
-    tokenizer = common.load_tokenizer(demo_model)
-    prompt = common.encode_prompt(tokenizer, common.format_prompt("tests", "Add two numbers.", ["assert add(1, 2) == 3"]))
-    criteria = inference.stop_criteria(tokenizer, "tests", len(prompt))
+    tokenizer = models.load_tokenizer(demo_model)
+    prompt = prompts.encode_prompt(tokenizer, prompts.TESTS.prompt("Add two numbers.", ["assert add(1, 2) == 3"]))
+    criteria = inference.stop_criteria(tokenizer, prompts.TESTS, len(prompt))
 
     def stopped(generated: str) -> bool:
         ids = prompt + tokenizer(generated, add_special_tokens=False)["input_ids"]

@@ -3,13 +3,13 @@
 import json
 
 import pytest
-from conftest import family_rows, one_error_line
 
-import common
+from pipeline import folders, inference, models, prompts
+
 import evaluate
 import export
 import generate
-import inference
+from conftest import family_rows, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +24,18 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter_doe
     from transformers import AutoModelForCausalLM
 
     names = {p.name for p in exported.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", common.EXPORT_SETTINGS, "model.safetensors.index.json"} <= names
+    assert {"config.json", "generation_config.json", "tokenizer.json", folders.EXPORT_SETTINGS, "model.safetensors.index.json"} <= names
     assert len(list(exported.glob("model-*.safetensors"))) > 1 and not any("adapter" in name for name in names)  # sharded, no peft files
-    settings = json.loads((exported / common.EXPORT_SETTINGS).read_text())
-    assert settings["template"] == common.DEFAULT_TEMPLATE and settings["base_model_id"] == common.model_id(demo_trained["model"])
+    settings = json.loads((exported / folders.EXPORT_SETTINGS).read_text())
+    assert settings["template"] == prompts.DEFAULT.name and settings["base_model_id"] == models.model_id(demo_trained["model"])
     merged = AutoModelForCausalLM.from_pretrained(str(exported)).eval()
-    tokenizer = common.load_tokenizer(exported)
-    choice = common.DeviceChoice("cpu", "float32", "test")
+    tokenizer = models.load_tokenizer(exported)
+    choice = models.DeviceChoice("cpu", "float32", "test")
     adapter = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], choice, load_in_4bit=False)
     rows = family_rows(demo_trained["prepared"], "train")[:8]
-    prompts = [common.format_prompt(common.DEFAULT_TEMPLATE, row["task"], row["tests"]) for row in rows]
-    ours = inference.generate(merged, tokenizer, prompts, 48)
-    theirs = inference.generate(adapter, tokenizer, prompts, 48)
+    texts = [prompts.DEFAULT.prompt(row["task"], row["tests"]) for row in rows]
+    ours = inference.generate(merged, tokenizer, texts, 48)
+    theirs = inference.generate(adapter, tokenizer, texts, 48)
     assert [r[0]["completion"] for r in ours] == [r[0]["completion"] for r in theirs]
     assert sum(r[0]["completion"] == row["code"] for r, row in zip(ours, rows)) >= 6  # what it learned, merged in
 

@@ -1,8 +1,7 @@
 import io
 
-from conftest import family_rows, one_error_line
-
 import generate
+from conftest import family_rows, one_error_line
 
 
 def test_prompt_flag_prints_the_learned_solution(demo_trained, capsys):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-import common
+from pipeline import data, folders, memory, models, prompts
+
 import download_model
 import evaluate
 import prepare_data
@@ -24,16 +25,16 @@ def family(request, demo_data, tmp_path_factory):
     assert prepare_data.main(["--data", str(demo_data), "--model", str(root / "model"), "--out", str(root / "prepared"), "--check-tests", "off"]) == 0
     assert train.main(["--model", str(root / "model"), "--data", str(root / "prepared"), "--out", str(root / "run"), "--max-steps", "4",
                        "--save-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3"]) == 0
-    return {"name": request.param, "model": root / "model", "prepared": root / "prepared", "adapter": root / "run" / common.FINAL_ADAPTER,
+    return {"name": request.param, "model": root / "model", "prepared": root / "prepared", "adapter": root / "run" / folders.FINAL_ADAPTER,
             "root": root}
 
 
 def test_labels_mask_the_prompt_train_the_eos_and_never_double_the_bos(family):
-    tokenizer = common.load_tokenizer(family["model"])
+    tokenizer = models.load_tokenizer(family["model"])
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # no pad in these tokenizers: EOS stands in, masked by position
     for row in load_from_disk(str(family["prepared"]))["train"].select(range(5)):
         ids, labels = row["input_ids"], row["labels"]
-        first = next(i for i, label in enumerate(labels) if label != common.IGNORE_INDEX)
+        first = next(i for i, label in enumerate(labels) if label != prompts.IGNORE_INDEX)
         assert tokenizer.decode(ids[first:-1]) == row["code"] and labels[first:] == ids[first:]
         assert ids[-1] == labels[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
         if family["name"] == "llama":
@@ -43,9 +44,9 @@ def test_labels_mask_the_prompt_train_the_eos_and_never_double_the_bos(family):
 
 
 def test_lora_targets_are_found_from_the_model_and_saved_with_the_adapter(family):
-    assert train.find_lora_targets(str(family["model"])) == TARGETS[family["name"]]
-    settings = json.loads((family["adapter"] / common.TRAINING_SETTINGS).read_text())
-    adapter = json.loads((family["adapter"] / common.ADAPTER_CONFIG).read_text())
+    assert models.find_lora_targets(str(family["model"])) == TARGETS[family["name"]]
+    settings = json.loads((family["adapter"] / folders.TRAINING_SETTINGS).read_text())
+    adapter = json.loads((family["adapter"] / folders.ADAPTER_CONFIG).read_text())
     assert settings["lora_target_modules"] == TARGETS[family["name"]] and set(adapter["target_modules"]) == set(TARGETS[family["name"]])
     assert settings["base_model_id"] == f"demo/tiny-{family['name']}"
 
@@ -53,19 +54,19 @@ def test_lora_targets_are_found_from_the_model_and_saved_with_the_adapter(family
 def test_the_base_is_quantised_to_4bit_and_the_chunked_loss_equals_the_standard_one(family):
     import bitsandbytes as bnb
 
-    model = train.build_model(str(family["model"]), common.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
+    model = train.build_model(str(family["model"]), models.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
     model.train()
     quantised = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
     assert quantised and all(any(f".{target}" in name for target in TARGETS[family["name"]]) for name in quantised)
     model.eval()  # GPT-2 has dropout of its own: compare the two losses on the same deterministic forward pass
     rows = load_from_disk(str(family["prepared"]))["train"]
-    batch = common.pad_batch([rows[i] for i in (0, 3, 7)], common.load_tokenizer(family["model"]).pad_token_id)
+    batch = data.pad_batch([rows[i] for i in (0, 3, 7)], models.load_tokenizer(family["model"]).pad_token_id)
     with torch.no_grad():
         standard = model(**batch).loss
         with train.loss_for(model, "chunked") as compute_loss:
             chunked = compute_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
     assert chunked.item() == pytest.approx(standard.item(), rel=1e-4)
-    estimate = train.estimate_peak_memory(model.config, 4, 256, 16)
+    estimate = memory.estimate_peak_memory(model.config, 4, 256, 16)
     assert estimate["total"] > estimate["weights"] > 0
 
 

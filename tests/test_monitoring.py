@@ -3,7 +3,7 @@
 import json
 import math
 
-import monitoring
+from pipeline import monitoring, prompts
 
 
 def test_loss_warnings_for_nan_and_a_rising_loss():
@@ -44,7 +44,8 @@ def test_training_log_lines_are_readable(demo_model, demo_prepared, tmp_path, ca
 
     assert train.main(["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(tmp_path / "c"),
                        "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2", "--batch-size", "2", "--grad-accum", "1"]) == 0
-    out = capsys.readouterr().out + capsys.readouterr().err
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     line = next(line for line in out.splitlines() if line.startswith("step 2/2 · epoch"))
     for part in ("loss ", "lr ", "grad norm ", "trained tok/s (", "all)", "RAM ", "elapsed", "ETA"):
         assert part in line, line
@@ -54,11 +55,9 @@ def test_trained_tokens_are_the_labelled_ones_and_speeds_divide_totals_by_time(d
     """The demo run logs once per epoch (10 steps of 8, the last of 6): by then it has seen every problem once more."""
     from datasets import load_from_disk
 
-    import common
-
     rows = load_from_disk(str(demo_trained["prepared"]))["train"]
     assert len(rows) == 78
-    trained_per_epoch = sum(sum(label != common.IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
+    trained_per_epoch = sum(sum(label != prompts.IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
     all_per_epoch = sum(len(row["input_ids"]) for row in rows)
     metrics = json.loads((demo_trained["adapter"].parent / monitoring.METRICS).read_text())
     train = [row for row in metrics["history"] if "loss" in row]

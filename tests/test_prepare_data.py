@@ -1,36 +1,35 @@
 import json
 
 import pytest
-from conftest import demo_problems, one_error_line, write_jsonl
 
-import common
+from pipeline import cli, data, folders, models, prompts
+
 import download_dataset
-import formats
 import prepare_data
-from common import StageError
+from conftest import demo_problems, one_error_line, write_jsonl
 
 
 def test_column_names_of_the_mbpp_variants_are_accepted():
     columns = ["task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list"]
-    assert formats.detect(columns) == "mbpp"
-    original = formats.columns_for("mbpp", columns)
+    assert data.detect(columns) == "mbpp"
+    original = data.columns_for("mbpp", columns)
     assert original == {"task": "text", "code": "code", "tests": "test_list", "setup": "test_setup_code", "task_id": "task_id"}
     sanitized = ["source_file", "task_id", "prompt", "code", "test_imports", "test_list"]
-    assert formats.detect(sanitized) == "mbpp"
-    assert formats.columns_for("mbpp", sanitized)["task"] == "prompt" and formats.columns_for("mbpp", sanitized)["setup"] == "test_imports"
+    assert data.detect(sanitized) == "mbpp"
+    assert data.columns_for("mbpp", sanitized)["task"] == "prompt" and data.columns_for("mbpp", sanitized)["setup"] == "test_imports"
 
 
 def test_missing_column_is_named():
-    with pytest.raises(StageError, match="'code'"):
-        formats.columns_for("mbpp", ["task_id", "text", "test_list"])
+    with pytest.raises(cli.StageError, match="'code'"):
+        data.columns_for("mbpp", ["task_id", "text", "test_list"])
 
 
 @pytest.mark.parametrize("field, value", [("text", ""), ("text", None), ("code", "   "), ("code", 42), ("test_list", [])])
 def test_rows_with_empty_or_non_string_fields_are_refused(field, value):
     row = {**demo_problems()[0], field: value}
-    columns = formats.columns_for("mbpp", list(row))
-    with pytest.raises(StageError, match="row 3"):
-        formats.normalize("mbpp", row, columns, 3)
+    columns = data.columns_for("mbpp", list(row))
+    with pytest.raises(cli.StageError, match="row 3"):
+        data.normalize("mbpp", row, columns, 3)
 
 
 def test_held_out_split_is_deterministic_disjoint_and_order_independent():
@@ -46,26 +45,26 @@ def test_prepared_data_layout_masks_and_task_fields(demo_prepared, demo_model):
 
     prepared = load_from_disk(str(demo_prepared))
     assert set(prepared) == {"train", "eval"}
-    assert {p.name for p in demo_prepared.iterdir()} == {"train", "eval", "dataset_dict.json", common.PREPARED_STATS}
+    assert {p.name for p in demo_prepared.iterdir()} == {"train", "eval", "dataset_dict.json", folders.PREPARED_STATS}
     train_ids, eval_ids = set(prepared["train"]["task_id"]), set(prepared["eval"]["task_id"])
     assert not train_ids & eval_ids and len(train_ids) + len(eval_ids) == len(demo_problems())
-    tokenizer = common.load_tokenizer(demo_model)
+    tokenizer = models.load_tokenizer(demo_model)
     for row in prepared["train"]:
         assert {"task_id", "task", "code", "tests", "test_setup_code", "input_ids", "attention_mask", "labels"} <= set(row)
-        trained = [label for label in row["labels"] if label != common.IGNORE_INDEX]
+        trained = [label for label in row["labels"] if label != prompts.IGNORE_INDEX]
         assert trained[-1] == tokenizer.eos_token_id  # the EOS is learned
         assert tokenizer.decode(trained[:-1]) == row["code"]  # exactly the solution is learned, the prompt is masked
         first = row["labels"].index(trained[0])
         assert tokenizer.decode(row["input_ids"][:first]).endswith("Solution:\n")
-    stats = common.read_json(demo_prepared / common.PREPARED_STATS)
-    assert stats["settings"]["template"] == common.DEFAULT_TEMPLATE
+    stats = folders.read_json(demo_prepared / folders.PREPARED_STATS)
+    assert stats["settings"]["template"] == prompts.DEFAULT.name
     assert stats["rows"] == {"train": len(prepared["train"]), "eval": len(prepared["eval"])}
 
 
 def test_long_examples_are_dropped_and_counted_never_cut(demo_data, demo_model, tmp_path, capsys):
     out = tmp_path / "prepared"
     assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--max-length", "100", "--check-tests", "off"]) == 0
-    stats = common.read_json(out / common.PREPARED_STATS)
+    stats = folders.read_json(out / folders.PREPARED_STATS)
     dropped = sum(len(ids) for ids in stats["dropped_too_long"].values())
     assert dropped > 0 and stats["rows"]["train"] + stats["rows"]["eval"] + dropped == len(demo_problems())
     assert stats["tokens"]["example"]["max"] <= 100
@@ -91,16 +90,16 @@ def test_bad_input_gets_one_line_and_no_output(demo_data, demo_model, tmp_path, 
 def test_guide_template_and_failed_rerun_keeps_previous_output(demo_data, demo_model, tmp_path, monkeypatch):
     out = tmp_path / "prepared"
     assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--template", "guide", "--check-tests", "off"]) == 0
-    before = common.read_json(out / common.PREPARED_STATS)
+    before = folders.read_json(out / folders.PREPARED_STATS)
     assert before["settings"]["template"] == "guide"
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the user presses Ctrl-C while the new output is being written
 
-    monkeypatch.setattr(common, "write_json", crash)
+    monkeypatch.setattr(folders, "write_json", crash)
     assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--check-tests", "off"]) == 130
     monkeypatch.undo()
-    assert common.read_json(out / common.PREPARED_STATS) == before
+    assert folders.read_json(out / folders.PREPARED_STATS) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
 
 
@@ -112,6 +111,6 @@ def test_rows_without_a_task_id_get_one_each(demo_model, tmp_path):
     assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 0
     assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(demo_model), "--out", str(tmp_path / "p"),
                               "--eval-fraction", "0.34"]) == 0
-    stats = json.loads((tmp_path / "p" / common.PREPARED_STATS).read_text())
+    stats = json.loads((tmp_path / "p" / folders.PREPARED_STATS).read_text())
     assert stats["problems"] == 6 and stats["duplicates_skipped"] == 0
     assert sorted(stats["task_ids"]["train"] + stats["task_ids"]["eval"]) == [f"row-{i}" for i in range(6)]

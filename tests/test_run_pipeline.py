@@ -1,14 +1,14 @@
 import pytest
-from conftest import one_error_line
 
-import common
+from pipeline import cli, folders
+
 import run_pipeline
-from common import StageError
+from conftest import one_error_line
 
 
 def test_flags_are_grouped_with_their_values():
     assert run_pipeline.group_flags(["--lr", "1e-4", "--force", "--seed=7"]) == {"--lr": ["1e-4"], "--force": [], "--seed": ["7"]}
-    with pytest.raises(StageError):
+    with pytest.raises(cli.StageError):
         run_pipeline.group_flags(["stray"])
 
 
@@ -34,6 +34,6 @@ def test_demo_pipeline_runs_every_stage_offline(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "all checks passed" in out and "pipeline finished" in out
     assert "| fine-tuned |" in out
-    for folder in (common.MODEL_DIR, common.DATA_DIR, common.PREPARED_DIR, f"{common.CHECKPOINTS_DIR}/{common.FINAL_ADAPTER}", common.RESULTS_DIR,
-                   common.EXPORT_DIR):
+    for folder in (folders.MODEL_DIR, folders.DATA_DIR, folders.PREPARED_DIR, f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}", folders.RESULTS_DIR,
+                   folders.EXPORT_DIR):
         assert (tmp_path / folder).is_dir()

@@ -5,9 +5,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import demo_problems
 
-import sandbox
+from pipeline import sandbox
+
+from conftest import demo_problems
 
 ADD = "def add(a, b):\n    return a + b"
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
@@ -94,7 +95,7 @@ def test_two_harnesses_at_once_leave_each_other_alone(tmp_path):
     import sys
 
     slow = "import time\ntime.sleep(2)\n" + ADD
-    script = ("import sys; sys.path.insert(0, {root!r}); import sandbox\n"
+    script = ("import sys; sys.path.insert(0, {root!r}); from pipeline import sandbox\n"
               "box = sandbox.Sandbox(workers=1)\n"
               "print([v.status for v in box.run_many([sandbox.build_program(c, {tests!r}) for c in {programs!r}])])")
     root = str(Path(__file__).resolve().parent.parent)

@@ -5,6 +5,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from pipeline import inference, prompts
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 import checkpoint_manager  # noqa: E402
@@ -80,9 +82,7 @@ def test_gpu_monitor_once_without_a_gpu(capsys):
 
 def test_bundled_prompts_in_the_shape_the_adapter_was_trained_on():
     """checkpoint_manager's `test` and export.py's self-check (without prepared data) prompt with these."""
-    import inference
-
-    code = inference.bundled_prompts("code", None, checkpoint_manager.TEST_PROBLEMS)  # HumanEval-style adapters continue code
+    code = inference.bundled_prompts(prompts.CODE, None, checkpoint_manager.TEST_PROBLEMS)  # HumanEval-style adapters continue code
     assert len(code) == checkpoint_manager.TEST_PROBLEMS and all(prompt.startswith("def ") and '"""' in prompt for _, prompt in code)
-    tasks = inference.bundled_prompts("tests", None, checkpoint_manager.TEST_PROBLEMS)
+    tasks = inference.bundled_prompts(prompts.TESTS, None, checkpoint_manager.TEST_PROBLEMS)
     assert all(prompt.startswith("Task: ") and "assert " in prompt for _, prompt in tasks)

@@ -1,12 +1,15 @@
-import dataclasses
 import json
 
 import pytest
 import torch
-from conftest import one_error_line
 
-import common
+from pipeline import data, folders, models, prompts
+
 import train
+
+# Every module of pipeline/ but the two that import torch, which the stages import only once they train.
+PACKAGE_LIGHT = sorted(p.stem for p in (folders.REPO_ROOT / "pipeline").glob("*.py") if p.stem not in ("loss", "trainer"))
+from conftest import one_error_line, train_argv
 
 
 def test_pad_batch_pads_to_the_longest_with_masked_labels():
@@ -15,46 +18,46 @@ def test_pad_batch_pads_to_the_longest_with_masked_labels():
         {"input_ids": [5, 6, 7, eos], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 7, eos]},
         {"input_ids": [5, eos], "attention_mask": [1, 1], "labels": [-100, eos]},
     ]
-    batch = common.pad_batch(features, pad_token_id=eos)
+    batch = data.pad_batch(features, pad_token_id=eos)
     assert batch["input_ids"].tolist() == [[5, 6, 7, eos], [5, eos, eos, eos]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 7, eos], [-100, eos, -100, -100]]  # the real EOS stays a label
-    assert common.pad_batch(features, eos, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
+    assert data.pad_batch(features, eos, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
 
 
 def test_trained_span_is_shown_between_markers(demo_model, demo_prepared):
     from datasets import load_from_disk
 
     row = load_from_disk(str(demo_prepared))["train"][0]
-    shown = train.show_trained_span(common.load_tokenizer(demo_model), row)
+    shown = train.show_trained_span(models.load_tokenizer(demo_model), row)
     assert shown.startswith("Task: ") and "Solution:\n⟦" + row["code"] + "<|endoftext|>⟧" in shown
 
 
 def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_model):
     names = {p.name for p in trained_smoke.iterdir()}
-    assert names == {"checkpoint-4", common.FINAL_ADAPTER, common.RUN_SETTINGS, "metrics.json", "training_curves.png", "logs"}  # --keep-last 1
-    final = trained_smoke / common.FINAL_ADAPTER
-    assert {p.name for p in final.iterdir()} == {common.ADAPTER_CONFIG, common.ADAPTER_WEIGHTS, "README.md", "tokenizer.json",
-                                                 "tokenizer_config.json", common.TRAINING_SETTINGS}
+    assert names == {"checkpoint-4", folders.FINAL_ADAPTER, folders.RUN_SETTINGS, "metrics.json", "training_curves.png", "logs"}  # --keep-last 1
+    final = trained_smoke / folders.FINAL_ADAPTER
+    assert {p.name for p in final.iterdir()} == {folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md", "tokenizer.json",
+                                                 "tokenizer_config.json", folders.TRAINING_SETTINGS}
     assert {p.name for p in (trained_smoke / "checkpoint-4").iterdir()} == {
-        common.ADAPTER_CONFIG, common.ADAPTER_WEIGHTS, "README.md", common.TRAINING_SETTINGS, "optimizer.pt", "scheduler.pt",
+        folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md", folders.TRAINING_SETTINGS, "optimizer.pt", "scheduler.pt",
         "rng_state.pth", "trainer_state.json", "training_args.bin"}
-    settings = json.loads((final / common.TRAINING_SETTINGS).read_text())
-    assert settings["template"] == common.DEFAULT_TEMPLATE and settings["load_in_4bit"] is True
+    settings = json.loads((final / folders.TRAINING_SETTINGS).read_text())
+    assert settings["template"] == prompts.DEFAULT.name and settings["load_in_4bit"] is True
     assert settings["base_model_id"] == "demo/tiny-qwen2" and settings["result"]["global_step"] == 4
     assert settings["loss"] == "chunked" and 0 <= settings["result"]["padding_share"] < 0.5
     # The checkpoint carries the same settings, so an adapter taken from it is prompted the same way.
-    in_checkpoint = json.loads((trained_smoke / "checkpoint-4" / common.TRAINING_SETTINGS).read_text())
+    in_checkpoint = json.loads((trained_smoke / "checkpoint-4" / folders.TRAINING_SETTINGS).read_text())
     assert in_checkpoint == {key: value for key, value in settings.items() if key != "result"}
-    assert json.loads((trained_smoke / common.RUN_SETTINGS).read_text()) == in_checkpoint
-    adapter = json.loads((final / common.ADAPTER_CONFIG).read_text())
+    assert json.loads((trained_smoke / folders.RUN_SETTINGS).read_text()) == in_checkpoint
+    adapter = json.loads((final / folders.ADAPTER_CONFIG).read_text())
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} and adapter["r"] == 16
 
 
 def test_training_uses_bitsandbytes_4bit_on_cpu(demo_model):
     import bitsandbytes as bnb
 
-    model = train.build_model(str(demo_model), common.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
+    model = train.build_model(str(demo_model), models.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and layer.base_layer.weight.quant_type == "nf4"
     trainable = {name.split(".")[-3] for name, p in model.named_parameters() if p.requires_grad}
@@ -62,21 +65,17 @@ def test_training_uses_bitsandbytes_4bit_on_cpu(demo_model):
 
 
 def test_rerun_with_same_settings_skips_and_an_earlier_run_is_not_overwritten(trained_smoke, demo_model, demo_prepared, capsys):
-    same = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(trained_smoke), "--max-steps", "4",
-            "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1"]
-    assert train.main(same) == 0
+    assert train.main(train_argv(demo_model, demo_prepared, trained_smoke)) == 0
     assert "skipping" in capsys.readouterr().out
-    assert train.main(same[:-1] + ["2"]) == 2  # other settings, same folder
+    assert train.main(train_argv(demo_model, demo_prepared, trained_smoke, logging_steps=2)) == 2  # other settings
     assert "--resume" in one_error_line(capsys.readouterr())
 
 
 def test_a_base_model_downloaded_again_is_not_taken_as_already_trained(trained_smoke, demo_model, demo_prepared, monkeypatch, capsys):
     """Same id, same tokenizer, so the same prepared data, but other weights (another revision, a newer demo recipe)."""
-    same = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(trained_smoke), "--max-steps", "4",
-            "--save-steps", "2", "--keep-last", "1", "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1"]
-    source = json.loads((demo_model / common.DOWNLOAD_INFO).read_text())
-    monkeypatch.setattr(common, "download_info", lambda folder: {**source, "recipe": "another"})
-    assert train.main(same) == 2
+    source = json.loads((demo_model / folders.DOWNLOAD_INFO).read_text())
+    monkeypatch.setattr(folders, "download_info", lambda folder: {**source, "recipe": "another"})
+    assert train.main(train_argv(demo_model, demo_prepared, trained_smoke)) == 2
     assert "holds an earlier run" in one_error_line(capsys.readouterr())
 
 
@@ -100,7 +99,7 @@ def test_data_prepared_for_another_model_is_refused(demo_model, demo_prepared, t
     other.mkdir()
     for f in demo_model.iterdir():
         (other / f.name).write_bytes(f.read_bytes())
-    common.write_json(other / common.DOWNLOAD_INFO, {"source": "hub", "model_id": "Qwen/Qwen2.5-Coder-0.5B"})
+    folders.write_json(other / folders.DOWNLOAD_INFO, {"source": "hub", "model_id": "Qwen/Qwen2.5-Coder-0.5B"})
     assert train.main(["--model", str(other), "--data", str(demo_prepared), "--out", str(tmp_path / "c")]) == 2
     assert "prepare_data.py --model" in one_error_line(capsys.readouterr())
 
@@ -109,10 +108,10 @@ def test_gradients_reach_lora_weights_with_gradient_checkpointing(demo_model, de
     """from_pretrained returns eval mode, where checkpointing is off: train mode must be on for the real path."""
     from datasets import load_from_disk
 
-    model = train.build_model(str(demo_model), common.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
+    model = train.build_model(str(demo_model), models.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
     model.train()
     rows = load_from_disk(str(demo_prepared))["train"]
-    batch = common.pad_batch([rows[i] for i in range(2)], 0)
+    batch = data.pad_batch([rows[i] for i in range(2)], 0)
     model(**batch).loss.backward()
     grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
@@ -122,17 +121,27 @@ def test_auto_batch_size_settles_the_plan_before_it_is_recorded(demo_prepared):
     """--auto-batch-size replaces the asked micro-batch and accumulation; the plan holds the fitted ones, the
     command line as given, and the steps that follow from the fitted batch, so the recorded settings agree."""
     args = train.build_parser().parse_args(["--data", str(demo_prepared), "--batch-size", "4", "--grad-accum", "4", "--auto-batch-size"])
-    stats = json.loads((demo_prepared / common.PREPARED_STATS).read_text())
-    choice = common.DeviceChoice("cuda", "bfloat16", "a 6 GB GPU (planned only)")
+    stats = json.loads((demo_prepared / folders.PREPARED_STATS).read_text())
+    choice = models.DeviceChoice("cuda", "bfloat16", "a 6 GB GPU (planned only)")
     asked = train.plan_run(args, stats, choice, True, n_train=100, processes=1, lora_targets=["q_proj"])
-    fitted = train.plan_run(args, stats, choice, True, n_train=100, processes=1, lora_targets=["q_proj"], fitted_batch=(8, 2))
+    fitted = train.plan_run(args, stats, choice, True, n_train=100, processes=1, lora_targets=["q_proj"], batch=(8, 2))
     assert (asked.batch_size, asked.grad_accum, asked.steps_per_epoch) == (4, 4, 7)
     assert (fitted.batch_size, fitted.grad_accum, fitted.steps_per_epoch) == (8, 2, 7)
     assert fitted.effective_batch == asked.effective_batch == 16 and fitted.total_steps == 21
     assert fitted.arguments["batch_size"] == 4 and fitted.arguments["grad_accum"] == 4  # what the user typed
     assert fitted.optim == "paged_adamw_8bit" and fitted.lora_alpha == 32
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        fitted.batch_size = 1
+
+
+def test_a_streamed_source_is_planned_by_max_steps_whatever_batch_was_fitted(demo_prepared):
+    """A stream's length is unknown: its steps come from --max-steps, with the asked batch or a fitted one (the
+    plan never takes len() of the stream)."""
+    args = train.build_parser().parse_args(["--data", str(demo_prepared), "--max-steps", "30", "--auto-batch-size"])
+    stats = json.loads((demo_prepared / folders.PREPARED_STATS).read_text())
+    choice = models.DeviceChoice("cuda", "bfloat16", "a 6 GB GPU (planned only)")
+    for batch in (None, (8, 2), (1, 16)):
+        settings = train.plan_run(args, stats, choice, True, n_train=None, processes=2, lora_targets=["q_proj"],
+                                  batch=batch)
+        assert settings.steps_per_epoch == settings.total_steps == 30
 
 
 def test_help_imports_no_torch():
@@ -141,26 +150,14 @@ def test_help_imports_no_torch():
     import sys
 
     modules = ["train", "prepare_data", "download_model", "download_dataset", "verify_model", "evaluate", "export", "generate",
-               "run_pipeline", "common", "formats", "inference", "checkpoints", "monitoring", "sandbox"]
-    probe = ("import sys; sys.path[:0] = ['.', 'tools']\n"
+               "run_pipeline", *(f"pipeline.{name}" for name in PACKAGE_LIGHT)]
+    probe = ("import importlib, sys; sys.path[:0] = ['.', 'tools']\n"
              f"for name in {modules + ['checkpoint_manager', 'training_dashboard', 'gpu_monitor', 'system_check']!r}:\n"
-             "    __import__(name).build_parser() if hasattr(__import__(name), 'build_parser') else None\n"
+             "    module = importlib.import_module(name)\n"
+             "    module.build_parser() if hasattr(module, 'build_parser') else None\n"
              "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes') if m in sys.modules)\n"
              "print(heavy)")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=common.REPO_ROOT)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=folders.REPO_ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
-    helped = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=common.REPO_ROOT)
+    helped = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=folders.REPO_ROOT)
     assert helped.returncode == 0 and "Needs:" in helped.stdout
-
-
-def test_train_py_has_glibc_give_large_freed_buffers_back(monkeypatch):
-    """bench/whole_run.py measured 4.3 GiB resident with glibc's defaults, 2.3 GiB with this setting."""
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc only")
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("PIPELINE_GLIBC_DEFAULTS", raising=False)
-    assert train.return_freed_memory() is True and train.GLIBC_MMAP_THRESHOLD == 4 * 2**20
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting wins
-    assert train.return_freed_memory() is False

@@ -9,7 +9,7 @@ Run:
 
 Reads:  checkpoints/ (train.py), model/ for `test`
 Writes: only `cleanup` and `delete` remove checkpoint folders; checkpoints/final/ is never removed by cleanup.
-Needs:  common.py, checkpoints.py, inference.py (from the folder above)
+Needs:  pipeline/ (in the folder above)
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import checkpoints  # noqa: E402
-import common  # noqa: E402
-import inference  # noqa: E402
-from common import StageError  # noqa: E402
+from pipeline import cli, folders, inference, models, run_folder  # noqa: E402
+from pipeline.cli import StageError  # noqa: E402
 
 TEST_PROBLEMS = 3  # bundled problems used by `test`
 
 
 def losses_at(folder: Path, step: int) -> tuple[float | None, float | None]:
     """The last train loss logged up to `step` and the eval loss at `step`, from a checkpoint's trainer state."""
-    state_path = folder / "trainer_state.json"
+    state_path = folder / run_folder.TRAINER_STATE
     if not state_path.is_file():
         return None, None
     history = json.loads(state_path.read_text()).get("log_history", [])
@@ -44,14 +42,14 @@ def losses_at(folder: Path, step: int) -> tuple[float | None, float | None]:
 
 def describe(run: Path) -> list[dict]:
     rows = []
-    for folder in checkpoints.find_checkpoints(run):
-        step = checkpoints.step_of(folder)
+    for folder in run_folder.find_checkpoints(run):
+        step = run_folder.step_of(folder)
         train_loss, eval_loss = losses_at(folder, step)
         rows.append({"path": folder, "step": step, "train_loss": train_loss, "eval_loss": eval_loss, "final": False,
-                     "problem": checkpoints.checkpoint_problem(folder)})
-    final = run / common.FINAL_ADAPTER
-    if (final / common.ADAPTER_CONFIG).is_file():
-        settings_path = final / common.TRAINING_SETTINGS
+                     "problem": run_folder.checkpoint_problem(folder)})
+    final = run / folders.FINAL_ADAPTER
+    if (final / folders.ADAPTER_CONFIG).is_file():
+        settings_path = final / folders.TRAINING_SETTINGS
         result = json.loads(settings_path.read_text()).get("result", {}) if settings_path.is_file() else {}
         rows.append({"path": final, "step": result.get("global_step"), "train_loss": result.get("last_train_loss"),
                      "eval_loss": result.get("eval_loss"), "final": True, "problem": None})
@@ -89,20 +87,20 @@ def command_best(run: Path) -> int:
 
 
 def command_cleanup(run: Path, keep: int) -> int:
-    found = checkpoints.find_checkpoints(run)
+    found = run_folder.find_checkpoints(run)
     doomed = found[:-keep] if keep else found
     for folder in doomed:
         shutil.rmtree(folder)
         print(f"deleted {folder}")
-    print(f"kept {len(found) - len(doomed)} checkpoint(s)" + (" and the final adapter" if (run / common.FINAL_ADAPTER).is_dir() else ""))
+    print(f"kept {len(found) - len(doomed)} checkpoint(s)" + (" and the final adapter" if (run / folders.FINAL_ADAPTER).is_dir() else ""))
     return 0
 
 
 def command_delete(run: Path, path: Path) -> int:
     """Delete one checkpoint-<step>/ or final/ of the run folder, and nothing else."""
     inside = path.resolve().parent == run.resolve()
-    is_checkpoint = path.name == common.FINAL_ADAPTER or path.name in {p.name for p in checkpoints.find_checkpoints(run)}
-    if not (inside and is_checkpoint and (path / common.ADAPTER_CONFIG).is_file()):
+    is_checkpoint = path.name == folders.FINAL_ADAPTER or path.name in {p.name for p in run_folder.find_checkpoints(run)}
+    if not (inside and is_checkpoint and (path / folders.ADAPTER_CONFIG).is_file()):
         raise StageError(f"{path} is not a checkpoint or the final adapter of the run {run}/ (pass --run for another run "
                          f"folder): nothing deleted")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
@@ -113,14 +111,15 @@ def command_delete(run: Path, path: Path) -> int:
 
 def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> int:
     template = inference.adapter_template(path)  # also a clear line when it is not an adapter
-    common.require_model_dir(model_dir)
-    common.quiet_libraries()
-    choice = common.pick_device()
-    tokenizer = common.load_tokenizer(model_dir)
+    models.require_model_dir(model_dir)
+    models.quiet_libraries()
+    choice = models.pick_device()
+    tokenizer = models.load_tokenizer(model_dir)
     titles, prompts = zip(*inference.bundled_prompts(template, tokenizer, TEST_PROBLEMS))
-    model = inference.load_for_inference(model_dir, None, choice, common.use_4bit(choice, no_4bit=False))
+    model = inference.load_for_inference(model_dir, None, choice, models.use_4bit(choice, no_4bit=False))
     base = inference.generate(model, tokenizer, list(prompts), max_new_tokens, template=template)
-    tuned = inference.generate(inference.attach_adapter(model, path, model_dir), tokenizer, list(prompts), max_new_tokens, template=template)
+    tuned = inference.attach_adapter(model, path, model_dir)
+    tuned = inference.generate(tuned, tokenizer, list(prompts), max_new_tokens, template=template)
     for title, before, after in zip(titles, base, tuned):
         print(f"=== {title}")
         print(f"--- base model:\n{before[0]['completion'].rstrip()}")
@@ -130,7 +129,7 @@ def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default=common.CHECKPOINTS_DIR, help="the run's folder (default: %(default)s)")
+    parser.add_argument("--run", default=folders.CHECKPOINTS_DIR, help="the run's folder (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every checkpoint with its step, losses, size and date")
     commands.add_parser("best", help="the checkpoint with the lowest eval loss")
@@ -140,12 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("path")
     test = commands.add_parser("test", help="completions of a few bundled problems: base model vs this checkpoint")
     test.add_argument("path")
-    test.add_argument("--model", default=common.MODEL_DIR, help="base model folder (default: %(default)s)")
-    test.add_argument("--max-new-tokens", type=common.positive(int), default=128)
+    test.add_argument("--model", default=folders.MODEL_DIR, help="base model folder (default: %(default)s)")
+    test.add_argument("--max-new-tokens", type=cli.positive(int), default=128)
     return parser
 
 
-@common.report_errors
+@cli.report_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run = Path(args.run)

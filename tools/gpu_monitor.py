@@ -7,7 +7,7 @@ Run:
 Reads:  the NVIDIA driver through nvidia-ml-py (NVML); on a machine without an NVIDIA GPU, it says so and shows
         the CPU and RAM instead.
 Writes: nothing.
-Needs:  monitoring.py (from the folder above)
+Needs:  pipeline/ (in the folder above)
 Run it in a second terminal while train.py runs.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import monitoring  # noqa: E402
+from pipeline import monitoring  # noqa: E402
 
 
 def gpu_lines() -> list[str] | None:

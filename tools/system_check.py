@@ -5,7 +5,7 @@ Run:
 
 Reads:  the installed packages and the hardware.
 Writes: nothing; exits non-zero when something required is missing or broken.
-Needs:  common.py (from the folder above)
+Needs:  pipeline/ (in the folder above)
 Run it first, before download_model.py.
 """
 
@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     import psutil
     import torch
 
-    import common
+    from pipeline import models
 
-    common.quiet_libraries()  # bitsandbytes' note about optional Hub kernels is not a problem here
+    models.quiet_libraries()  # bitsandbytes' note about optional Hub kernels is not a problem here
     vram, bf16, device = None, False, "cpu"
     if torch.cuda.is_available():
         device = "cuda"

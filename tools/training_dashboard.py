@@ -6,7 +6,7 @@ Run:
 
 Reads:  <run>/metrics.json (written by train.py at every log), or a metrics.json path.
 Writes: nothing. Works on a running or a finished run.
-Needs:  common.py, monitoring.py (from the folder above)
+Needs:  pipeline/ (in the folder above)
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
-import monitoring  # noqa: E402
+from pipeline import cli, folders, monitoring  # noqa: E402
 
 
 def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
@@ -76,13 +75,13 @@ def render(metrics: dict, source: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", nargs="?", default=common.CHECKPOINTS_DIR, help="run folder or metrics.json (default: %(default)s)")
+    parser.add_argument("run", nargs="?", default=folders.CHECKPOINTS_DIR, help="run folder or metrics.json (default: %(default)s)")
     parser.add_argument("--watch", action="store_true", help="refresh until the run finishes (Ctrl-C to quit)")
-    parser.add_argument("--interval", type=common.positive(float), default=5.0, help="seconds between refreshes (default: %(default)s)")
+    parser.add_argument("--interval", type=cli.positive(float), default=5.0, help="seconds between refreshes (default: %(default)s)")
     return parser
 
 
-@common.report_errors
+@cli.report_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     source = Path(args.run)
@@ -91,13 +90,13 @@ def main(argv=None) -> int:
         try:
             metrics = json.loads(path.read_text())
         except FileNotFoundError:
-            raise common.StageError(f"{path} not found: train.py writes it at the first log of a run") from None
+            raise cli.StageError(f"{path} not found: train.py writes it at the first log of a run") from None
         except json.JSONDecodeError:
-            raise common.StageError(f"{path} is not valid JSON") from None
+            raise cli.StageError(f"{path} is not valid JSON") from None
         try:
             text = render(metrics, source)
         except (KeyError, TypeError, AttributeError, IndexError, ValueError):
-            raise common.StageError(f"{path} is not a metrics.json written by train.py (its fields are not what "
+            raise cli.StageError(f"{path} is not a metrics.json written by train.py (its fields are not what "
                                     f"train.py writes): pass a run folder or its metrics.json") from None
         if not args.watch:
             print(text)

@@ -1,11 +1,11 @@
-"""What a run folder holds and which of its checkpoints can be resumed from.
+"""What a run folder holds (checkpoints/ by default), its lock, and which of its checkpoints can be resumed from.
 
-Used by train.py, trainer.py (which writes the checkpoints) and tools/checkpoint_manager.py.
-Needs:  common.py. Nothing heavy is imported at module level.
+Used by train.py, pipeline/trainer.py (which writes the checkpoints) and tools/checkpoint_manager.py.
+Nothing heavy is imported at module level.
 
 A checkpoint is checkpoints/checkpoint-<step>/ holding the adapter (adapter_config.json,
 adapter_model.safetensors), its training_settings.json, the optimiser, scheduler and RNG states and the Trainer's
-state; together they let `train.py --resume` continue exactly where the run stopped. trainer.py writes each one
+state; together they let `train.py --resume` continue exactly where the run stopped. The Trainer writes each one
 into a staging folder (.staging-<step>/) and renames it when complete, so a folder named checkpoint-<step> is
 never half-written; before resuming, train.py validates the newest one here (every file present and readable to
 the end) and falls back to the previous good one.
@@ -22,13 +22,13 @@ import sys
 import zipfile
 from pathlib import Path
 
-import common
+from pipeline.cli import StageError
+from pipeline.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 PREFIX = "checkpoint-"
 STAGING = ".staging-"  # checkpoints/.staging-<step>/checkpoint-<step>/ while being written
-REQUIRED_FILES = [common.ADAPTER_CONFIG, common.ADAPTER_WEIGHTS, "trainer_state.json", "optimizer.pt", "scheduler.pt"]
-
-
+TRAINER_STATE = "trainer_state.json"  # the Trainer's own record in each checkpoint: step, log history
+REQUIRED_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, "optimizer.pt", "scheduler.pt"]
 LOCK = ".lock"  # in the run folder while a train.py writes to it: "<pid> <host>"
 
 
@@ -47,12 +47,12 @@ def run_lock(out: str | Path):
         except FileExistsError:
             owner = lock.read_text().split() if lock.is_file() else []
             if owner and owner[0].isdigit() and owner[1:] == [socket.gethostname()] and pid_alive(int(owner[0])):
-                raise common.StageError(f"{out}/ is in use by another train.py (pid {owner[0]}): wait for it to finish, "
-                                        f"stop it, or choose another --out") from None
+                raise StageError(f"{out}/ is in use by another train.py (pid {owner[0]}): wait for it to finish, "
+                                 f"stop it, or choose another --out") from None
             print(f"note: removing the stale lock of a run that no longer exists ({' '.join(owner) or 'empty'})", file=sys.stderr)
             lock.unlink(missing_ok=True)
     else:
-        raise common.StageError(f"cannot take the lock {lock}: another train.py is starting in {out}/; choose another --out")
+        raise StageError(f"cannot take the lock {lock}: another train.py is starting in {out}/; choose another --out")
     with os.fdopen(fd, "w") as f:
         f.write(me)
     try:
@@ -85,27 +85,39 @@ def find_checkpoints(out: str | Path) -> list[Path]:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why this checkpoint cannot be resumed from, or None when it can."""
+    """Why this checkpoint cannot be resumed from, naming the file at fault, or None when it can."""
     for name in REQUIRED_FILES:
         if not (path / name).is_file():
             return f"{name} is missing"
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path / common.ADAPTER_WEIGHTS), framework="pt") as weights:
-            for key in weights.keys():
-                weights.get_tensor(key)  # reads every byte: a truncated file fails here
-        # torch.save writes zip archives: a CRC check of every member finds a truncated or damaged state file.
-        for state in [path / "optimizer.pt", path / "scheduler.pt", *path.glob("rng_state*.pth")]:
-            with zipfile.ZipFile(state) as archive:
-                damaged = archive.testzip()
-            if damaged:
-                return f"{state.name} is damaged ({damaged})"
-        json.loads((path / "trainer_state.json").read_text())
-        json.loads((path / common.ADAPTER_CONFIG).read_text())
-    except Exception as error:  # any unreadable file makes the checkpoint unusable
-        return f"unreadable ({type(error).__name__}: {str(error)[:120]})"
+    states = [path / "optimizer.pt", path / "scheduler.pt", *path.glob("rng_state*.pth")]
+    checks = [(path / ADAPTER_WEIGHTS, read_every_tensor), *((state, zip_problem) for state in states),
+              (path / TRAINER_STATE, read_json_file), (path / ADAPTER_CONFIG, read_json_file)]
+    for file, check in checks:
+        try:
+            problem = check(file)
+        except Exception as error:  # any unreadable file makes the checkpoint unusable
+            problem = f"{type(error).__name__}: {str(error)[:120]}"
+        if problem:
+            return f"{file.name} is damaged ({problem})"
     return None
+
+
+def read_every_tensor(file: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as weights:
+        for key in weights.keys():
+            weights.get_tensor(key)  # reads every byte: a truncated file fails here
+
+
+def zip_problem(file: Path) -> str | None:
+    """torch.save writes zip archives: a CRC check of every member finds a truncated or damaged state file."""
+    with zipfile.ZipFile(file) as archive:
+        return archive.testzip()
+
+
+def read_json_file(file: Path) -> None:
+    json.loads(file.read_text())
 
 
 def latest_valid_checkpoint(out: str | Path) -> Path | None:

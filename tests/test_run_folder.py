@@ -9,25 +9,23 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_adapter_loaded, one_error_line
 
-import checkpoints
-import common
-import inference
+from pipeline import folders, inference, models, run_folder, trainer
+
 import train
-import trainer
+from conftest import assert_adapter_loaded, one_error_line, train_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_args(model, prepared, out, *extra):
-    return ["--model", str(model), "--data", str(prepared), "--out", str(out), "--batch-size", "4", "--grad-accum", "1",
-            "--logging-steps", "1", "--lr", "1e-3", *extra]
+    """A short run at a learning rate that moves the demo's weights visibly; the steps and saves as `extra` says."""
+    return train_argv(model, prepared, out, *extra, max_steps=None, save_steps=None, keep_last=None, lr="1e-3")
 
 
 def logged(checkpoint: Path) -> dict[int, tuple[float, float]]:
     """step -> (loss, learning rate) from a checkpoint's trainer_state.json."""
-    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((checkpoint / run_folder.TRAINER_STATE).read_text())["log_history"]
     return {entry["step"]: (entry["loss"], entry["learning_rate"]) for entry in history if "loss" in entry}
 
 
@@ -53,8 +51,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo_
     assert train.main(args) == 128 + signal.SIGINT
     printed = capsys.readouterr()
     assert "SIGINT received" in printed.err and "--resume" in printed.out
-    assert [p.name for p in checkpoints.find_checkpoints(out)] == ["checkpoint-2"]
-    assert not (out / common.FINAL_ADAPTER).exists()
+    assert [p.name for p in run_folder.find_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / folders.FINAL_ADAPTER).exists()
 
     monkeypatch.setattr(trainer.GracefulStop, "on_step_end", on_step_end)
     assert train.main(args + ["--resume"]) == 0
@@ -63,7 +61,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo_
     for step in (3, 4, 5, 6):
         assert resumed[step][0] == pytest.approx(reference[step][0], rel=1e-3), step  # same data, weights, optimiser
         assert resumed[step][1] == pytest.approx(reference[step][1], rel=1e-6), step  # same learning-rate schedule
-    assert json.loads((out / common.FINAL_ADAPTER / common.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 6
+    assert json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 6
 
 
 def test_resume_falls_back_when_the_newest_checkpoint_is_broken(demo_model, demo_prepared, tmp_path, capsys):
@@ -72,14 +70,14 @@ def test_resume_falls_back_when_the_newest_checkpoint_is_broken(demo_model, demo
     assert train.main(args) == 0
     weights = out / "checkpoint-4" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk
-    assert checkpoints.latest_valid_checkpoint(out) == out / "checkpoint-2"
+    assert run_folder.latest_valid_checkpoint(out) == out / "checkpoint-2"
     assert "skipping" in capsys.readouterr().err
     optimizer = out / "checkpoint-2" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:-100])  # the optimiser state cut short
-    assert "optimizer.pt" in checkpoints.checkpoint_problem(out / "checkpoint-2") or "zip" in checkpoints.checkpoint_problem(out / "checkpoint-2")
+    assert run_folder.checkpoint_problem(out / "checkpoint-2").startswith("optimizer.pt is damaged")
     optimizer.unlink()
-    assert checkpoints.checkpoint_problem(out / "checkpoint-2") == "optimizer.pt is missing"
-    assert checkpoints.latest_valid_checkpoint(out) is None
+    assert run_folder.checkpoint_problem(out / "checkpoint-2") == "optimizer.pt is missing"
+    assert run_folder.latest_valid_checkpoint(out) is None
 
 
 def test_resume_continues_from_the_previous_good_checkpoint(demo_model, demo_prepared, tmp_path, capsys):
@@ -89,7 +87,7 @@ def test_resume_continues_from_the_previous_good_checkpoint(demo_model, demo_pre
     (out / "checkpoint-4" / "adapter_model.safetensors").unlink()
     assert train.main(args + ["--resume"]) == 0
     assert "resuming from " + str(out / "checkpoint-2") in capsys.readouterr().out
-    assert checkpoints.checkpoint_problem(out / "checkpoint-4") is None
+    assert run_folder.checkpoint_problem(out / "checkpoint-4") is None
 
 
 def test_resume_with_other_key_settings_is_refused_unless_forced(demo_model, demo_prepared, tmp_path, capsys):
@@ -104,7 +102,7 @@ def test_resume_with_other_key_settings_is_refused_unless_forced(demo_model, dem
     assert train.main(other + ["--force-resume"]) == 0
     assert "resuming from " + str(out / "checkpoint-2") in capsys.readouterr().out
     assert sorted(logged(out / "checkpoint-4")) == [1, 2, 3, 4]
-    assert json.loads((out / common.FINAL_ADAPTER / common.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 4
+    assert json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 4
 
 
 def start_training(model, prepared, out, *extra) -> subprocess.Popen:
@@ -131,8 +129,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(demo_model, demo_pr
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 128 + signal.SIGTERM, output
-    saved = checkpoints.find_checkpoints(out)
-    assert len(saved) == 1 and checkpoints.checkpoint_problem(saved[0]) is None
+    saved = run_folder.find_checkpoints(out)
+    assert len(saved) == 1 and run_folder.checkpoint_problem(saved[0]) is None
     assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "6", "--save-steps", "100", "--resume", "--force-resume")) == 0
 
 
@@ -142,20 +140,20 @@ def test_kill_9_at_any_moment_leaves_a_run_that_resume_completes(demo_model, dem
     out = tmp_path / "checkpoints"
     args = ("--max-steps", "8", "--save-steps", "1", "--keep-last", "2")
     for delay in (0.0, 0.3):  # after a log line: mid-step, mid-save, or between
-        process = start_training(demo_model, demo_prepared, out, *args, *(["--resume"] if checkpoints.find_checkpoints(out) else []))
+        process = start_training(demo_model, demo_prepared, out, *args, *(["--resume"] if run_folder.find_checkpoints(out) else []))
         wait_for_line(process, "/8 · epoch")
         wait_for_line(process, "/8 · epoch")  # a second step trained: the first one's checkpoint was saved before it
         time.sleep(delay)
         process.kill()
         process.wait()
-        good = checkpoints.latest_valid_checkpoint(out)
+        good = run_folder.latest_valid_checkpoint(out)
         assert good is not None, f"no resumable checkpoint after kill -9 (delay {delay})"
     assert train.main(run_args(demo_model, demo_prepared, out, *args, "--resume")) == 0
-    final = out / common.FINAL_ADAPTER
-    assert json.loads((final / common.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 8
-    model = inference.load_for_inference(demo_model, final, common.pick_device(), load_in_4bit=True)
+    final = out / folders.FINAL_ADAPTER
+    assert json.loads((final / folders.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 8
+    model = inference.load_for_inference(demo_model, final, models.pick_device(), load_in_4bit=True)
     assert_adapter_loaded(model, final)
-    assert not list(out.glob(checkpoints.STAGING + "*"))
+    assert not list(out.glob(run_folder.STAGING + "*"))
 
 
 def test_a_full_disk_stops_the_run_with_a_clear_message(demo_model, demo_prepared, tmp_path, monkeypatch, capsys):
@@ -168,4 +166,4 @@ def test_a_full_disk_stops_the_run_with_a_clear_message(demo_model, demo_prepare
     assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "2", "--save-steps", "1")) == 1
     err = capsys.readouterr().err
     assert "not enough disk space for checkpoint 1" in err and "Traceback" not in err
-    assert checkpoints.find_checkpoints(out) == [] and not list(out.glob(checkpoints.STAGING + "*"))
+    assert run_folder.find_checkpoints(out) == [] and not list(out.glob(run_folder.STAGING + "*"))

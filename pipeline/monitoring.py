@@ -1,7 +1,7 @@
 """Watching training: readable progress lines, warnings, TensorBoard scalars, metrics.json, training_curves.png.
 
-Used by trainer.py (during training) and tools/training_dashboard.py (which reads what it writes).
-Needs:  common.py. Nothing heavy is imported at module level. Everything a log line shows is also in
+Used by pipeline/trainer.py (during training) and tools/training_dashboard.py (which reads what it writes).
+Nothing heavy is imported at module level. Everything a log line shows is also in
 the Trainer's log history (and so in each checkpoint's trainer_state.json), which is why a resumed run's
 metrics.json and curves continue where the interrupted run stopped.
 
@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-import common
+from pipeline.folders import GIB
 
 METRICS = "metrics.json"
 CURVES = "training_curves.png"
@@ -38,10 +38,10 @@ def memory_in_use() -> float:
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / common.GIB
+        return torch.cuda.max_memory_allocated() / GIB
     import psutil
 
-    return psutil.Process().memory_info().rss / common.GIB
+    return psutil.Process().memory_info().rss / GIB
 
 
 def loss_warning(losses: list[float]) -> str | None:

@@ -9,10 +9,10 @@ What it does beyond the stock Trainer, all in this file:
     (console, TensorBoard, metrics.json and the checkpoints' trainer_state.json all see them);
   * RunMonitor replaces the stock log printer: readable lines, loss warnings, metrics.json, training_curves.png;
   * GracefulStop: the first Ctrl-C or SIGTERM finishes the optimiser step, saves a checkpoint and stops (every
-    process after the same step); a second Ctrl-C stops at once.
+    process after the same step); a second Ctrl-C stops at once;
+  * final_eval_loss(): the held-out loss at the last step, measured again only when that step did not evaluate.
 
 Used by train.py, which imports it once training starts (this module imports torch and transformers).
-Needs:  common.py, checkpoints.py, monitoring.py.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-import checkpoints
-import common
-import monitoring
+from pipeline import folders, monitoring, run_folder
+from pipeline.loss import trained_positions
 
 
 class PipelineTrainer(Trainer):
@@ -58,7 +57,7 @@ class PipelineTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Trained tokens: the positions the loss is computed on (a label after the first position, not -100),
         # summed over every process, as the Trainer sums num_input_tokens_seen.
-        labelled = (inputs["labels"][:, 1:] != common.IGNORE_INDEX).sum().reshape(1).to(self.args.device)
+        labelled = trained_positions(inputs["labels"]).reshape(1).to(self.args.device)
         self._trained_tokens += int(self.accelerator.gather(labelled).sum())
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -81,15 +80,25 @@ class PipelineTrainer(Trainer):
         logs["elapsed_s"] = round(now - self._monitor_start + self._elapsed_before, 1)
         super().log(logs, start_time)
 
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        self._last_eval = (self.state.global_step, metrics["eval_loss"])
+        return metrics
+
+    def final_eval_loss(self) -> float:
+        """The held-out loss at the last step: the evaluation of that step when it had one, else a new one."""
+        step, loss = getattr(self, "_last_eval", (None, None))
+        return loss if step == self.state.global_step else self.evaluate()["eval_loss"]
+
     # ---- atomic checkpoints ---------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
         step = self.state.global_step
-        final = self.run_dir / f"{checkpoints.PREFIX}{step}"
-        previous = checkpoints.find_checkpoints(self.run_dir)
-        needed = checkpoints.checkpoint_size(previous[-1] if previous else None, self.trainable_params)
-        common.check_free_space(self.run_dir, needed, f"checkpoint {step}")
-        staging = self.run_dir / f"{checkpoints.STAGING}{step}"
+        final = self.run_dir / f"{run_folder.PREFIX}{step}"
+        previous = run_folder.find_checkpoints(self.run_dir)
+        needed = run_folder.checkpoint_size(previous[-1] if previous else None, self.trainable_params)
+        folders.check_free_space(self.run_dir, needed, f"checkpoint {step}")
+        staging = self.run_dir / f"{run_folder.STAGING}{step}"
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()  # every process writes its RNG state into the staging folder
@@ -103,7 +112,7 @@ class PipelineTrainer(Trainer):
             self.args.output_dir, self.args.save_total_limit = str(self.run_dir), limit
         if self.args.should_save:
             # The adapter knows its template and base model wherever it is taken from, as in final/.
-            common.write_json(staging / final.name / common.TRAINING_SETTINGS, self.settings)
+            folders.write_json(staging / final.name / folders.TRAINING_SETTINGS, self.settings)
         self.accelerator.wait_for_everyone()  # all of it written before the rename
         if self.args.should_save:
             if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
@@ -157,6 +166,7 @@ class RunMonitor(ProgressCallback):
         super().__init__()
         self.out, self.total_steps = out, total_steps
         self.warned = None
+        self.ended = False  # training is over: the final evaluation's log comes after on_train_end
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         pass  # a second, nested bar for a few seconds of evaluation is noise; the eval loss line follows
@@ -173,7 +183,7 @@ class RunMonitor(ProgressCallback):
         if warning and warning != self.warned:
             say(f"warning: {warning}")
         self.warned = warning
-        self.write(state, finished=False)
+        self.write(state)
 
     def on_evaluate(self, args, state, control, **kwargs):
         super().on_evaluate(args, state, control, **kwargs)
@@ -182,8 +192,9 @@ class RunMonitor(ProgressCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         super().on_train_end(args, state, control, **kwargs)
+        self.ended = True
         if state.is_world_process_zero:
-            self.write(state, finished=state.global_step >= self.total_steps)
+            self.write(state)
             monitoring.plot_curves(monitoring.history_of(state.log_history), self.out / monitoring.CURVES)
 
     def describe(self, state, logs) -> str | None:
@@ -202,7 +213,8 @@ class RunMonitor(ProgressCallback):
                  f"{monitoring.format_seconds(elapsed)} elapsed", f"ETA {monitoring.format_seconds(eta)}"]
         return " · ".join(parts)
 
-    def write(self, state, finished: bool) -> None:
+    def write(self, state) -> None:
+        finished = self.ended and state.global_step >= self.total_steps
         history = monitoring.history_of(state.log_history)
-        common.write_json(self.out / monitoring.METRICS,
+        folders.write_json(self.out / monitoring.METRICS,
                           {"history": history, "totals": monitoring.totals_of(history, self.total_steps, finished)})

@@ -1,7 +1,7 @@
-"""Data shapes: which kind of dataset a table of rows is, and each row normalised to what the stages use.
+"""Data: which kind of dataset a table of rows is (its shape), each row normalised to what the stages use, and
+prepared_data/ as the later stages read it (its settings, fingerprint, batches).
 
-Used by prepare_data.py (training data) and evaluate.py (benchmarks).
-Needs:  common.py. Standard library only; nothing heavy is imported.
+Nothing heavy is imported at module level.
 
 Every shape becomes the same problem dict:
     task_id          a string, unique in the dataset
@@ -20,15 +20,16 @@ Shapes, detected from the columns in this order:
 
 from __future__ import annotations
 
-import common
-from common import StageError
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from pipeline import folders, prompts
+from pipeline.cli import EXIT_FAILED, StageError, short_error
 
 FORMATS = ("mbpp", "humaneval", "instruction", "text")
 HAS_TESTS = {"mbpp": True, "humaneval": True, "instruction": False, "text": False}
-# The prompt template each shape is trained and scored with unless --template says otherwise: HumanEval's
-# prompt is code that the model continues, as the benchmark defines; raw text has no prompt at all.
-DEFAULT_TEMPLATES = {"mbpp": "tests", "humaneval": "code", "instruction": "guide", "text": "none"}
-TEMPLATES_FOR = {"mbpp": ("tests", "guide", "chat"), "humaneval": ("code", "chat"), "instruction": ("guide", "chat"), "text": ("none",)}
 
 MBPP_COLUMNS = {
     "task": ["text", "prompt"],  # the original mbpp has `text`, mbpp/sanitized has `prompt`
@@ -129,11 +130,11 @@ def normalize(fmt: str, row: dict, columns: dict, position: int) -> dict:
     return problem
 
 
-def prompt_for(fmt: str, problem: dict, template: str, tokenizer=None) -> str:
+def prompt_for(fmt: str, problem: dict, template: prompts.Template, tokenizer=None) -> str:
     """The prompt of a problem: MBPP shows its asserts (the `tests` template); HumanEval hides its `check`, and its
     code becomes a request to complete it in a chat turn."""
-    task = common.CHAT_CODE_TASK.format(code=problem["task"]) if fmt == "humaneval" and template == "chat" else problem["task"]
-    return common.format_prompt(template, task, problem["tests"] if fmt == "mbpp" else None, tokenizer)
+    tests = problem["tests"] if fmt == "mbpp" else None
+    return template.prompt(problem["task"], tests, tokenizer, as_code=prompts.default_for(fmt).continues_code)
 
 
 def pack_blocks(texts, tokenizer, block: int):
@@ -144,7 +145,7 @@ def pack_blocks(texts, tokenizer, block: int):
         stream: list[int] = []
         for text in texts:
             if isinstance(text, str) and text.strip():
-                stream += common.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
+                stream += prompts.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
             while len(stream) >= block:
                 yield stream[:block]
                 stream = stream[block:]
@@ -167,3 +168,74 @@ def as_chat(problem: dict) -> dict:
 def program(problem: dict, completion: str) -> tuple[str, list[str], str]:
     """(code, tests, setup) to run for a completion of a problem (see sandbox.build_program)."""
     return problem.get("code_prefix", "") + completion, problem["tests"], problem.get("test_setup_code", "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prepared_data/: its settings, its fingerprint, a streamed source, batches.
+
+
+def data_fingerprint(task_ids: dict[str, list[str]], settings: dict) -> str:
+    """What prepared data is: which problems are in which split, and how they were tokenized. Recorded in
+    stats.json, the run settings and every checkpoint; a resume onto other data is refused."""
+    keys = ("template", "max_length", "tokenizer")
+    text = json.dumps({"task_ids": task_ids, **{key: settings.get(key) for key in keys}}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prepared_stats(data_dir: str | Path) -> dict:
+    """prepared_data/'s stats.json: its settings (template, max_length, model, tokenizer), splits and fingerprint."""
+    path = Path(data_dir) / folders.PREPARED_STATS
+    if not path.is_file():
+        raise StageError(f"{data_dir}/ has no {folders.PREPARED_STATS}: run prepare_data.py again")
+    return folders.read_json(path)
+
+
+def prepared_settings(data_dir: str | Path) -> dict:
+    """The settings prepared_data/ was made with (template, max_length, model, ...)."""
+    return prepared_stats(data_dir)["settings"]
+
+
+def prepared_format(settings: dict) -> str:
+    """The data shape prepared data holds (its settings in stats.json); data prepared before the shapes existed is
+    MBPP."""
+    return settings.get("format", "mbpp")
+
+
+def is_prepared(data_dir: str | Path) -> bool:
+    return folders.is_saved_dataset(data_dir) and (Path(data_dir) / folders.PREPARED_STATS).is_file()
+
+
+def open_stream(info: dict):
+    """The rows of a dataset that download_dataset.py --streaming recorded (`info`: its download_info.json), read
+    lazily with datasets' streaming: a Hub dataset or a local file larger than memory, never held whole."""
+    from datasets import load_dataset
+
+    try:
+        if info["source"] == "hub":
+            return load_dataset(info["dataset"], info.get("config"), revision=info.get("revision"), split="train",
+                                streaming=True)
+        return load_dataset(info["builder"], data_files=info["dataset"], split="train", streaming=True)
+    except Exception as error:
+        raise StageError(f"cannot stream {info['dataset']}: {short_error(error)}", EXIT_FAILED) from None
+
+
+def padding_share(batches: list[list[int]], pad_to: int | None = None) -> float:
+    """Share of padding among the tokens of `batches` (lists of example lengths), each padded to its longest
+    example, or to `pad_to` tokens."""
+    padded = sum((pad_to or max(lengths)) * len(lengths) for lengths in batches)
+    return 1 - sum(map(sum, batches)) / max(1, padded)
+
+
+def pad_batch(features: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Right-pad a list of examples to the longest one (dynamic padding); pads get label -100 and mask 0."""
+    import torch
+
+    longest = max(len(f["input_ids"]) for f in features)
+    longest = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for f in features:
+        pad = longest - len(f["input_ids"])
+        batch["input_ids"].append(list(f["input_ids"]) + [pad_token_id] * pad)
+        batch["attention_mask"].append(list(f["attention_mask"]) + [0] * pad)
+        batch["labels"].append(list(f["labels"]) + [prompts.IGNORE_INDEX] * pad)
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}

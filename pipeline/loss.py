@@ -1,7 +1,6 @@
 """The chunked causal-LM loss: what makes QLoRA training of Qwen2.5-Coder fit a 6 GB GPU.
 
-Used by train.py (imported once training starts: this module imports torch) and bench/train_step.py.
-Needs:  common.py.
+Used by train.py and evaluate.py (imported once they need it: this module imports torch) and bench/.
 
 The output layer of Qwen2.5-Coder has 151,936 entries: the standard loss materialises logits for every position
 of the batch (4 x 512 x 151,936 values, ~1.2 GB in fp32) several times over (logits, upcast, softmax,
@@ -16,7 +15,7 @@ import contextlib
 
 import torch
 
-from common import IGNORE_INDEX
+from pipeline.prompts import IGNORE_INDEX
 
 DEFAULT_CHUNK = 128  # rows of logits at a time: 128 x 151,936 x 4 bytes = 78 MB
 
@@ -75,6 +74,12 @@ def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: to
     if torch.is_tensor(divisor):
         divisor = divisor.to(total.device)
     return total / divisor
+
+
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions of a batch the loss is computed on: a label after the first position, not -100 (the
+    first position predicts nothing). What "trained tokens" counts everywhere."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 class _PassThroughHead(torch.nn.Module):

@@ -1,0 +1,66 @@
+import pytest
+
+from pipeline import data, prompts
+
+
+class FakeTokenizer:
+    """Character-level tokenizer whose pad token equals its EOS token, as Qwen's does."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(ch) for ch in text]}
+
+
+def test_guide_template_is_the_guides_format():
+    prompt = prompts.get("guide").prompt("Add two numbers.")
+    assert prompt + "return a + b" == "Task: Add two numbers.\nSolution:\nreturn a + b"
+
+
+def test_tests_template_shows_every_assert_before_the_solution():
+    prompt = prompts.get("tests").prompt("Add.", ["assert add(1, 2) == 3", "assert add(0, 0) == 0"])
+    assert prompt == ("Task: Add.\nYour code should pass these tests:\nassert add(1, 2) == 3\nassert add(0, 0) == 0\n"
+                      "Solution:\n")
+    assert prompts.TESTS.prompt("Add.") == prompts.GUIDE.prompt("Add.")  # a typed task has no asserts to show
+
+
+def test_code_templates_keep_the_code_as_it_is():
+    code = "def add(a, b):\n    \"\"\"Add.\"\"\"\n"
+    assert prompts.CODE.prompt(code) == prompts.NONE.prompt(code) == code
+
+
+def test_unknown_template_is_refused():
+    with pytest.raises(ValueError, match="unknown template"):
+        prompts.get("alpaca")
+
+
+def test_each_data_shape_has_one_default_template_that_fits_it():
+    for shape in data.FORMATS:
+        template = prompts.default_for(shape)
+        assert shape in template.fits and template.name in prompts.fitting(shape)
+        assert sum(shape in t.default_for for t in prompts.TEMPLATES.values()) == 1
+    assert prompts.default_for("mbpp") is prompts.DEFAULT
+
+
+def test_a_new_task_header_in_an_answer_is_where_it_ends():
+    """The prompt's header and the stop word are one fact: an answer that starts the next task ends there."""
+    for template in (prompts.GUIDE, prompts.TESTS):
+        assert template.prompt("t").startswith(prompts.TASK_HEADER)
+    for template in (prompts.GUIDE, prompts.TESTS, prompts.CHAT):
+        assert template.cut(f"x = 1\n{prompts.TASK_HEADER} another one") == "x = 1"
+
+
+def test_prompt_is_masked_and_eos_is_trained_although_pad_equals_eos():
+    tokenizer = FakeTokenizer()
+    example = prompts.encode_example(tokenizer, "Task: t\nSolution:\n", "x = 1", tokenizer.eos_token_id)
+    n_prompt = len("Task: t\nSolution:\n")
+    assert example["labels"][:n_prompt] == [prompts.IGNORE_INDEX] * n_prompt
+    assert example["labels"][n_prompt:] == [ord(c) for c in "x = 1"] + [tokenizer.eos_token_id]
+    assert example["input_ids"][-1] == tokenizer.pad_token_id  # the EOS *is* the pad id, and still a label
+    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"])
+
+
+def test_cut_at_stop_removes_an_invented_next_task():
+    assert prompts.DEFAULT.cut("def f():\n    pass\nTask: another one") == "def f():\n    pass"
+    assert prompts.DEFAULT.cut("def f(): pass") == "def f(): pass"
