@@ -1,10 +1,11 @@
-"""Stage 2: download the problems: MBPP by default, any data shape of pipeline/data.py, a local file, or the demo problems.
+"""Stage 2: download the problems: MBPP by default, any data shape of pipeline/data.py, a local file, or the demo
+problems.
 
 Run:
     python download_dataset.py                          # code-rag-bench/mbpp from the Hugging Face Hub
     python download_dataset.py --dataset mbpp           # the original MBPP, train/validation/test/prompt splits
-    python download_dataset.py --dataset my_tasks.jsonl # a local .json, .jsonl or .parquet file (.jsonl.gz, .json.gz too)
-    python download_dataset.py --dataset HumanEval.jsonl.gz    # any data shape prepare_data.py knows (see pipeline/data.py)
+    python download_dataset.py --dataset my_tasks.jsonl # a local .json, .jsonl, .parquet, .jsonl.gz or .json.gz file
+    python download_dataset.py --dataset HumanEval.jsonl.gz    # any data shape prepare_data.py knows
     python download_dataset.py --demo                   # the 87 problems bundled in assets/, offline
     python download_dataset.py --dataset codeparrot/codeparrot-clean --streaming   # raw code larger than memory
 
@@ -33,15 +34,19 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".jso
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=DEFAULT_DATASET,
-                        help="Hub dataset name or a local .json/.jsonl/.parquet file, .jsonl.gz/.json.gz too (default: %(default)s)")
-    parser.add_argument("--config", default=None, help="dataset configuration on the Hub, e.g. 'sanitized' for mbpp (default: the dataset's default)")
+                        help="Hub dataset name or a local .json/.jsonl/.parquet file, .jsonl.gz/.json.gz too "
+                             "(default: %(default)s)")
+    parser.add_argument("--config", default=None,
+                        help="dataset configuration on the Hub, e.g. 'sanitized' for mbpp (default: the dataset's "
+                             "default)")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub dataset (default: main)")
     parser.add_argument("--out", default=folders.DATA_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace an existing data folder instead of skipping")
-    parser.add_argument("--demo", action="store_true", help=f"write the bundled demo problems ({folders.DEMO_PROBLEMS.name}) instead")
+    parser.add_argument("--demo", action="store_true",
+                        help=f"write the bundled demo problems ({folders.DEMO_PROBLEMS.name}) instead")
     parser.add_argument("--streaming", action="store_true",
-                        help="do not download: record the source so that its rows are read lazily (raw text larger than memory; "
-                             "train.py then runs by --max-steps)")
+                        help="do not download: record the source so that its rows are read lazily (raw text larger "
+                             "than memory; train.py then runs by --max-steps)")
     return parser
 
 
@@ -82,7 +87,8 @@ def check(args) -> dict | None:
         elif not force:
             raise StageError(f"{local} has changed since {out}/ was made from it: pass --force to copy it again")
         force = True
-    if folders.skip_download(out, force, complete, held.get("dataset"), held == identity, identity["dataset"], "dataset"):
+    wanted = identity["dataset"]
+    if folders.skip_download(out, force, complete, held.get("dataset"), held == identity, wanted, "dataset"):
         return None
     return identity
 
@@ -159,7 +165,8 @@ def check_json_lines(path: Path) -> None:
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as error:
-                        raise StageError(f"{path}, line {number}: not valid JSON ({error.msg}); fix or remove that line") from None
+                        raise StageError(f"{path}, line {number}: not valid JSON ({error.msg}); fix or "
+                                         f"remove that line") from None
                     if not isinstance(row, dict):
                         raise StageError(f"{path}, line {number}: expected a JSON object (one problem per line)")
     except UnicodeDecodeError:
@@ -194,7 +201,8 @@ def record_stream(out: Path, identity: dict) -> int:
         raise StageError(f"{identity['dataset']} has no rows")
     with folders.atomic_output_dir(out) as tmp:
         folders.write_json(tmp / folders.DOWNLOAD_INFO, identity)
-    print(f"streaming source recorded: {identity['dataset']} (nothing downloaded; rows are read as training needs them)")
+    print(f"streaming source recorded: {identity['dataset']} (nothing downloaded; rows are read as training "
+          f"needs them)")
     print(f"columns: {', '.join(first)}")
     print(f"✓ saved in {out}/")
     print("next: python prepare_data.py (it holds out the first rows for evaluation)")

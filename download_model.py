@@ -29,7 +29,8 @@ from pipeline.cli import StageError
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B"
 # Files a model folder needs; weights are .safetensors only.
-ALLOWED_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model", "*.tiktoken", "*.jinja"]  # *.jinja: chat templates
+# *.jinja: chat templates
+ALLOWED_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model", "*.tiktoken", "*.jinja"]
 
 # The demo model: Qwen2 architecture, small enough to train on a laptop CPU in seconds.
 DEMO_MODEL_IDS = {"qwen2": "demo/tiny-qwen2", "qwen2-instruct": "demo/tiny-qwen2-instruct", "llama": "demo/tiny-llama",
@@ -51,21 +52,25 @@ LLAMA_BOS, LLAMA_EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turns, as Qwen2.5-Instruct and SmolLM2-Instruct
 # Qwen2.5-Instruct's chat template, without its tool-calling branches.
 CHATML_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="Hub model id or a local model folder (default: %(default)s)")
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID,
+                        help="Hub model id or a local model folder (default: %(default)s)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit on the Hub (default: %(default)s)")
     parser.add_argument("--out", default=folders.MODEL_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a complete model folder instead of skipping")
     parser.add_argument("--demo", action="store_true", help="write the tiny offline demo model instead (no download)")
     parser.add_argument("--demo-family", choices=sorted(DEMO_MODEL_IDS), default="qwen2",
-                        help="architecture and tokenizer kind of the demo model (default: %(default)s, as Qwen2.5-Coder)")
+                        help="architecture and tokenizer kind of the demo model (default: %(default)s, as "
+                             "Qwen2.5-Coder)")
     return parser
 
 
@@ -178,7 +183,8 @@ def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
         ) from None
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
     check_loads(partial)
-    folders.write_json(partial / folders.DOWNLOAD_INFO, {"source": "hub", "model_id": model_id, "revision": revision, "commit": info.sha})
+    folders.write_json(partial / folders.DOWNLOAD_INFO,
+                       {"source": "hub", "model_id": model_id, "revision": revision, "commit": info.sha})
     return partial
 
 
@@ -204,7 +210,8 @@ def demo_corpus() -> list[str]:
     with open(folders.DEMO_PROBLEMS, encoding="utf-8") as f:
         for line in f:
             problem = json.loads(line)
-            for template in (prompts.GUIDE, prompts.TESTS):  # fixed: the demo tokenizer must not change with new templates
+            # a fixed pair: the demo tokenizer must not change when a template is added
+            for template in (prompts.GUIDE, prompts.TESTS):
                 prompt = template.prompt(problem["text"], problem["test_list"])
                 corpus.append(prompt + problem["code"])
     return corpus
@@ -232,11 +239,12 @@ def build_demo_tokenizer(family: str = "qwen2"):
     tokenizer.train_from_iterator(demo_corpus(), trainer)
     if family == "llama":
         bos_id = tokenizer.token_to_id(LLAMA_BOS)
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"{LLAMA_BOS} $A", pair=f"{LLAMA_BOS} $A {LLAMA_BOS} $B",
-                                                                 special_tokens=[(LLAMA_BOS, bos_id)])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{LLAMA_BOS} $A", pair=f"{LLAMA_BOS} $A {LLAMA_BOS} $B", special_tokens=[(LLAMA_BOS, bos_id)])
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=LLAMA_BOS, eos_token=LLAMA_EOS)
     if family == "gpt2":
-        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                       unk_token=EOS_TOKEN)
     if family == "qwen2-instruct":
         # EOS stays <|endoftext|>, as in Qwen2.5-Coder's own tokenizer: a chat answer must end with <|im_end|>,
         # a different token, which is what --template chat trains and stops on.
@@ -254,12 +262,14 @@ def demo_config(family: str, tokenizer):
 
     size = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
     if family == "gpt2":  # tied embedding, learned positions, Conv1D projections c_attn, c_proj, c_fc
-        return GPT2Config(n_embd=DEMO_HIDDEN, n_layer=DEMO_LAYERS, n_head=4, n_positions=1024, initializer_range=DEMO_INIT_STD,
-                          bos_token_id=tokenizer.bos_token_id, **size)
+        return GPT2Config(n_embd=DEMO_HIDDEN, n_layer=DEMO_LAYERS, n_head=4, n_positions=1024,
+                          initializer_range=DEMO_INIT_STD, bos_token_id=tokenizer.bos_token_id, **size)
     kind = LlamaConfig if family == "llama" else Qwen2Config
     return kind(hidden_size=DEMO_HIDDEN, intermediate_size=4 * DEMO_HIDDEN, num_hidden_layers=DEMO_LAYERS,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=DEMO_INIT_STD,
-                tie_word_embeddings=family != "llama",  # as Qwen2.5-Coder-0.5B; Llama 3.2-1B ties too, Llama-3 8B does not
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                initializer_range=DEMO_INIT_STD,
+                # tied as in Qwen2.5-Coder-0.5B (and Llama 3.2-1B); untied as in Llama-3 8B
+                tie_word_embeddings=family != "llama",
                 bos_token_id=tokenizer.bos_token_id, **size)
 
 

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts generated together (default: %(default)s)")
     parser.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
     # execution
-    parser.add_argument("--timeout", type=positive_float, default=5.0, help="seconds per candidate (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_float, default=5.0,
+                        help="seconds per candidate (default: %(default)s)")
     parser.add_argument("--memory-mb", type=positive_int, default=1024,
                         help="address-space limit per candidate (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=None,

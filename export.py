@@ -11,7 +11,8 @@ Writes: export/ (model.safetensors, or model-0000N-of-0000M.safetensors above --
         generation_config.json, the tokenizer files and chat template, export_settings.json)
 Needs:  pipeline/
 Before: verify_model.py
-Next:   python generate.py --model export --prompt "..."   ·   vllm serve export/   ·   llama.cpp: convert_hf_to_gguf.py export/
+Next:   python generate.py --model export --prompt "..."  ·  vllm serve export/
+        llama.cpp: convert_hf_to_gguf.py export/
 
 The base is loaded unquantised in --merge-dtype (float32: exact, 4 bytes per parameter of RAM), the adapter put
 on it, and peft's merge_and_unload adds the low-rank update into each weight. Before anything is written the
@@ -154,7 +155,8 @@ def merge_and_check(model, tokenizer, prompts_to_check: list[str], template: pro
             raise StageError(f"the merged model answers differently from base + adapter (prompt {prompt[:60]!r}: "
                              f"{before[0]['completion'][:60]!r} vs {after[0]['completion'][:60]!r}): nothing was "
                              f"written", cli.EXIT_FAILED)
-    print(f"✓ self-check: greedy completions of {len(prompts_to_check)} held-out prompts equal those of base + adapter")
+    print(f"✓ self-check: greedy completions of {len(prompts_to_check)} held-out prompts equal those of "
+          f"base + adapter")
     return merged_model
 
 

@@ -4,7 +4,7 @@ Run:
     python generate.py --prompt "Write a function to reverse the words of a sentence."
     python generate.py --prompt "Write a function to add two numbers." --test "assert add(2, 3) == 5"
     python generate.py                      # interactive: one task per line on standard input, Ctrl-D to end
-    python generate.py --prompt "$(cat stub.py)"   # an adapter trained on HumanEval or raw code continues the code given
+    python generate.py --prompt "$(cat stub.py)"   # an adapter trained on HumanEval or raw code continues the code
 
 Reads:  model/, the adapter (checkpoints/final/ by default, if it exists)
 Writes: nothing; prints each completion

@@ -30,21 +30,23 @@ FOLDER_FLAGS = {"--model", "--data", "--out", "--adapter"}
 # than the real run's let it visibly learn in under a minute on a CPU. No LoRA dropout (peft's and Unsloth's
 # default): on a CPU its random masks take a fifth of every step. Flags given by the user win.
 DEMO_DEFAULTS = {
-    "train": {"--epochs": ["20"], "--batch-size": ["8"], "--grad-accum": ["1"], "--lr": ["3e-3"], "--lora-dropout": ["0"],
-              "--save-steps": ["40"]},
+    "train": {"--epochs": ["20"], "--batch-size": ["8"], "--grad-accum": ["1"], "--lr": ["3e-3"],
+              "--lora-dropout": ["0"], "--save-steps": ["40"]},
     # Its right answers are a few lines; 128 tokens bound the ones that ramble.
     "evaluate": {"--max-new-tokens": ["128"]},
 }
 
 # A held-out member of the demo's string family (with the default seed), asked the way the demo trained: the demo
 # model learned that pattern, not Python, so other tasks or other test words get fragments of training solutions.
-DEMO_TRY = ("--prompt \"Write a function to convert a given title to lower case.\" --test \"assert lower_title('hello') == 'hello'\" "
-            "--test \"assert lower_title('Python') == 'python'\" --test \"assert lower_title('data Science') == 'data science'\"")
+DEMO_TRY = ("--prompt \"Write a function to convert a given title to lower case.\" "
+            "--test \"assert lower_title('hello') == 'hello'\" --test \"assert lower_title('Python') == 'python'\" "
+            "--test \"assert lower_title('data Science') == 'data science'\"")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", action="store_true", help="run offline on the tiny demo model and the bundled problems")
+    parser.add_argument("--demo", action="store_true",
+                        help="run offline on the tiny demo model and the bundled problems")
     return parser
 
 

@@ -20,7 +20,8 @@ from pipeline import cli, folders, inference, models, prompts
 
 SMOKE_TASK = "Write a function to return the sum of two numbers."
 SMOKE_TESTS = ["assert add(2, 3) == 5"]
-SMOKE_CODE = 'def add(a, b):\n    """Return the sum of a and b."""\n'  # for adapters that continue code (humaneval, raw text)
+# for adapters that continue code (humaneval, raw text)
+SMOKE_CODE = 'def add(a, b):\n    """Return the sum of a and b."""\n'
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,9 @@ projection, gradient checkpointing, 8-bit AdamW. Each variant runs in a process 
 figures do not mix: on CPU, peak resident memory (VmHWM, reset after the model is loaded); on CUDA,
 torch.cuda.max_memory_allocated. On CPU, glibc would otherwise keep freed buffers (bitsandbytes dequantises
 every weight to fp32 in each pass) and the peak would measure its cache more than the step: the children run
-with MALLOC_MMAP_THRESHOLD_=65536, so that large buffers go back to the system when freed, for every variant. "Above the model" is the step's peak minus the memory held once the model was
-loaded. Trained tokens are the labelled ones (the solutions); padding and masked prompts are not counted.
+with MALLOC_MMAP_THRESHOLD_=65536, so that large buffers go back to the system when freed, for every variant.
+"Above the model" is the step's peak minus the memory held once the model was loaded. Trained tokens are the
+labelled ones (the solutions); padding and masked prompts are not counted.
 
 Variants:
   standard-4x512  standard loss, 4 full sequences of 512 tokens (30 % prompt)      - the stress case
@@ -84,7 +85,8 @@ def make_batch(variant: str, vocab: int):
         else:
             order = torch.randperm(len(all_lengths), generator=generator).tolist()
             padding = epoch_padding(all_lengths, order, MAX_LEN if variant == "guide" else None)
-        lengths, prompt_share = [all_lengths[i] for i in order[BATCH:2 * BATCH]], 0.45  # a typical batch, not the longest first
+        # a typical batch, not the longest first
+        lengths, prompt_share = [all_lengths[i] for i in order[BATCH:2 * BATCH]], 0.45
     features = []
     for length in lengths:
         ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
@@ -93,8 +95,8 @@ def make_batch(variant: str, vocab: int):
     batch = data.pad_batch(features, pad_token_id=QWEN_CONFIG["eos_token_id"])
     if variant == "guide":  # pad to max length, as the guides do
         extra = MAX_LEN - batch["input_ids"].shape[1]
-        batch = {k: torch.nn.functional.pad(v, (0, extra), value={"input_ids": QWEN_CONFIG["eos_token_id"], "attention_mask": 0, "labels": -100}[k])
-                 for k, v in batch.items()}
+        pads = {"input_ids": QWEN_CONFIG["eos_token_id"], "attention_mask": 0, "labels": -100}
+        batch = {k: torch.nn.functional.pad(v, (0, extra), value=pads[k]) for k, v in batch.items()}
     return batch, padding
 
 
@@ -122,8 +124,9 @@ def run_variant(variant: str, model_dir: str) -> dict:
     """One training step in this process; returns its measurements."""
     import torch
 
-    import train
     from pipeline import loss, models
+
+    import train
 
     models.quiet_libraries()
     choice = models.pick_device()
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
         results.append(json.loads(lines[-1][len("RESULT "):]))
     memory_name = "peak RSS" if results[0]["device"] == "cpu" else "peak CUDA"
     print(f"\ndevice: {results[0]['device']}; Qwen2.5-Coder-0.5B architecture, random weights, 4-bit NF4, LoRA r=16")
-    print(f"{'variant':16s} {'batch':>9s} {memory_name:>10s} {'above model':>12s} {'step':>8s} {'trained tok/s':>14s} {'epoch padding':>14s}")
+    print(f"{'variant':16s} {'batch':>9s} {memory_name:>10s} {'above model':>12s} {'step':>8s} "
+          f"{'trained tok/s':>14s} {'epoch padding':>14s}")
     for r in results:
         shape = "x".join(map(str, r["batch_shape"]))
         print(f"{r['variant']:16s} {shape:>9s} {r['peak_gib']:9.2f}G {r['above_model_gib']:11.2f}G {r['step_s']:7.1f}s "

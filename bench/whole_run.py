@@ -7,10 +7,11 @@ Run:
 
 Every variant is a process of its own, run one after the other on the same model folder and the same prepared
 problems: the Qwen2.5-Coder-0.5B architecture with random weights (built once, bf16 safetensors, no download),
-loaded in 4-bit NF4 with double quantisation, LoRA as train.py's defaults (r=16, alpha 32) on every linear projection
-of the decoder blocks, gradient checkpointing, 8-bit AdamW (paged on CUDA), micro-batch 4 x accumulation 1, `--steps` optimiser steps,
-then an evaluation, a checkpoint and the final save, as train.py does with `--max-steps N --save-steps N`. The
-problems are MBPP-sized (420-512 tokens, the first 45 % a masked prompt), 4 per step, 4 held out.
+loaded in 4-bit NF4 with double quantisation, LoRA as train.py's defaults (r=16, alpha 32) on every linear
+projection of the decoder blocks, gradient checkpointing, 8-bit AdamW (paged on CUDA), micro-batch 4 x
+accumulation 1, `--steps` optimiser steps, then an evaluation, a checkpoint and the final save, as train.py does
+with `--max-steps N --save-steps N`. The problems are MBPP-sized (420-512 tokens, the first 45 % a masked
+prompt), 4 per step, 4 held out.
 
 Variants:
   project         train.py as a user runs it (chunked loss, and on CPU its own allocator settings)
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from pipeline import cli, data, folders, memory, models, prompts  # noqa: E402
+
 from train_step import build_model_folder, read_status  # noqa: E402  (the same model, the same /proc reading)
 
 VARIANTS = ["project", "standard", "trl", "project-plain", "trl-tuned"]
@@ -218,7 +220,9 @@ def run_trl(model_dir: Path, data_dir: Path, out: Path, steps: int) -> int:
     splits = load_from_disk(str(data_dir))
 
     def as_completion(split):
-        mask = lambda row: {"completion_mask": [int(label != prompts.IGNORE_INDEX) for label in row["labels"]]}  # noqa: E731
+        def mask(row):
+            return {"completion_mask": [int(label != prompts.IGNORE_INDEX) for label in row["labels"]]}
+
         return split.map(mask, remove_columns=["labels", "task_id", "length", "attention_mask"])
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=choice.dtype, device_map={"": choice.device},
@@ -265,18 +269,21 @@ def variant_env(variant: str) -> dict:
     if variant == "project-plain":
         env["PIPELINE_GLIBC_DEFAULTS"] = "1"  # train.py leaves glibc's allocator settings alone
     if variant == "trl-tuned":
-        env["MALLOC_MMAP_THRESHOLD_"] = str(memory.GLIBC_MMAP_THRESHOLD)  # what train.py sets, given to TRL by its environment
+        # what train.py sets, given to TRL by its environment
+        env["MALLOC_MMAP_THRESHOLD_"] = str(memory.GLIBC_MMAP_THRESHOLD)
     return env
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
-    parser.add_argument("--steps", type=cli.positive(int), default=2, help="optimiser steps per run (default: %(default)s)")
+    parser.add_argument("--steps", type=cli.positive(int), default=2,
+                        help="optimiser steps per run (default: %(default)s)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "qwen2.5-coder-0.5b-random"),
                         help="folder for the random-weight model and the prepared problems (default: %(default)s)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="an environment variable for every variant's process (experiments, e.g. MALLOC_ARENA_MAX=2)")
+                        help="an environment variable for every variant's process (experiments, e.g. "
+                             "MALLOC_ARENA_MAX=2)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant in this process
     return parser
 
@@ -290,8 +297,8 @@ def main(argv=None) -> int:
     results = {}
     for variant in args.variants:
         print(f"running {variant} ...", flush=True)
-        done = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--cache", str(cache)],
-                              capture_output=True, text=True, cwd=ROOT,
+        command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--cache", str(cache)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                               env={**variant_env(variant), **dict(item.split("=", 1) for item in args.env)})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
@@ -315,16 +322,19 @@ def print_table(results: dict[str, dict]) -> None:
     for variant, r in results.items():
         cells = "".join(f"{r['phases'].get(phase, {}).get(key, float('nan')):16.2f}" for phase in PHASES)
         other = r.get("peak_anon_gib", r.get("peak_reserved_gib", float("nan")))
-        print(f"{variant:14s}{cells}{r['peak_gib']:11.2f}{other:11.2f}{r['trained_tokens_per_s']:15.1f}{r['wall_s']:8.0f}")
+        print(f"{variant:14s}{cells}{r['peak_gib']:11.2f}{other:11.2f}{r['trained_tokens_per_s']:15.1f}"
+              f"{r['wall_s']:8.0f}")
     base = results.get("standard")
     if base:
         print("\nratios to the standard loss (peak, trained tok/s): " + ", ".join(
-            f"{v} {r['peak_gib'] / base['peak_gib']:.2f}x, {r['trained_tokens_per_s'] / base['trained_tokens_per_s']:.2f}x"
+            f"{v} {r['peak_gib'] / base['peak_gib']:.2f}x, "
+            f"{r['trained_tokens_per_s'] / base['trained_tokens_per_s']:.2f}x"
             for v, r in results.items() if v != "standard"))
     peer = results.get("trl")
     if peer:
         print("ratios to TRL (peak, trained tok/s): " + ", ".join(
-            f"{v} {r['peak_gib'] / peer['peak_gib']:.2f}x, {r['trained_tokens_per_s'] / peer['trained_tokens_per_s']:.2f}x"
+            f"{v} {r['peak_gib'] / peer['peak_gib']:.2f}x, "
+            f"{r['trained_tokens_per_s'] / peer['trained_tokens_per_s']:.2f}x"
             for v, r in results.items() if v != "trl"))
 
 

@@ -38,7 +38,8 @@ MBPP_COLUMNS = {
 }
 MBPP_SETUP = ["test_setup_code", "test_imports"]  # optional; test_imports (sanitized) is a list of lines
 HUMANEVAL_COLUMNS = {"prompt", "canonical_solution", "test", "entry_point"}
-INSTRUCTION_PAIRS = [("instruction", "output"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer")]
+INSTRUCTION_PAIRS = [("instruction", "output"), ("prompt", "response"), ("prompt", "completion"),
+                     ("question", "answer")]
 TEXT_COLUMNS = ["content", "text", "code"]
 
 
@@ -72,8 +73,9 @@ def columns_for(fmt: str, columns: list[str]) -> dict[str, str | None]:
     def first(aliases: list[str], field: str) -> str:
         found = next((name for name in aliases if name in present), None)
         if found is None:
-            raise StageError(f"--format {fmt}: the dataset has no {' or '.join(repr(a) for a in aliases)} column (needed for "
-                             f"the {field}); its columns are: {', '.join(columns)}")
+            names = " or ".join(repr(alias) for alias in aliases)
+            raise StageError(f"--format {fmt}: the dataset has no {names} column (needed for the {field}); its columns "
+                             f"are: {', '.join(columns)}")
         return found
 
     task_id = "task_id" if "task_id" in present else None
@@ -103,7 +105,8 @@ def normalize(fmt: str, row: dict, columns: dict, position: int) -> dict:
     def text(field: str, strip: bool = True) -> str:
         value = row[columns[field]]
         if not isinstance(value, str) or not value.strip():
-            raise StageError(f"{where}: the {field} column {columns[field]!r} is empty or not text; fix or remove that row")
+            raise StageError(f"{where}: the {field} column {columns[field]!r} is empty or not text; fix or "
+                             f"remove that row")
         return value
 
     problem = {"task_id": str(task_id), "task": "", "code": "", "tests": [], "test_setup_code": "", "code_prefix": ""}
@@ -123,7 +126,8 @@ def normalize(fmt: str, row: dict, columns: dict, position: int) -> dict:
                        tests=[text("test").rstrip() + f"\n\n\ncheck({entry_point})"])
     elif fmt == "instruction":
         extra = row.get(columns["input"]) if columns["input"] else None
-        task = text("task").strip() + (f"\n\nInput:\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
+        has_input = isinstance(extra, str) and extra.strip()
+        task = text("task").strip() + (f"\n\nInput:\n{extra.strip()}" if has_input else "")
         problem.update(task=task, code=text("code").rstrip())
     else:
         problem.update(code=text("code"))

@@ -134,7 +134,8 @@ def download_info(folder: str | Path) -> dict:
     return read_json(info) if info.is_file() else {}
 
 
-def skip_download(out: Path, force: bool, complete: bool, holds: str | None, same: bool, wanted: str, kind: str) -> bool:
+def skip_download(out: Path, force: bool, complete: bool, holds: str | None, same: bool, wanted: str,
+                  kind: str) -> bool:
     """For the download stages: True when `out` already holds what was asked (`complete` and `same`), so the
     stage can skip. Refuses, naming --force, when it holds something else or an incomplete folder."""
     if force or not out.exists():

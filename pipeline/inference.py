@@ -25,7 +25,8 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
         raise StageError(f"adapter folder {adapter_dir}/ not found: run train.py first")
     for name in (folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS):
         if not (adapter_dir / name).is_file():
-            raise StageError(f"{adapter_dir}/ has no {name}: it is not a finished adapter (train.py writes checkpoints/final/)")
+            raise StageError(f"{adapter_dir}/ has no {name}: it is not a finished adapter (train.py writes "
+                             f"checkpoints/final/)")
     path = adapter_dir / folders.TRAINING_SETTINGS
     return folders.read_json(path) if path.is_file() else {}
 
@@ -67,7 +68,8 @@ def resolve_adapter(requested: str | None, base_only: bool = False, model_dir: s
         adapter_settings(requested)  # fails with a clear line when it is not a finished adapter
         return Path(requested)
     if model_dir is not None and export_settings(model_dir):
-        print(f"note: {model_dir}/ is a merged model (export.py): its adapter is already in its weights", file=sys.stderr)
+        print(f"note: {model_dir}/ is a merged model (export.py): its adapter is already in its weights",
+              file=sys.stderr)
         return None
     default = Path(folders.CHECKPOINTS_DIR) / folders.FINAL_ADAPTER
     if (default / folders.ADAPTER_CONFIG).is_file():
@@ -114,11 +116,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     stop_ids = template.stop_ids(tokenizer)
-    jobs = [(index, encode_prompt(tokenizer, prompt)) for index, prompt in enumerate(prompts) for _ in range(num_samples)]
+    jobs = [(index, encode_prompt(tokenizer, prompt)) for index, prompt in enumerate(prompts)
+            for _ in range(num_samples)]
     # Similar lengths in one batch waste less compute on padding; results are put back in order below.
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
     results: list[list[dict]] = [[] for _ in prompts]
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95}
     bar = tqdm(total=len(jobs), desc="generating", unit="completion", disable=not progress)
     for start in range(0, len(order), batch_size):
         chunk = [jobs[j] for j in order[start:start + batch_size]]

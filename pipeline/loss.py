@@ -97,7 +97,8 @@ def output_layer_skipped(model, chunk_size: int = DEFAULT_CHUNK):
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = causal_lm.get_output_embeddings()  # lm_head in Qwen2, Llama and GPT-2, tied to the embedding or not
     if getattr(head, "bias", None) is not None:
-        raise ValueError("the chunked loss supports output layers without bias (Qwen2, Llama and GPT-2 have none): use --loss standard")
+        raise ValueError("the chunked loss supports output layers without bias (Qwen2, Llama and GPT-2 have none): "
+                         "use --loss standard")
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         return causal_lm_loss(outputs.logits, head.weight, labels, num_items_in_batch, chunk_size)

@@ -27,12 +27,14 @@ def estimate_peak_memory(config, micro_batch: int, seq_len: int, lora_r: int, lo
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     # GPT-2 names it n_inner, or leaves it at 4 x hidden
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    kv = hidden * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) // config.num_attention_heads
-    embedding_copies = 1 if getattr(config, "tie_word_embeddings", True) else 2  # an untied output layer is a second one
+    heads = config.num_attention_heads
+    kv = hidden * (getattr(config, "num_key_value_heads", None) or heads) // heads
+    embedding_copies = 1 if getattr(config, "tie_word_embeddings", True) else 2  # an untied output layer is another
     per_layer_linear = hidden * hidden * 2 + hidden * kv * 2 + hidden * inter * 3  # q, o, k, v, gate, up, down
     linear_params = per_layer_linear * layers
     # NF4 with double quantisation: 4 bits per weight plus ~0.13 bits of quantisation constants.
-    weight_bytes = linear_params * (4.13 / 8 if load_in_4bit else dtype_bytes) + embedding_copies * vocab * hidden * dtype_bytes
+    linear_bytes = linear_params * (4.13 / 8 if load_in_4bit else dtype_bytes)
+    weight_bytes = linear_bytes + embedding_copies * vocab * hidden * dtype_bytes
     lora_params = lora_r * layers * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))
     lora_bytes = lora_params * (4 + 4 + optimizer_bytes)  # fp32 weights, fp32 gradients, optimiser state
     tokens = micro_batch * seq_len
@@ -45,13 +47,15 @@ def estimate_peak_memory(config, micro_batch: int, seq_len: int, lora_r: int, lo
     else:
         # logits in the compute dtype, their fp32 upcast, log-softmax and its gradient, over every position
         loss = tokens * vocab * (dtype_bytes + 4 + 4 + 4)
-    parts = {"weights": weight_bytes, "lora_and_optimizer": lora_bytes, "activations": kept_inputs + one_layer, "loss": loss}
+    parts = {"weights": weight_bytes, "lora_and_optimizer": lora_bytes, "activations": kept_inputs + one_layer,
+             "loss": loss}
     parts["total"] = sum(parts.values())
     return parts
 
 
 def describe_estimate(parts: dict) -> str:
-    detail = ", ".join(f"{name.replace('_', ' ')} {value / GIB:.2f}" for name, value in parts.items() if name != "total")
+    detail = ", ".join(f"{name.replace('_', ' ')} {value / GIB:.2f}" for name, value in parts.items()
+                       if name != "total")
     return f"{parts['total'] / GIB:.2f} GiB ({detail}; CUDA's own context adds ~0.3-0.5 GiB outside this)"
 
 

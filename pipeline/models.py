@@ -29,7 +29,8 @@ def model_folder_problem(path: str | Path, remedy: bool = True) -> str | None:
         problem, fix = f"model folder {path}/ not found", "run download_model.py first (or --demo for the offline demo)"
     elif not (path / "config.json").is_file():
         hint = " (it looks like a dataset folder)" if (path / folders.DATASET_DICT).exists() else ""
-        problem, fix = f"{path}/ has no config.json{hint}: it is not a model folder", f"run download_model.py --out {path}"
+        problem = f"{path}/ has no config.json{hint}: it is not a model folder"
+        fix = f"run download_model.py --out {path}"
     elif not any(path.glob("*.safetensors")):
         problem, fix = f"{path}/ has no .safetensors weights", refresh
     elif not any((path / name).is_file() for name in folders.TOKENIZER_FILES):
@@ -119,7 +120,8 @@ def pick_device() -> DeviceChoice:
         return DeviceChoice("cuda", "float16", f"CUDA {name}, compute capability {major}.{minor}: no bf16, using fp16")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return DeviceChoice("mps", "float16", "Apple MPS: fp16 (bitsandbytes 4-bit is not available on MPS)")
-    return DeviceChoice("cpu", "float32", "no CUDA or MPS device found: CPU with fp32 compute (slow, fine for the demo)")
+    return DeviceChoice("cpu", "float32",
+                        "no CUDA or MPS device found: CPU with fp32 compute (slow, fine for the demo)")
 
 
 def use_4bit(choice: DeviceChoice, no_4bit: bool, say=print) -> bool:
@@ -144,7 +146,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*use_reentrant.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated.*")
     # peft's prepare_model_for_kbit_training still calls the old name; transformers 5 warns on every run.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated.*",
+                            category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -221,5 +224,6 @@ def find_lora_targets(model_dir: str | Path) -> list[str]:
         if module is not output and isinstance(module, (torch.nn.Linear, Conv1D)) and name not in names:
             names.append(name)
     if not names:
-        raise StageError(f"the {skeleton.config.model_type} model in {model_dir}/ has no linear layers for LoRA adapters")
+        raise StageError(f"the {skeleton.config.model_type} model in {model_dir}/ has no linear layers for LoRA "
+                         f"adapters")
     return names

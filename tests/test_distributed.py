@@ -13,6 +13,8 @@ from pipeline import folders, inference, models, monitoring
 
 from conftest import assert_adapter_loaded
 
+pytestmark = pytest.mark.slow  # the demo's whole fine-tune, or several training processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,11 +25,14 @@ def runs(demo_model, demo_prepared, tmp_path_factory):
                     "--max-steps", "36", "--save-steps", "1000", "--logging-steps", "1"]
     # The 2-process run evaluates and saves a checkpoint every 6 of its 36 steps: both ranks keep training after.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          str(ROOT / "tests" / "ddp_probe.py"), str(root), *common_flags, "--batch-size", "2", "--save-steps", "6",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533",
+                          str(ROOT / "tests" / "ddp_probe.py"), str(root), *common_flags, "--batch-size", "2",
+                          "--save-steps", "6",
                           "--out", str(root / "two")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *common_flags, "--batch-size", "4", "--out", str(root / "one")],
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *common_flags, "--batch-size", "4", "--out",
+                          str(root / "one")],
                          capture_output=True, text=True, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "2"}, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     return {"root": root, "two": root / "two", "one": root / "one", "stdout": two.stdout}
@@ -36,8 +41,10 @@ def runs(demo_model, demo_prepared, tmp_path_factory):
 def test_one_final_adapter_and_one_metrics_history(runs, demo_model):
     out = runs["two"]
     assert (out / folders.FINAL_ADAPTER / "adapter_model.safetensors").is_file()
-    assert [p.name for p in out.iterdir() if p.name.startswith((folders.FINAL_ADAPTER, ".staging", ".final"))] == [folders.FINAL_ADAPTER]
-    assert len(list(out.rglob(monitoring.METRICS))) == 1 and len(list((out / monitoring.LOGS).rglob("events.out.tfevents.*"))) == 1
+    assert [p.name for p in out.iterdir() if p.name.startswith((folders.FINAL_ADAPTER, ".staging",
+                                                                ".final"))] == [folders.FINAL_ADAPTER]
+    assert (len(list(out.rglob(monitoring.METRICS))) == 1
+            and len(list((out / monitoring.LOGS).rglob("events.out.tfevents.*"))) == 1)
     model = inference.load_for_inference(demo_model, out / folders.FINAL_ADAPTER, models.pick_device(), True)
     assert_adapter_loaded(model, out / folders.FINAL_ADAPTER)
     assert "x 2 processes = 4" in runs["stdout"]  # effective batch: micro-batch x accumulation x processes
@@ -86,7 +93,8 @@ def saved_sums(adapter_dir: Path) -> dict[str, float]:
 def test_mid_run_checkpoints_and_evaluations_under_two_processes(runs):
     history = json.loads((runs["two"] / monitoring.METRICS).read_text())["history"]
     assert [row["step"] for row in history if "eval_loss" in row] == [6, 12, 18, 24, 30, 36]
-    assert sorted(p.name for p in runs["two"].glob("checkpoint-*")) == ["checkpoint-24", "checkpoint-30", "checkpoint-36"]
+    assert sorted(p.name for p in runs["two"].glob("checkpoint-*")) == ["checkpoint-24", "checkpoint-30",
+                                                                        "checkpoint-36"]
     # The final adapter is what rank 0 held at the end (the probe's sums of the same tensors).
     rank0 = json.loads((runs["root"] / "rank0.json").read_text())["weights"]
     final = saved_sums(runs["two"] / folders.FINAL_ADAPTER)
@@ -95,12 +103,14 @@ def test_mid_run_checkpoints_and_evaluations_under_two_processes(runs):
 
 
 def test_resume_under_two_processes(demo_model, demo_prepared, tmp_path):
-    flags = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(tmp_path / "run"), "--batch-size", "2",
+    flags = ["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(tmp_path / "run"), "--batch-size",
+             "2",
              "--grad-accum", "1", "--save-steps", "2", "--logging-steps", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def torchrun(*extra):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               "29534",
                                str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path), *flags, *extra],
                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
@@ -114,4 +124,5 @@ def test_resume_under_two_processes(demo_model, demo_prepared, tmp_path):
     rank0 = json.loads((tmp_path / "rank0.json").read_text())["weights"]
     rank1 = json.loads((tmp_path / "rank1.json").read_text())["weights"]
     final = saved_sums(tmp_path / "run" / folders.FINAL_ADAPTER)
-    assert rank0 == rank1 and all(abs(final[name.replace(".default.", ".")] - value) < 1e-6 for name, value in rank0.items())
+    assert rank0 == rank1 and all(abs(final[name.replace(".default.", ".")] - value) < 1e-6 for name,
+                                  value in rank0.items())

@@ -61,7 +61,8 @@ def test_missing_file_empty_file_and_wrong_format_are_refused(tmp_path, capsys):
 
 
 def test_offline_hub_dataset_fails_fast_with_a_clear_line(tmp_path, capsys):
-    assert download_dataset.main(["--dataset", "no-such-org/no-such-data", "--out", str(tmp_path / "data")]) == cli.EXIT_FAILED
+    assert download_dataset.main(["--dataset", "no-such-org/no-such-data", "--out",
+                                  str(tmp_path / "data")]) == cli.EXIT_FAILED
     assert "no-such-org/no-such-data" in one_error_line(capsys.readouterr())
     assert not (tmp_path / "data").exists()
 

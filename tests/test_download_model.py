@@ -10,7 +10,8 @@ from conftest import one_error_line
 
 def test_demo_model_writes_the_model_folder_layout(demo_model):
     names = {p.name for p in demo_model.iterdir()}
-    assert names == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", folders.DOWNLOAD_INFO}
+    assert names == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", folders.DOWNLOAD_INFO}
     config = json.loads((demo_model / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is True
     assert config.get("pad_token_id") is None  # a padding_idx would zero the EOS row of the tied embedding
@@ -53,7 +54,8 @@ def test_a_demo_model_of_an_older_recipe_is_built_again(demo_model, tmp_path, ca
     assert download_model.main(["--demo", "--out", str(old)]) == 0
     assert "building it again" in capsys.readouterr().out
     assert json.loads((old / folders.DOWNLOAD_INFO).read_text()) == info
-    assert (old / "model.safetensors").read_bytes() == (demo_model / "model.safetensors").read_bytes()  # seeded: the same model
+    # seeded: the same model
+    assert (old / "model.safetensors").read_bytes() == (demo_model / "model.safetensors").read_bytes()
 
 
 def test_offline_hub_download_fails_with_one_clear_line_and_writes_nothing(tmp_path, capsys):

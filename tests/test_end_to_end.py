@@ -3,6 +3,7 @@ held-out members of the string family that the base model cannot."""
 
 import json
 
+import pytest
 from datasets import load_from_disk
 
 from pipeline import inference, models, prompts
@@ -10,10 +11,13 @@ from pipeline import inference, models, prompts
 import evaluate
 from conftest import family_rows
 
+pytestmark = pytest.mark.slow  # the demo's whole fine-tune, or several training processes
+
 
 def test_qlora_learns_solutions_and_to_stop(demo_trained):
     tokenizer = models.load_tokenizer(demo_trained["model"])
-    model = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], models.pick_device(), load_in_4bit=True)
+    model = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], models.pick_device(),
+                                         load_in_4bit=True)
     rows = load_from_disk(str(demo_trained["prepared"]))["train"]
     assert len(rows) == 78
     texts = [prompts.DEFAULT.prompt(row["task"], row["tests"]) for row in rows]
@@ -27,20 +31,25 @@ def test_qlora_learns_solutions_and_to_stop(demo_trained):
 def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_trained, tmp_path, capsys):
     out = tmp_path / "results"
     code = evaluate.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]),
-                          "--data", str(demo_trained["prepared"]), "--compare-base", "--max-new-tokens", "128", "--out", str(out)])
+                          "--data", str(demo_trained["prepared"]), "--compare-base", "--max-new-tokens", "128", "--out",
+                          str(out)])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     models = summary["models"]
-    assert models["base"]["pass@1"] == 0 and models["fine-tuned"]["identity"]["adapter"] == str(demo_trained["adapter"].resolve())
+    assert (models["base"]["pass@1"] == 0
+            and models["fine-tuned"]["identity"]["adapter"] == str(demo_trained["adapter"].resolve()))
     family = [row["task_id"] for row in family_rows(demo_trained["prepared"], "eval")]
-    solved = {json.loads(line)["task_id"] for line in (out / "fine-tuned.jsonl").open() if json.loads(line)["status"] == "passed"}
+    verdicts = [json.loads(line) for line in (out / "fine-tuned.jsonl").open()]
+    solved = {verdict["task_id"] for verdict in verdicts if verdict["status"] == "passed"}
     assert len(family) >= 3 and len(solved & set(family)) >= len(family) / 2, (family, solved)
     # The problems it gained are named, on the screen and in the files.
     assert len(summary["changes"]["gained"]) == len(solved) and not summary["changes"]["lost"]
     table = capsys.readouterr().out
-    assert "| base |" in table and "| fine-tuned |" in table and f"fine-tuned solves {len(solved)} problem(s) that base does not" in table
+    assert ("| base |" in table and "| fine-tuned |" in table
+            and f"fine-tuned solves {len(solved)} problem(s) that base does not" in table)
     assert summary["changes"]["gained"][0] in (out / evaluate.TABLE_NAME).read_text()
-    assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}
+    assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md",
+                                               "pass_at_k.png"}
 
 
 def test_the_command_the_demo_suggests_shows_the_fine_tune_at_work(demo_trained, capsys):
@@ -49,6 +58,7 @@ def test_the_command_the_demo_suggests_shows_the_fine_tune_at_work(demo_trained,
     import generate
     import run_pipeline
 
-    argv = ["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), *shlex.split(run_pipeline.DEMO_TRY)]
+    argv = ["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]),
+            *shlex.split(run_pipeline.DEMO_TRY)]
     assert generate.main(argv) == 0
     assert capsys.readouterr().out.strip() == "def lower_title(s):\n    return s.lower()"

@@ -19,9 +19,11 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
     completions = tmp_path / "completions.jsonl"
     with open(completions, "w") as f:
         for i, row in enumerate(rows):
-            f.write(json.dumps({"task_id": row["task_id"], "completion": row["code"] if i < 3 else "def nothing(): pass"}) + "\n")
+            f.write(json.dumps({"task_id": row["task_id"],
+                                "completion": row["code"] if i < 3 else "def nothing(): pass"}) + "\n")
     out = tmp_path / "results"
-    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--split", "train", "--limit", "4",
+    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--split", "train",
+                          "--limit", "4",
                           "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"completions.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}
     summary = json.loads((out / "summary.json").read_text())["models"]["completions"]
@@ -33,7 +35,8 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
 
 
 def test_pass_at_k_is_only_reported_for_k_up_to_the_samples_of_every_problem(demo_prepared, tmp_path, capsys):
-    rows = [{"task_id": "a", "status": "failed"}, {"task_id": "a", "status": "failed"}, {"task_id": "b", "status": "failed"}]
+    rows = [{"task_id": "a", "status": "failed"}, {"task_id": "a", "status": "failed"}, {"task_id": "b",
+                                                                                         "status": "failed"}]
     summary = scoring.summarize(rows, num_samples=5)
     assert summary["pass@1"] == 0.0 and "pass@2" not in summary  # b has one sample: pass@2 would read 100 %
     with pytest.raises(ValueError):
@@ -43,7 +46,8 @@ def test_pass_at_k_is_only_reported_for_k_up_to_the_samples_of_every_problem(dem
 
     rows = load_from_disk(str(demo_prepared))["train"].select(range(3))
     completions = tmp_path / "one_each.jsonl"
-    completions.write_text("".join(json.dumps({"task_id": row["task_id"], "completion": "def wrong(): pass"}) + "\n" for row in rows))
+    completions.write_text("".join(json.dumps({"task_id": row["task_id"],
+                                               "completion": "def wrong(): pass"}) + "\n" for row in rows))
     flags = ["--completions", str(completions), "--data", str(demo_prepared), "--split", "train", "--limit", "3"]
     assert evaluate.main([*flags, "--num-samples", "5", "--out", str(tmp_path / "r")]) == 2
     assert "only 1 completion(s)" in one_error_line(capsys.readouterr()) and not (tmp_path / "r").exists()
@@ -58,8 +62,10 @@ def test_problems_missing_from_a_completions_file_count_as_unsolved(demo_prepare
     rows = load_from_disk(str(demo_prepared))["eval"]
     completions = tmp_path / "partial.jsonl"
     completions.write_text(json.dumps({"task_id": rows[0]["task_id"], "completion": rows[0]["code"]}) + "\n")
-    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 0
-    assert f"{len(rows) - 1} of {len(rows)} problems of {demo_prepared}/ (eval split) have no completion" in capsys.readouterr().err
+    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out",
+                          str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert f"{len(rows) - 1} of {len(rows)} problems of {demo_prepared}/ (eval split) have no completion" in err
     scored = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
     assert scored["problems"] == len(rows) and scored["pass@1"] == pytest.approx(1 / len(rows))
     assert len(scored["missing"]) == len(rows) - 1
@@ -71,12 +77,14 @@ def test_an_earlier_evaluation_is_kept_unless_overwrite(demo_prepared, tmp_path,
     row = load_from_disk(str(demo_prepared))["eval"][0]
     completions = tmp_path / "c.jsonl"
     completions.write_text(json.dumps({"task_id": row["task_id"], "completion": row["code"]}) + "\n")
-    flags = ["--completions", str(completions), "--data", str(demo_prepared), "--limit", "1", "--out", str(tmp_path / "r")]
+    flags = ["--completions", str(completions), "--data", str(demo_prepared), "--limit", "1", "--out",
+             str(tmp_path / "r")]
     assert evaluate.main(flags) == 0
     before = (tmp_path / "r" / "summary.json").read_text()
     capsys.readouterr()
     assert evaluate.main(flags) == 2
-    assert "--overwrite" in one_error_line(capsys.readouterr()) and (tmp_path / "r" / "summary.json").read_text() == before
+    assert ("--overwrite" in one_error_line(capsys.readouterr())
+            and (tmp_path / "r" / "summary.json").read_text() == before)
     assert evaluate.main(flags + ["--overwrite"]) == 0
 
 
@@ -139,7 +147,8 @@ def test_generation_stops_are_looked_for_in_the_completion_only(demo_model):
         return bool(criteria(torch.tensor([ids]), None)[0])
 
     assert not stopped("```") and not stopped("assert add(1, 2) == 3") and not stopped("```python\ndef add(a, b):")
-    assert stopped("```python\ndef add(a, b):\n    return a + b\n```") and stopped("def add(a, b):\n    return a + b\nassert ")
+    assert stopped("```python\ndef add(a, b):\n    return a + b\n```") and stopped("def add(a, b):\n    return a + "
+                                                                                   "b\nassert ")
 
 
 def test_a_fenced_correct_solution_passes_evaluation(demo_prepared, tmp_path):
@@ -147,9 +156,11 @@ def test_a_fenced_correct_solution_passes_evaluation(demo_prepared, tmp_path):
 
     rows = load_from_disk(str(demo_prepared))["eval"]
     completions = tmp_path / "fenced.jsonl"
-    completions.write_text("".join(json.dumps({"task_id": row["task_id"], "completion": f"Here you go:\n```python\n{row['code']}\n```\nDone."}) + "\n"
-                                   for row in rows))
-    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 0
+    fenced = [{"task_id": row["task_id"], "completion": f"Here you go:\n```python\n{row['code']}\n```\nDone."}
+              for row in rows]
+    completions.write_text("".join(json.dumps(row) + "\n" for row in fenced))
+    assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out",
+                          str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]["pass@1"] == 1.0
     scored = [json.loads(line) for line in (tmp_path / "r" / "completions.jsonl").read_text().splitlines()]
     assert all(row["completion"].startswith("Here you go:") and row["code"].startswith("def ") for row in scored)

@@ -11,11 +11,14 @@ import export
 import generate
 from conftest import family_rows, one_error_line
 
+pytestmark = pytest.mark.slow  # the demo's whole fine-tune, or several training processes
+
 
 @pytest.fixture(scope="module")
 def exported(demo_trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "export"
-    assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--data", str(demo_trained["prepared"]),
+    assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--data",
+                        str(demo_trained["prepared"]),
                         "--out", str(out), "--max-shard-size", "2MB"]) == 0
     return out
 
@@ -24,10 +27,13 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter_doe
     from transformers import AutoModelForCausalLM
 
     names = {p.name for p in exported.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", folders.EXPORT_SETTINGS, "model.safetensors.index.json"} <= names
-    assert len(list(exported.glob("model-*.safetensors"))) > 1 and not any("adapter" in name for name in names)  # sharded, no peft files
+    assert {"config.json", "generation_config.json", "tokenizer.json", folders.EXPORT_SETTINGS,
+            "model.safetensors.index.json"} <= names
+    # sharded, no peft files
+    assert len(list(exported.glob("model-*.safetensors"))) > 1 and not any("adapter" in name for name in names)
     settings = json.loads((exported / folders.EXPORT_SETTINGS).read_text())
-    assert settings["template"] == prompts.DEFAULT.name and settings["base_model_id"] == models.model_id(demo_trained["model"])
+    assert (settings["template"] == prompts.DEFAULT.name
+            and settings["base_model_id"] == models.model_id(demo_trained["model"]))
     merged = AutoModelForCausalLM.from_pretrained(str(exported)).eval()
     tokenizer = models.load_tokenizer(exported)
     choice = models.DeviceChoice("cpu", "float32", "test")
@@ -42,7 +48,9 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter_doe
 
 def test_generate_and_evaluate_take_the_export_as_a_model(demo_trained, exported, tmp_path, capsys):
     rows = family_rows(demo_trained["prepared"], "train")
-    assert generate.main(["--model", str(exported), "--prompt", rows[0]["task"], *sum([["--test", t] for t in rows[0]["tests"]], []),
+    assert generate.main(["--model", str(exported), "--prompt", rows[0]["task"], *sum([["--test",
+                                                                                        t] for t in rows[0]["tests"]],
+                                                                                        []),
                           "--no-4bit", "--max-new-tokens", "64"]) == 0
     captured = capsys.readouterr()
     assert "merged model" in captured.out + captured.err and rows[0]["code"] in captured.out
@@ -55,10 +63,13 @@ def test_generate_and_evaluate_take_the_export_as_a_model(demo_trained, exported
 
 
 def test_export_refuses_what_it_cannot_do_in_one_line(demo_trained, exported, demo_data, tmp_path, capsys):
-    assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--out", str(exported)]) == 2
+    assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--out",
+                        str(exported)]) == 2
     assert "--overwrite" in one_error_line(capsys.readouterr())
-    assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "e")]) == 2
+    assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(tmp_path / "none"), "--out",
+                        str(tmp_path / "e")]) == 2
     assert "train.py" in one_error_line(capsys.readouterr())
-    assert export.main(["--model", str(demo_data), "--adapter", str(demo_trained["adapter"]), "--out", str(tmp_path / "e")]) == 2
+    assert export.main(["--model", str(demo_data), "--adapter", str(demo_trained["adapter"]), "--out",
+                        str(tmp_path / "e")]) == 2
     assert "not a model folder" in one_error_line(capsys.readouterr())
     assert not (tmp_path / "e").exists()

@@ -1,7 +1,11 @@
 import io
 
+import pytest
+
 import generate
 from conftest import family_rows, one_error_line
+
+pytestmark = pytest.mark.slow  # the demo's whole fine-tune, or several training processes
 
 
 def test_prompt_flag_prints_the_learned_solution(demo_trained, capsys):
@@ -15,7 +19,8 @@ def test_prompt_flag_prints_the_learned_solution(demo_trained, capsys):
 
 def test_tasks_are_read_line_by_line_from_stdin(demo_trained, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("Write a function to add.\n\nWrite a function to subtract.\n"))
-    assert generate.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--max-new-tokens", "8"]) == 0
+    assert generate.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]),
+                          "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     # Not interactive: each completion is followed by one empty line, and the blank input line is skipped.
     assert out.endswith("\n\n") and len([block for block in out.split("\n\n") if block.strip()]) == 2, out

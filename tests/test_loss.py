@@ -10,7 +10,8 @@ import train
 
 @pytest.fixture(scope="module")
 def lora_model(demo_model):
-    model = train.build_model(str(demo_model), models.pick_device(), True, lora_r=8, lora_alpha=16, lora_dropout=0.0, seed=0)
+    model = train.build_model(str(demo_model), models.pick_device(), True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                              seed=0)
     model.train()
     return model
 
@@ -78,7 +79,8 @@ def test_a_batch_without_labels_gives_zero_loss_and_zero_gradients(lora_model, b
 
 def test_evaluation_under_no_grad_gives_the_same_loss(lora_model, batch):
     with torch.no_grad():
-        assert chunked_step_loss(lora_model, batch).item() == pytest.approx(standard_loss(lora_model, batch).item(), rel=1e-5)
+        assert chunked_step_loss(lora_model, batch).item() == pytest.approx(standard_loss(lora_model, batch).item(),
+                                                                            rel=1e-5)
 
 
 def test_output_layer_is_restored_after_training_and_after_an_error(lora_model):

@@ -56,7 +56,8 @@ def test_train_py_has_glibc_give_large_freed_buffers_back():
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
     probe = "from pipeline import memory; print(memory.return_freed_memory())"
-    env = {key: value for key, value in os.environ.items() if key not in ("MALLOC_MMAP_THRESHOLD_", "PIPELINE_GLIBC_DEFAULTS")}
+    env = {key: value for key, value in os.environ.items() if key not in ("MALLOC_MMAP_THRESHOLD_",
+                                                                          "PIPELINE_GLIBC_DEFAULTS")}
 
     def run(extra: dict) -> str:
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=folders.REPO_ROOT,

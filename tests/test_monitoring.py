@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from pipeline import monitoring, prompts
 
 
@@ -43,7 +45,8 @@ def test_training_log_lines_are_readable(demo_model, demo_prepared, tmp_path, ca
     import train
 
     assert train.main(["--model", str(demo_model), "--data", str(demo_prepared), "--out", str(tmp_path / "c"),
-                       "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2", "--batch-size", "2", "--grad-accum", "1"]) == 0
+                       "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2", "--batch-size", "2",
+                       "--grad-accum", "1"]) == 0
     captured = capsys.readouterr()
     out = captured.out + captured.err
     line = next(line for line in out.splitlines() if line.startswith("step 2/2 · epoch"))
@@ -51,6 +54,7 @@ def test_training_log_lines_are_readable(demo_model, demo_prepared, tmp_path, ca
         assert part in line, line
 
 
+@pytest.mark.slow
 def test_trained_tokens_are_the_labelled_ones_and_speeds_divide_totals_by_time(demo_trained):
     """The demo run logs once per epoch (10 steps of 8, the last of 6): by then it has seen every problem once more."""
     from datasets import load_from_disk
@@ -62,7 +66,8 @@ def test_trained_tokens_are_the_labelled_ones_and_speeds_divide_totals_by_time(d
     metrics = json.loads((demo_trained["adapter"].parent / monitoring.METRICS).read_text())
     train = [row for row in metrics["history"] if "loss" in row]
     assert len(train) == 20 and all(row["trained_tokens"] == row["step"] // 10 * trained_per_epoch for row in train)
-    assert all(row["num_input_tokens_seen"] == row["step"] // 10 * all_per_epoch for row in train)  # prompts too, no padding
+    # prompts too, no padding
+    assert all(row["num_input_tokens_seen"] == row["step"] // 10 * all_per_epoch for row in train)
     assert all(0 < row["trained_tokens_per_second"] < row["tokens_per_second"] for row in train)
     totals = metrics["totals"]
     assert totals["trained_tokens"] == 20 * trained_per_epoch

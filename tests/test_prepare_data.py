@@ -13,10 +13,12 @@ def test_column_names_of_the_mbpp_variants_are_accepted():
     columns = ["task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list"]
     assert data.detect(columns) == "mbpp"
     original = data.columns_for("mbpp", columns)
-    assert original == {"task": "text", "code": "code", "tests": "test_list", "setup": "test_setup_code", "task_id": "task_id"}
+    assert original == {"task": "text", "code": "code", "tests": "test_list", "setup": "test_setup_code",
+                        "task_id": "task_id"}
     sanitized = ["source_file", "task_id", "prompt", "code", "test_imports", "test_list"]
     assert data.detect(sanitized) == "mbpp"
-    assert data.columns_for("mbpp", sanitized)["task"] == "prompt" and data.columns_for("mbpp", sanitized)["setup"] == "test_imports"
+    columns = data.columns_for("mbpp", sanitized)
+    assert columns["task"] == "prompt" and columns["setup"] == "test_imports"
 
 
 def test_missing_column_is_named():
@@ -24,7 +26,8 @@ def test_missing_column_is_named():
         data.columns_for("mbpp", ["task_id", "text", "test_list"])
 
 
-@pytest.mark.parametrize("field, value", [("text", ""), ("text", None), ("code", "   "), ("code", 42), ("test_list", [])])
+@pytest.mark.parametrize("field, value", [("text", ""), ("text", None), ("code", "   "), ("code", 42), ("test_list",
+                                                                                                        [])])
 def test_rows_with_empty_or_non_string_fields_are_refused(field, value):
     row = {**demo_problems()[0], field: value}
     columns = data.columns_for("mbpp", list(row))
@@ -50,7 +53,8 @@ def test_prepared_data_layout_masks_and_task_fields(demo_prepared, demo_model):
     assert not train_ids & eval_ids and len(train_ids) + len(eval_ids) == len(demo_problems())
     tokenizer = models.load_tokenizer(demo_model)
     for row in prepared["train"]:
-        assert {"task_id", "task", "code", "tests", "test_setup_code", "input_ids", "attention_mask", "labels"} <= set(row)
+        assert {"task_id", "task", "code", "tests", "test_setup_code", "input_ids", "attention_mask",
+                "labels"} <= set(row)
         trained = [label for label in row["labels"] if label != prompts.IGNORE_INDEX]
         assert trained[-1] == tokenizer.eos_token_id  # the EOS is learned
         assert tokenizer.decode(trained[:-1]) == row["code"]  # exactly the solution is learned, the prompt is masked
@@ -63,7 +67,8 @@ def test_prepared_data_layout_masks_and_task_fields(demo_prepared, demo_model):
 
 def test_long_examples_are_dropped_and_counted_never_cut(demo_data, demo_model, tmp_path, capsys):
     out = tmp_path / "prepared"
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--max-length", "100", "--check-tests", "off"]) == 0
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--max-length",
+                              "100", "--check-tests", "off"]) == 0
     stats = folders.read_json(out / folders.PREPARED_STATS)
     dropped = sum(len(ids) for ids in stats["dropped_too_long"].values())
     assert dropped > 0 and stats["rows"]["train"] + stats["rows"]["eval"] + dropped == len(demo_problems())
@@ -77,10 +82,12 @@ def test_bad_input_gets_one_line_and_no_output(demo_data, demo_model, tmp_path, 
     assert "download_dataset.py" in one_error_line(capsys.readouterr())
     assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_data), "--out", str(out)]) == 2
     assert "not a model folder" in one_error_line(capsys.readouterr())
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--eval-fraction", "1"]) == 2
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out),
+                              "--eval-fraction", "1"]) == 2
     assert "--eval-fraction" in one_error_line(capsys.readouterr())
     rows = [{k: v for k, v in p.items() if k != "code"} for p in demo_problems()[:5]]
-    download_dataset.main(["--dataset", str(write_jsonl(tmp_path / "nocode.jsonl", rows)), "--out", str(tmp_path / "nocode")])
+    download_dataset.main(["--dataset", str(write_jsonl(tmp_path / "nocode.jsonl", rows)), "--out",
+                           str(tmp_path / "nocode")])
     capsys.readouterr()
     assert prepare_data.main(["--data", str(tmp_path / "nocode"), "--model", str(demo_model), "--out", str(out)]) == 2
     assert "'code'" in one_error_line(capsys.readouterr())
@@ -89,7 +96,8 @@ def test_bad_input_gets_one_line_and_no_output(demo_data, demo_model, tmp_path, 
 
 def test_guide_template_and_failed_rerun_keeps_previous_output(demo_data, demo_model, tmp_path, monkeypatch):
     out = tmp_path / "prepared"
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--template", "guide", "--check-tests", "off"]) == 0
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--template",
+                              "guide", "--check-tests", "off"]) == 0
     before = folders.read_json(out / folders.PREPARED_STATS)
     assert before["settings"]["template"] == "guide"
 
@@ -97,7 +105,8 @@ def test_guide_template_and_failed_rerun_keeps_previous_output(demo_data, demo_m
         raise KeyboardInterrupt  # the user presses Ctrl-C while the new output is being written
 
     monkeypatch.setattr(folders, "write_json", crash)
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--check-tests", "off"]) == 130
+    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out), "--check-tests",
+                              "off"]) == 130
     monkeypatch.undo()
     assert folders.read_json(out / folders.PREPARED_STATS) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
@@ -109,7 +118,8 @@ def test_rows_without_a_task_id_get_one_each(demo_model, tmp_path):
     rows = [{**problem, "task_id": None} for problem in demo_problems()[:6]]
     source = write_jsonl(tmp_path / "no_ids.jsonl", rows)
     assert download_dataset.main(["--dataset", str(source), "--out", str(tmp_path / "data")]) == 0
-    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(demo_model), "--out", str(tmp_path / "p"),
+    assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(demo_model), "--out",
+                              str(tmp_path / "p"),
                               "--eval-fraction", "0.34"]) == 0
     stats = json.loads((tmp_path / "p" / folders.PREPARED_STATS).read_text())
     assert stats["problems"] == 6 and stats["duplicates_skipped"] == 0

@@ -61,7 +61,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo_
     for step in (3, 4, 5, 6):
         assert resumed[step][0] == pytest.approx(reference[step][0], rel=1e-3), step  # same data, weights, optimiser
         assert resumed[step][1] == pytest.approx(reference[step][1], rel=1e-6), step  # same learning-rate schedule
-    assert json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 6
+    assert folders.read_json(out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS)["result"]["global_step"] == 6
 
 
 def test_resume_falls_back_when_the_newest_checkpoint_is_broken(demo_model, demo_prepared, tmp_path, capsys):
@@ -94,7 +94,8 @@ def test_resume_with_other_key_settings_is_refused_unless_forced(demo_model, dem
     out = tmp_path / "checkpoints"
     assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "2", "--save-steps", "2")) == 0
     capsys.readouterr()
-    other = run_args(demo_model, demo_prepared, out, "--max-steps", "4", "--save-steps", "2", "--lr", "5e-4", "--lora-alpha", "8", "--resume")
+    other = run_args(demo_model, demo_prepared, out, "--max-steps", "4", "--save-steps", "2", "--lr", "5e-4",
+                     "--lora-alpha", "8", "--resume")
     assert train.main(other) == 2
     assert "lora_alpha 32 -> 8" in one_error_line(capsys.readouterr())
     assert not (out / "checkpoint-4").exists()
@@ -102,7 +103,7 @@ def test_resume_with_other_key_settings_is_refused_unless_forced(demo_model, dem
     assert train.main(other + ["--force-resume"]) == 0
     assert "resuming from " + str(out / "checkpoint-2") in capsys.readouterr().out
     assert sorted(logged(out / "checkpoint-4")) == [1, 2, 3, 4]
-    assert json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 4
+    assert folders.read_json(out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS)["result"]["global_step"] == 4
 
 
 def start_training(model, prepared, out, *extra) -> subprocess.Popen:
@@ -122,6 +123,7 @@ def wait_for_line(process, text: str, limit: float = 120) -> None:
     raise AssertionError(f"never printed {text!r}")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(demo_model, demo_prepared, tmp_path):
     out = tmp_path / "checkpoints"
     process = start_training(demo_model, demo_prepared, out, "--max-steps", "40", "--save-steps", "100")
@@ -131,16 +133,19 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(demo_model, demo_pr
     assert process.returncode == 128 + signal.SIGTERM, output
     saved = run_folder.find_checkpoints(out)
     assert len(saved) == 1 and run_folder.checkpoint_problem(saved[0]) is None
-    assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "6", "--save-steps", "100", "--resume", "--force-resume")) == 0
+    assert train.main(run_args(demo_model, demo_prepared, out, "--max-steps", "6", "--save-steps", "100", "--resume",
+                               "--force-resume")) == 0
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_run_that_resume_completes(demo_model, demo_prepared, tmp_path):
     """kill -9 during steps and during checkpoint writes (a checkpoint every step): never a half checkpoint
     that --resume would take, never the last good one deleted; the resumed run reaches the target step."""
     out = tmp_path / "checkpoints"
     args = ("--max-steps", "8", "--save-steps", "1", "--keep-last", "2")
     for delay in (0.0, 0.3):  # after a log line: mid-step, mid-save, or between
-        process = start_training(demo_model, demo_prepared, out, *args, *(["--resume"] if run_folder.find_checkpoints(out) else []))
+        process = start_training(demo_model, demo_prepared, out, *args,
+                                 *(["--resume"] if run_folder.find_checkpoints(out) else []))
         wait_for_line(process, "/8 · epoch")
         wait_for_line(process, "/8 · epoch")  # a second step trained: the first one's checkpoint was saved before it
         time.sleep(delay)

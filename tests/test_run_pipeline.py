@@ -7,15 +7,18 @@ from conftest import one_error_line
 
 
 def test_flags_are_grouped_with_their_values():
-    assert run_pipeline.group_flags(["--lr", "1e-4", "--force", "--seed=7"]) == {"--lr": ["1e-4"], "--force": [], "--seed": ["7"]}
+    assert run_pipeline.group_flags(["--lr", "1e-4", "--force", "--seed=7"]) == {"--lr": ["1e-4"], "--force": [],
+                                                                                 "--seed": ["7"]}
     with pytest.raises(cli.StageError):
         run_pipeline.group_flags(["stray"])
 
 
 def test_each_flag_reaches_every_stage_that_has_it_and_no_other():
     groups = {"--force": [], "--seed": ["7"], "--max-steps": ["3"]}
-    flags = {"download_model": {"--force", "--demo"}, "prepare_data": {"--seed"}, "train": {"--seed", "--max-steps", "--lr"}}
-    assert run_pipeline.stage_argv("download_model", flags["download_model"], groups, demo=True) == ["--force", "--demo"]
+    flags = {"download_model": {"--force", "--demo"}, "prepare_data": {"--seed"}, "train": {"--seed", "--max-steps",
+                                                                                            "--lr"}}
+    assert run_pipeline.stage_argv("download_model", flags["download_model"], groups,
+                                   demo=True) == ["--force", "--demo"]
     assert run_pipeline.stage_argv("prepare_data", flags["prepare_data"], groups, demo=False) == ["--seed", "7"]
     demo_train = run_pipeline.stage_argv("train", flags["train"], {"--lr": ["1e-5"]}, demo=True)
     assert demo_train == ["--lr", "1e-5"]  # the user's flag wins over the demo default
@@ -28,12 +31,14 @@ def test_folder_and_unknown_flags_are_refused(capsys):
     assert "no stage has the flag --no-such-flag" in one_error_line(capsys.readouterr())
 
 
+@pytest.mark.slow
 def test_demo_pipeline_runs_every_stage_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_pipeline.main(["--demo", "--max-steps", "3", "--limit", "4", "--max-new-tokens", "16"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out and "pipeline finished" in out
     assert "| fine-tuned |" in out
-    for folder in (folders.MODEL_DIR, folders.DATA_DIR, folders.PREPARED_DIR, f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}", folders.RESULTS_DIR,
+    for folder in (folders.MODEL_DIR, folders.DATA_DIR, folders.PREPARED_DIR,
+                   f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}", folders.RESULTS_DIR,
                    folders.EXPORT_DIR):
         assert (tmp_path / folder).is_dir()

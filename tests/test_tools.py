@@ -69,7 +69,8 @@ def test_system_check_fails_when_a_required_package_is_missing(monkeypatch, caps
 
 def test_system_check_recommends_a_batch_for_the_gpu_size():
     assert "--batch-size 1" in system_check.recommendation(4.0, bf16=True)
-    assert "(the defaults)" in system_check.recommendation(6.0, bf16=True) and "compute in bf16" in system_check.recommendation(6.0, True)
+    six_gb = system_check.recommendation(6.0, bf16=True)
+    assert "(the defaults)" in six_gb and "compute in bf16" in six_gb
     assert "no bf16" in system_check.recommendation(6.0, bf16=False)
     assert "--batch-size 8" in system_check.recommendation(24.0, bf16=True)
 
@@ -82,7 +83,9 @@ def test_gpu_monitor_once_without_a_gpu(capsys):
 
 def test_bundled_prompts_in_the_shape_the_adapter_was_trained_on():
     """checkpoint_manager's `test` and export.py's self-check (without prepared data) prompt with these."""
-    code = inference.bundled_prompts(prompts.CODE, None, checkpoint_manager.TEST_PROBLEMS)  # HumanEval-style adapters continue code
-    assert len(code) == checkpoint_manager.TEST_PROBLEMS and all(prompt.startswith("def ") and '"""' in prompt for _, prompt in code)
+    code = inference.bundled_prompts(prompts.CODE, None,
+                                     checkpoint_manager.TEST_PROBLEMS)  # HumanEval-style adapters continue code
+    assert len(code) == checkpoint_manager.TEST_PROBLEMS and all(prompt.startswith("def ") and '"""' in prompt for _,
+                                                                 prompt in code)
     tasks = inference.bundled_prompts(prompts.TESTS, None, checkpoint_manager.TEST_PROBLEMS)
     assert all(prompt.startswith("Task: ") and "assert " in prompt for _, prompt in tasks)

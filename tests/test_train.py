@@ -6,10 +6,11 @@ import torch
 from pipeline import data, folders, models, prompts
 
 import train
+from conftest import one_error_line, train_argv
 
 # Every module of pipeline/ but the two that import torch, which the stages import only once they train.
-PACKAGE_LIGHT = sorted(p.stem for p in (folders.REPO_ROOT / "pipeline").glob("*.py") if p.stem not in ("loss", "trainer"))
-from conftest import one_error_line, train_argv
+PACKAGE_LIGHT = sorted(p.stem for p in (folders.REPO_ROOT / "pipeline").glob("*.py")
+                       if p.stem not in ("loss", "trainer"))
 
 
 def test_pad_batch_pads_to_the_longest_with_masked_labels():
@@ -35,12 +36,15 @@ def test_trained_span_is_shown_between_markers(demo_model, demo_prepared):
 
 def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_model):
     names = {p.name for p in trained_smoke.iterdir()}
-    assert names == {"checkpoint-4", folders.FINAL_ADAPTER, folders.RUN_SETTINGS, "metrics.json", "training_curves.png", "logs"}  # --keep-last 1
+    assert names == {"checkpoint-4", folders.FINAL_ADAPTER, folders.RUN_SETTINGS, "metrics.json", "training_curves.png",
+                     "logs"}  # --keep-last 1
     final = trained_smoke / folders.FINAL_ADAPTER
-    assert {p.name for p in final.iterdir()} == {folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md", "tokenizer.json",
+    assert {p.name for p in final.iterdir()} == {folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md",
+                                                 "tokenizer.json",
                                                  "tokenizer_config.json", folders.TRAINING_SETTINGS}
     assert {p.name for p in (trained_smoke / "checkpoint-4").iterdir()} == {
-        folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md", folders.TRAINING_SETTINGS, "optimizer.pt", "scheduler.pt",
+        folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md", folders.TRAINING_SETTINGS, "optimizer.pt",
+        "scheduler.pt",
         "rng_state.pth", "trainer_state.json", "training_args.bin"}
     settings = json.loads((final / folders.TRAINING_SETTINGS).read_text())
     assert settings["template"] == prompts.DEFAULT.name and settings["load_in_4bit"] is True
@@ -51,27 +55,31 @@ def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_
     assert in_checkpoint == {key: value for key, value in settings.items() if key != "result"}
     assert json.loads((trained_smoke / folders.RUN_SETTINGS).read_text()) == in_checkpoint
     adapter = json.loads((final / folders.ADAPTER_CONFIG).read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} and adapter["r"] == 16
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"} and adapter["r"] == 16
 
 
 def test_training_uses_bitsandbytes_4bit_on_cpu(demo_model):
     import bitsandbytes as bnb
 
-    model = train.build_model(str(demo_model), models.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
+    model = train.build_model(str(demo_model), models.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                              seed=0)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and layer.base_layer.weight.quant_type == "nf4"
     trainable = {name.split(".")[-3] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B"}
 
 
-def test_rerun_with_same_settings_skips_and_an_earlier_run_is_not_overwritten(trained_smoke, demo_model, demo_prepared, capsys):
+def test_rerun_with_same_settings_skips_and_an_earlier_run_is_not_overwritten(trained_smoke, demo_model, demo_prepared,
+                                                                              capsys):
     assert train.main(train_argv(demo_model, demo_prepared, trained_smoke)) == 0
     assert "skipping" in capsys.readouterr().out
     assert train.main(train_argv(demo_model, demo_prepared, trained_smoke, logging_steps=2)) == 2  # other settings
     assert "--resume" in one_error_line(capsys.readouterr())
 
 
-def test_a_base_model_downloaded_again_is_not_taken_as_already_trained(trained_smoke, demo_model, demo_prepared, monkeypatch, capsys):
+def test_a_base_model_downloaded_again_is_not_taken_as_already_trained(trained_smoke, demo_model, demo_prepared,
+                                                                       monkeypatch, capsys):
     """Same id, same tokenizer, so the same prepared data, but other weights (another revision, a newer demo recipe)."""
     source = json.loads((demo_model / folders.DOWNLOAD_INFO).read_text())
     monkeypatch.setattr(folders, "download_info", lambda folder: {**source, "recipe": "another"})
@@ -79,7 +87,8 @@ def test_a_base_model_downloaded_again_is_not_taken_as_already_trained(trained_s
     assert "holds an earlier run" in one_error_line(capsys.readouterr())
 
 
-@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--max-steps", "0"), ("--epochs", "0"), ("--grad-accum", "x")])
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--lr", "-1"), ("--max-steps", "0"), ("--epochs", "0"),
+                                         ("--grad-accum", "x")])
 def test_nonsensical_flag_values_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main([flag, value])
@@ -88,7 +97,8 @@ def test_nonsensical_flag_values_are_refused(flag, value, capsys):
 
 
 def test_missing_folders_name_the_stage_to_run_first(tmp_path, capsys):
-    assert train.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "p"), "--out", str(tmp_path / "c")]) == 2
+    assert train.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "p"), "--out",
+                       str(tmp_path / "c")]) == 2
     err = one_error_line(capsys.readouterr())
     assert "download_model.py" in err and "prepare_data.py" in err
     assert not (tmp_path / "c").exists()
@@ -108,7 +118,8 @@ def test_gradients_reach_lora_weights_with_gradient_checkpointing(demo_model, de
     """from_pretrained returns eval mode, where checkpointing is off: train mode must be on for the real path."""
     from datasets import load_from_disk
 
-    model = train.build_model(str(demo_model), models.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
+    model = train.build_model(str(demo_model), models.pick_device(), True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                              seed=0)
     model.train()
     rows = load_from_disk(str(demo_prepared))["train"]
     batch = data.pad_batch([rows[i] for i in range(2)], 0)
@@ -120,7 +131,8 @@ def test_gradients_reach_lora_weights_with_gradient_checkpointing(demo_model, de
 def test_auto_batch_size_settles_the_plan_before_it_is_recorded(demo_prepared):
     """--auto-batch-size replaces the asked micro-batch and accumulation; the plan holds the fitted ones, the
     command line as given, and the steps that follow from the fitted batch, so the recorded settings agree."""
-    args = train.build_parser().parse_args(["--data", str(demo_prepared), "--batch-size", "4", "--grad-accum", "4", "--auto-batch-size"])
+    args = train.build_parser().parse_args(["--data", str(demo_prepared), "--batch-size", "4", "--grad-accum", "4",
+                                            "--auto-batch-size"])
     stats = json.loads((demo_prepared / folders.PREPARED_STATS).read_text())
     choice = models.DeviceChoice("cuda", "bfloat16", "a 6 GB GPU (planned only)")
     asked = train.plan_run(args, stats, choice, True, n_train=100, processes=1, lora_targets=["q_proj"])
@@ -149,15 +161,17 @@ def test_help_imports_no_torch():
     import subprocess
     import sys
 
-    modules = ["train", "prepare_data", "download_model", "download_dataset", "verify_model", "evaluate", "export", "generate",
+    modules = ["train", "prepare_data", "download_model", "download_dataset", "verify_model", "evaluate", "export",
+               "generate",
                "run_pipeline", *(f"pipeline.{name}" for name in PACKAGE_LIGHT)]
     probe = ("import importlib, sys; sys.path[:0] = ['.', 'tools']\n"
              f"for name in {modules + ['checkpoint_manager', 'training_dashboard', 'gpu_monitor', 'system_check']!r}:\n"
              "    module = importlib.import_module(name)\n"
              "    module.build_parser() if hasattr(module, 'build_parser') else None\n"
-             "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes') if m in sys.modules)\n"
-             "print(heavy)")
+             "heavy = ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes')\n"
+             "print(sorted(m for m in heavy if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=folders.REPO_ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
-    helped = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=folders.REPO_ROOT)
+    helped = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True,
+                            cwd=folders.REPO_ROOT)
     assert helped.returncode == 0 and "Needs:" in helped.stdout

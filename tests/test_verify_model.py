@@ -5,7 +5,8 @@ def test_base_and_adapter_pass_every_check(demo_model, trained_smoke, capsys):
     assert verify_model.main(["--model", str(demo_model), "--adapter", str(trained_smoke / "final")]) == 0
     out = capsys.readouterr().out
     for check in ("model folder complete", "tokenizer loads",
-                  "model loads", "base model generates", "adapter loads onto the base model", "base + adapter generates"):
+                  "model loads", "base model generates", "adapter loads onto the base model",
+                  "base + adapter generates"):
         assert f"✓ {check}" in out
     assert "✗" not in out and "all checks passed" in out
 

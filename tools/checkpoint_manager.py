@@ -56,7 +56,8 @@ def describe(run: Path) -> list[dict]:
     for row in rows:
         files = [f for f in row["path"].rglob("*") if f.is_file()]
         row["size_mb"] = sum(f.stat().st_size for f in files) / 1e6
-        row["date"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(max((f.stat().st_mtime for f in files), default=0)))
+        row["date"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(max((f.stat().st_mtime for f in files),
+                                                                         default=0)))
     return rows
 
 
@@ -72,7 +73,8 @@ def command_list(run: Path) -> int:
     print(f"{'checkpoint':28s} {'step':>6s} {'train loss':>11s} {'eval loss':>10s} {'size':>9s}  date")
     for row in rows:
         note = "  <- final adapter" if row["final"] else (f"  (unusable: {row['problem']})" if row["problem"] else "")
-        print(f"{str(row['path']):28s} {fmt(row['step'], '{}'):>6s} {fmt(row['train_loss']):>11s} {fmt(row['eval_loss']):>10s} "
+        print(f"{str(row['path']):28s} {fmt(row['step'], '{}'):>6s} {fmt(row['train_loss']):>11s} "
+              f"{fmt(row['eval_loss']):>10s} "
               f"{row['size_mb']:7.1f}MB  {row['date']}{note}")
     return 0
 
@@ -92,16 +94,19 @@ def command_cleanup(run: Path, keep: int) -> int:
     for folder in doomed:
         shutil.rmtree(folder)
         print(f"deleted {folder}")
-    print(f"kept {len(found) - len(doomed)} checkpoint(s)" + (" and the final adapter" if (run / folders.FINAL_ADAPTER).is_dir() else ""))
+    final = " and the final adapter" if (run / folders.FINAL_ADAPTER).is_dir() else ""
+    print(f"kept {len(found) - len(doomed)} checkpoint(s){final}")
     return 0
 
 
 def command_delete(run: Path, path: Path) -> int:
     """Delete one checkpoint-<step>/ or final/ of the run folder, and nothing else."""
     inside = path.resolve().parent == run.resolve()
-    is_checkpoint = path.name == folders.FINAL_ADAPTER or path.name in {p.name for p in run_folder.find_checkpoints(run)}
+    names = {p.name for p in run_folder.find_checkpoints(run)} | {folders.FINAL_ADAPTER}
+    is_checkpoint = path.name in names
     if not (inside and is_checkpoint and (path / folders.ADAPTER_CONFIG).is_file()):
-        raise StageError(f"{path} is not a checkpoint or the final adapter of the run {run}/ (pass --run for another run "
+        raise StageError(f"{path} is not a checkpoint or the final adapter of the run {run}/ (pass --run for another "
+                         f"run "
                          f"folder): nothing deleted")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
     shutil.rmtree(path)

@@ -45,8 +45,8 @@ def gpu_lines() -> list[str] | None:
             except pynvml.NVMLError:
                 power = "n/a"
             used, total = memory.used / 2**30, memory.total / 2**30
-            lines.append(f"GPU {index} {name}: memory {monitoring.text_bar(used / total)} {used:.2f}/{total:.2f} GiB · "
-                         f"utilisation {utilisation:3d}% · {temperature} °C · {power}")
+            lines.append(f"GPU {index} {name}: memory {monitoring.text_bar(used / total)} {used:.2f}/{total:.2f} "
+                         f"GiB · utilisation {utilisation:3d}% · {temperature} °C · {power}")
         return lines or None
     finally:
         pynvml.nvmlShutdown()
@@ -58,7 +58,8 @@ def cpu_lines() -> list[str]:
     memory = psutil.virtual_memory()
     cpu = psutil.cpu_percent(interval=0.2)
     return [f"CPU: {monitoring.text_bar(cpu / 100)} {cpu:5.1f}% of {psutil.cpu_count()} cores",
-            f"RAM: {monitoring.text_bar(memory.percent / 100)} {memory.used / 2**30:.2f}/{memory.total / 2**30:.2f} GiB"]
+            f"RAM: {monitoring.text_bar(memory.percent / 100)} {memory.used / 2**30:.2f}/"
+            f"{memory.total / 2**30:.2f} GiB"]
 
 
 def snapshot() -> str:

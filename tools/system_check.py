@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-REQUIRED = ["torch", "transformers", "datasets", "accelerate", "peft", "bitsandbytes", "safetensors", "huggingface_hub", "tokenizers"]
+REQUIRED = ["torch", "transformers", "datasets", "accelerate", "peft", "bitsandbytes", "safetensors", "huggingface_hub",
+            "tokenizers"]
 OPTIONAL = ["matplotlib", "tensorboard", "psutil", "pynvml"]
 
 
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     for name in REQUIRED + OPTIONAL:
         version = package_version(name)
         mark = "✓" if version else ("✗" if name in REQUIRED else "-")
-        print(f"{mark} {name} {version or 'missing' + (' (required: pip install -r requirements.txt)' if name in REQUIRED else ' (optional)')}")
+        missing = "missing (required: pip install -r requirements.txt)" if name in REQUIRED else "missing (optional)"
+        print(f"{mark} {name} {version or missing}")
         problems += version is None and name in REQUIRED
     if package_version("torch") is None:
         print(f"{problems} problem(s) found")
@@ -90,8 +92,8 @@ def main(argv=None) -> int:
         device = "cuda"
         properties = torch.cuda.get_device_properties(0)
         vram, bf16 = properties.total_memory / 2**30, torch.cuda.is_bf16_supported()
-        print(f"✓ CUDA {torch.version.cuda}: {properties.name}, compute capability {properties.major}.{properties.minor}, "
-              f"{vram:.1f} GiB VRAM, bf16 {'yes' if bf16 else 'no'}")
+        print(f"✓ CUDA {torch.version.cuda}: {properties.name}, compute capability {properties.major}."
+              f"{properties.minor}, {vram:.1f} GiB VRAM, bf16 {'yes' if bf16 else 'no'}")
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         print("- Apple MPS available (no bitsandbytes 4-bit there; the demo runs on the CPU)")
     else:

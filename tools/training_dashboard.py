@@ -58,8 +58,8 @@ def render(metrics: dict, source: Path) -> str:
     if train:
         losses = [row["loss"] for row in train]
         best = min(train, key=lambda row: row["loss"])
-        lines.append(f"train loss: last {losses[-1]:.4f} · smoothed {smoothed(losses)[-1]:.4f} · lowest {best['loss']:.4f} "
-                     f"at step {best['step']} · first {losses[0]:.4f}")
+        lines.append(f"train loss: last {losses[-1]:.4f} · smoothed {smoothed(losses)[-1]:.4f} · lowest "
+                     f"{best['loss']:.4f} at step {best['step']} · first {losses[0]:.4f}")
         lines.append(f"trend: {trend(losses)}")
     if evals:
         lines.append(f"eval loss: best {totals['best_eval_loss']:.4f} at step {totals['best_eval_step']} · last "
@@ -67,17 +67,20 @@ def render(metrics: dict, source: Path) -> str:
     else:
         lines.append("eval loss: not computed yet")
     if elapsed and totals.get("tokens"):  # totals over time, not an average of per-log rates
-        lines.append(f"speed: {totals.get('trained_tokens', 0) / elapsed:,.0f} trained tok/s, {totals['tokens'] / elapsed:,.0f} tok/s "
-                     f"in all (prompts included) · {totals.get('trained_tokens', 0):,} trained of {totals['tokens']:,} tokens so far")
+        trained = totals.get("trained_tokens", 0)
+        lines.append(f"speed: {trained / elapsed:,.0f} trained tok/s, {totals['tokens'] / elapsed:,.0f} tok/s in all "
+                     f"(prompts included) · {trained:,} trained of {totals['tokens']:,} tokens so far")
     lines.append(f"peak memory: {totals.get('peak_memory_gib', 0):.2f} GiB")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", nargs="?", default=folders.CHECKPOINTS_DIR, help="run folder or metrics.json (default: %(default)s)")
+    parser.add_argument("run", nargs="?", default=folders.CHECKPOINTS_DIR,
+                        help="run folder or metrics.json (default: %(default)s)")
     parser.add_argument("--watch", action="store_true", help="refresh until the run finishes (Ctrl-C to quit)")
-    parser.add_argument("--interval", type=cli.positive(float), default=5.0, help="seconds between refreshes (default: %(default)s)")
+    parser.add_argument("--interval", type=cli.positive(float), default=5.0,
+                        help="seconds between refreshes (default: %(default)s)")
     return parser
 
 
