@@ -32,7 +32,7 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".jso
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--dataset", default=DEFAULT_DATASET,
                         help="Hub dataset name or a local .json/.jsonl/.parquet file, .jsonl.gz/.json.gz too "
                              "(default: %(default)s)")
@@ -76,6 +76,8 @@ def check(args) -> dict | None:
     elif is_local:
         identity["content"] = folders.file_fingerprint(local)  # an edited file is not the copy data/ holds
 
+    if folders.out_problem(out, "download_dataset"):
+        raise StageError(folders.out_problem(out, "download_dataset"))
     held = folders.download_info(out)
     # a streamed source is complete as recorded
     complete = bool(held) and (folders.is_saved_dataset(out) or held.get("streaming", False))
@@ -113,7 +115,7 @@ def run(args, identity: dict) -> int:
     if sum(len(part) for part in dataset.values()) == 0:
         raise StageError(f"{identity['dataset']} has no rows")
 
-    with folders.atomic_output_dir(out) as tmp:
+    with folders.atomic_output_dir(out, "download_dataset") as tmp:
         dataset.save_to_disk(str(tmp))
         folders.write_json(tmp / folders.DOWNLOAD_INFO, identity)
     print(describe(dataset))
@@ -150,9 +152,22 @@ def load_local(path: Path):
     if file_type(path).startswith(".jsonl"):
         check_json_lines(path)
     try:
-        return load_dataset(builder, data_files=str(path))
+        dataset = load_dataset(builder, data_files=str(path))
     except Exception as error:  # malformed JSON or parquet
         raise StageError(f"{path} could not be read as {builder}: {cli.short_error(error)}") from None
+    if looks_columnar(dataset):
+        raise StageError(f"{path} holds one object of columns ({{column: [values, ...]}}), read as a single row: write "
+                         f"one object per problem, as JSON lines (.jsonl) or a JSON list of objects")
+    return dataset
+
+
+def looks_columnar(dataset) -> bool:
+    """A JSON object of equally long lists, {"text": [...], "code": [...]}: datasets reads it as one row."""
+    rows = [row for split in dataset.values() for row in split]
+    if len(rows) != 1:
+        return False
+    lengths = {len(value) if isinstance(value, list) else -1 for value in rows[0].values()}
+    return len(lengths) == 1 and lengths.pop() > 1
 
 
 def check_json_lines(path: Path) -> None:
@@ -199,7 +214,7 @@ def record_stream(out: Path, identity: dict) -> int:
     first = next(iter(data.open_stream(identity)), None)
     if first is None:
         raise StageError(f"{identity['dataset']} has no rows")
-    with folders.atomic_output_dir(out) as tmp:
+    with folders.atomic_output_dir(out, "download_dataset") as tmp:
         folders.write_json(tmp / folders.DOWNLOAD_INFO, identity)
     print(f"streaming source recorded: {identity['dataset']} (nothing downloaded; rows are read as training "
           f"needs them)")

@@ -61,7 +61,7 @@ CHATML_TEMPLATE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--model-id", default=DEFAULT_MODEL_ID,
                         help="Hub model id or a local model folder (default: %(default)s)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit on the Hub (default: %(default)s)")
@@ -95,6 +95,8 @@ def check(args) -> tuple[str, Path | None] | None:
     if local_source is not None:
         model_id = str(local_source.resolve())
 
+    if folders.out_problem(out, "download_model"):
+        raise StageError(folders.out_problem(out, "download_model"))
     complete = out.is_dir() and model_folder_complete(out)
     held = folders.download_info(out) if complete else {}
     same = held.get("model_id") == model_id
@@ -113,10 +115,10 @@ def run(args, model_id: str, local_source: Path | None) -> int:
     models.quiet_libraries()
     if args.demo:
         tokenizer = build_demo_tokenizer(args.demo_family)  # before the output folder exists: Ctrl-C leaves nothing
-        with folders.atomic_output_dir(out) as tmp:
+        with folders.atomic_output_dir(out, "download_model") as tmp:
             build_demo_model(tmp, tokenizer, args.demo_family)
     elif local_source is not None:
-        with folders.atomic_output_dir(out) as tmp:
+        with folders.atomic_output_dir(out, "download_model") as tmp:
             copy_local_model(local_source, tmp)
     else:
         folders.replace_dir(download_from_hub(args.model_id, args.revision, out), out)
@@ -185,6 +187,7 @@ def download_from_hub(model_id: str, revision: str, out: Path) -> Path:
     check_loads(partial)
     folders.write_json(partial / folders.DOWNLOAD_INFO,
                        {"source": "hub", "model_id": model_id, "revision": revision, "commit": info.sha})
+    folders.mark_owner(partial, "download_model")
     return partial
 
 
@@ -194,7 +197,7 @@ def copy_local_model(source: Path, destination: Path) -> None:
         raise StageError(f"cannot copy {source}/: {problem}; point --model-id at a complete model folder")
     for pattern in ALLOWED_PATTERNS:
         for file in source.glob(pattern):
-            if file.is_file() and file.name != folders.DOWNLOAD_INFO:
+            if file.is_file() and file.name not in (folders.DOWNLOAD_INFO, folders.OWNER):
                 shutil.copy2(file, destination / file.name)
     check_loads(destination)
     folders.write_json(destination / folders.DOWNLOAD_INFO, {"source": "local", "model_id": str(source.resolve())})

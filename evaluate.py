@@ -38,7 +38,6 @@ from pathlib import Path
 from pipeline import benchmarks, cli, data, folders, inference, models, prompts, sandbox, scoring
 from pipeline.cli import StageError
 
-SUMMARY = "summary.json"
 TABLE_NAME = "comparison.md"
 PLOT_NAME = "pass_at_k.png"
 LOSS_PLOT_NAME = "eval_loss.png"
@@ -46,8 +45,8 @@ SAMPLES_SHOWN = 5  # answers generated per model for data without tests (fewer w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    positive_int, positive_float = cli.positive(int), cli.positive(float)
+    parser = cli.Parser(__doc__)
+    positive_int = cli.positive(int)
     # what to evaluate
     parser.add_argument("--model", default=folders.MODEL_DIR,
                         help="base model folder, or a merged model from export.py (default: %(default)s)")
@@ -75,19 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     # generation
     parser.add_argument("--num-samples", type=positive_int, default=None,
                         help="completions per problem, n of pass@k (default: 1; with --completions, what the file has)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), > 0 to sample")
+    parser.add_argument("--temperature", type=cli.non_negative(float), default=0.0,
+                        help="0 for greedy decoding (default), > 0 to sample")
     parser.add_argument("--max-new-tokens", type=positive_int, default=384,
                         help="longest completion in tokens (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="prompts generated together (default: %(default)s)")
     parser.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
     # execution
-    parser.add_argument("--timeout", type=positive_float, default=5.0,
-                        help="seconds per candidate (default: %(default)s)")
-    parser.add_argument("--memory-mb", type=positive_int, default=1024,
-                        help="address-space limit per candidate (default: %(default)s)")
-    parser.add_argument("--workers", type=positive_int, default=None,
-                        help="candidates run in parallel (default: every core)")
+    parser.add_argument("--timeout", type=cli.positive(float, high=86400), default=5.0,
+                        help="seconds per candidate, at most a day (default: %(default)s)")
+    parser.add_argument("--memory-mb", type=cli.number(int, 1, 10**7), default=1024,
+                        help="address-space limit per candidate in MB (default: %(default)s)")
+    parser.add_argument("--workers", type=cli.positive(int, high=sandbox.MAX_SLOTS), default=None,
+                        help=f"candidates run in parallel, at most {sandbox.MAX_SLOTS} (default: every core)")
     parser.add_argument("--out", default=folders.RESULTS_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the earlier evaluation in --out (kept otherwise)")
@@ -104,8 +104,6 @@ def main(argv=None) -> int:
 def check(args) -> None:
     """Every problem with the flags and folders at once, before anything is loaded."""
     problems = []
-    if args.temperature < 0:
-        problems.append(f"--temperature must be 0 or more, got {args.temperature}")
     if (args.num_samples or 1) > 1 and args.temperature == 0 and not args.completions:
         problems.append("--num-samples above 1 needs --temperature above 0: greedy decoding gives the same "
                         "completion every time")
@@ -115,8 +113,8 @@ def check(args) -> None:
         problems.append("--completions scores a file: it takes no --adapter, --compare-base or --base-only")
     model_problem = None if args.completions else models.model_folder_problem(args.model)
     out = Path(args.out)
-    problems += [problem for problem in (model_problem, folders.out_file_problem(out)) if problem]
-    if (out / SUMMARY).is_file() and not args.overwrite:
+    problems += [problem for problem in (model_problem, folders.out_problem(out, "evaluate")) if problem]
+    if (out / folders.SUMMARY).is_file() and not args.overwrite:
         problems.append(f"{out}/ holds an earlier evaluation: pass --overwrite to replace it, or --out for a new "
                         f"folder")
     cli.fail_on_problems(problems)
@@ -128,6 +126,7 @@ def run(args) -> int:
     if not data.HAS_TESTS[source.fmt]:
         return evaluate_by_loss(args, source)
     box = sandbox.Sandbox(sandbox.Limits(timeout=args.timeout, memory_mb=args.memory_mb), workers=args.workers)
+    check_sandbox(box, args)
     if args.completions:
         num_samples, scored = score_completions(args, source, box)
     else:
@@ -148,8 +147,18 @@ def run(args) -> int:
                   lambda path: scoring.plot(summaries, path / PLOT_NAME))
     print("\n" + table)
     files = ", ".join(f"{label}.jsonl" for label in all_rows)
-    print(f"✓ every candidate's verdict in {args.out}/ ({files}, {SUMMARY}, {TABLE_NAME}, {PLOT_NAME})")
+    print(f"✓ every candidate's verdict in {args.out}/ ({files}, {folders.SUMMARY}, {TABLE_NAME}, {PLOT_NAME})")
     return 0
+
+
+def check_sandbox(box, args) -> None:
+    """A one-line program that must pass, run under the limits given: limits too tight for Python itself would
+    otherwise score every answer, right or wrong, as an error."""
+    verdict = box.run(sandbox.build_program("x = 1", ["assert x == 1"]))
+    if verdict.status != "passed":
+        raise StageError(f"the sandbox cannot run even a one-line program under --timeout {args.timeout:g} and "
+                         f"--memory-mb {args.memory_mb} ({verdict.status}: {verdict.message[:80]}): raise them (the "
+                         f"defaults are 5 seconds and 1024 MB)")
 
 
 @dataclass
@@ -262,10 +271,14 @@ def generate_completions(model, tokenizer, source: Source, num_samples: int, arg
 
 def refuse_trained_problems(settings: dict, name: str, problems: list[dict], data_dir: str) -> None:
     """A held-out score means nothing for problems the model was trained on (data prepared again with another
-    seed or fraction after training, or a benchmark it was trained on): refuse, naming them. `settings`: the
-    training settings of the adapter (or the export settings of a merged model) called `name`."""
-    trained = set(settings.get("prepared_stats", {}).get("task_ids", {}).get("train", []))
-    seen = [p["task_id"] for p in problems if p["task_id"] in trained]
+    seed or fraction after training, or a benchmark it was trained on, under its ids or under none): refuse,
+    naming them. `settings`: the training settings of the adapter (or the export settings of a merged model)
+    called `name`."""
+    prepared = settings.get("prepared_stats", {})
+    trained = set(prepared.get("task_ids", {}).get("train", []))
+    trained_content = set(prepared.get("content_keys", {}).get("train", []))
+    seen = [p["task_id"] for p in problems
+            if p["task_id"] in trained or ("task" in p and data.content_key(p) in trained_content)]
     if seen:
         raise StageError(f"{name}/ was trained on {len(seen)} of these {len(problems)} problems "
                          f"({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}), so their score measures memory, "
@@ -286,11 +299,11 @@ def base_label(model_dir: str) -> str:
 
 
 def write_results(out: str, summary: dict, all_rows: dict[str, list[dict]], table: str, draw) -> None:
-    with folders.atomic_output_dir(out) as tmp:
+    with folders.atomic_output_dir(out, "evaluate") as tmp:
         for label, rows in all_rows.items():
             with open(tmp / f"{label}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
-        folders.write_json(tmp / SUMMARY, summary)
+        folders.write_json(tmp / folders.SUMMARY, summary)
         (tmp / TABLE_NAME).write_text(table, encoding="utf-8")
         draw(tmp)
 
@@ -338,7 +351,7 @@ def evaluate_by_loss(args, source: Source) -> int:
     print("\n" + table)
     for row in list(all_rows.values())[-1][:2]:  # the fine-tuned model's answers, else the only model's
         print(f"--- {row['task'][:70]!r}\n{row['completion'][:300]}")
-    files = [f"{label}.jsonl" for label in all_rows if all_rows[label]] + [SUMMARY, TABLE_NAME, LOSS_PLOT_NAME]
+    files = [f"{label}.jsonl" for label in all_rows if all_rows[label]] + [folders.SUMMARY, TABLE_NAME, LOSS_PLOT_NAME]
     print(f"✓ results in {args.out}/ ({', '.join(files)})")
     return 0
 

@@ -37,7 +37,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--model", default=folders.MODEL_DIR, help="base model folder (default: %(default)s)")
     parser.add_argument("--adapter", default=f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}",
                         help="adapter folder (default: %(default)s)")
@@ -76,8 +76,8 @@ def check(args) -> dict:
     except StageError as error:
         problems.append(str(error))
     out = Path(args.out)
-    if folders.out_file_problem(out):
-        problems.append(folders.out_file_problem(out))
+    if folders.out_problem(out, "export"):
+        problems.append(folders.out_problem(out, "export"))
     elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
         problems.append(f"{out}/ holds an earlier export: pass --overwrite to replace it, or --out for a new folder")
     cli.fail_on_problems(problems)
@@ -103,7 +103,7 @@ def run(args, settings: dict) -> int:
     merged_model = merge_and_check(model, tokenizer, check_prompts(Path(args.data), template, tokenizer), template)
     merged_model = merged_model.to(getattr(torch, dtype))
     merged_model.config.use_cache = True
-    with folders.atomic_output_dir(out) as tmp:
+    with folders.atomic_output_dir(out, "export") as tmp:
         merged_model.save_pretrained(str(tmp), max_shard_size=args.max_shard_size)
         tokenizer.save_pretrained(str(tmp))
         folders.write_json(tmp / folders.EXPORT_SETTINGS, {

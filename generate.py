@@ -25,7 +25,7 @@ from pipeline import cli, folders, inference, models
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--model", default=folders.MODEL_DIR,
                         help="base model folder, or a merged model from export.py (default: %(default)s)")
     parser.add_argument("--adapter", default=None, help="adapter folder (default: checkpoints/final if it exists)")
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an assert the solution should pass (repeatable)")
     parser.add_argument("--max-new-tokens", type=cli.positive(int), default=256,
                         help="longest completion in tokens (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), > 0 to sample")
+    parser.add_argument("--temperature", type=cli.non_negative(float), default=0.0,
+                        help="0 for greedy decoding (default), > 0 to sample")
     parser.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
     return parser
 
@@ -50,8 +51,6 @@ def main(argv=None) -> int:
 
 def check(args) -> None:
     problems = []
-    if args.temperature < 0:
-        problems.append(f"--temperature must be 0 or more, got {args.temperature}")
     if args.prompt is not None and not args.prompt.strip():
         problems.append("--prompt is empty: describe the function to write")
     problem = models.model_folder_problem(args.model)

@@ -43,7 +43,7 @@ CHECK_ALL_UP_TO = 1000  # --check-tests auto: every problem of a dataset this si
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--data", default=folders.DATA_DIR,
                         help="folder written by download_dataset.py (default: %(default)s)")
     parser.add_argument("--model", default=folders.MODEL_DIR,
@@ -51,11 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=folders.PREPARED_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--format", choices=["auto", *data.FORMATS], default="auto",
                         help="data shape (default: detected from the columns; see pipeline/data.py)")
-    parser.add_argument("--max-length", type=cli.positive(int), default=512,
-                        help="longest example in tokens; longer ones are dropped (default: %(default)s)")
-    parser.add_argument("--eval-fraction", type=float, default=0.1,
+    parser.add_argument("--max-length", type=cli.number(int, 2), default=512,
+                        help="longest example in tokens, 2 or more; longer ones are dropped (default: %(default)s)")
+    parser.add_argument("--eval-fraction", type=cli.fraction(low_open=True), default=0.1,
                         help="share of problems held out for evaluation, in (0, 1) (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the train/eval split (default: %(default)s)")
+    parser.add_argument("--seed", type=cli.SEED, default=42, help="seed of the train/eval split (default: %(default)s)")
     parser.add_argument("--template", choices=sorted(prompts.TEMPLATES), default=None,
                         help="prompt template (default: the data shape's: 'tests' for mbpp, shows the asserts; 'code' "
                              "for humaneval; 'guide' for instructions; 'none' for raw text); 'chat' uses the "
@@ -81,10 +81,8 @@ def check(args) -> dict | None:
     """Every problem with the flags and folders at once, before minutes of tokenizing and checking. Returns the
     streamed source that download_dataset.py --streaming recorded, or None for a saved dataset."""
     problems = []
-    if not 0 < args.eval_fraction < 1:
-        problems.append(f"--eval-fraction must be between 0 and 1 (exclusive), got {args.eval_fraction}")
-    if folders.out_file_problem(args.out):
-        problems.append(folders.out_file_problem(args.out))
+    if folders.out_problem(args.out, "prepare_data"):  # before minutes of tokenizing and checking, not after
+        problems.append(folders.out_problem(args.out, "prepare_data"))
     recorded = folders.download_info(args.data)
     stream = recorded if recorded.get("streaming") else None
     checks = [lambda: models.require_model_dir(args.model)]
@@ -125,6 +123,9 @@ def run(args, stream: dict | None) -> int:
                          f"and an eval split")
     splits, dropped, task_ids = make_splits(args, problems, fmt, template, tokenizer)
     summary = describe_splits(args, fmt, template, tokenizer, splits, dropped, task_ids)
+    if not summary["tokens"]["trained"]:
+        raise StageError(f"no training example has a token to learn (each is a single token, or all prompt): raise "
+                         f"--max-length (it is {args.max_length})")
     summary.update(problems=len(problems), duplicates_skipped=duplicates, failed_test_check=flagged)
     save(args.out, splits, summary)
     report(args, fmt, summary)
@@ -150,15 +151,20 @@ def looks_instruct(model_dir: str) -> bool:
 
 def read_problems(raw, fmt: str, columns: dict, template: prompts.Template) -> tuple[list[dict], int]:
     """Every row of every split of the source (mbpp has four) as a problem dict, pooled to be split our way;
-    and how many rows repeated a task id already seen (skipped)."""
-    problems, seen, duplicates = [], set(), 0
+    and how many rows repeated another row exactly (skipped). Two different rows under one task id are refused:
+    which of them is the problem is the user's to say."""
+    problems, seen, duplicates = [], {}, 0
     for split in raw.values():
         for row in split:
-            problem = data.normalize(fmt, row, columns, len(problems) + duplicates)
-            if problem["task_id"] in seen:
+            position = len(problems) + duplicates
+            problem = data.normalize(fmt, row, columns, position)
+            first = seen.setdefault(problem["task_id"], (position, problem))
+            if first[0] != position:
+                if first[1] != problem:
+                    raise StageError(f"rows {first[0]} and {position} share the task_id {problem['task_id']} but "
+                                     f"differ: give each problem its own id, or remove one of them")
                 duplicates += 1
                 continue
-            seen.add(problem["task_id"])
             problems.append(data.as_chat(problem) if template.chat else problem)
     return problems, duplicates
 
@@ -258,12 +264,23 @@ def describe_splits(args, fmt: str, template: prompts.Template, tokenizer, split
         "eos_token_id": tokenizer.eos_token_id, "tokenizer": models.tokenizer_fingerprint(args.model),
     }
     answer_lengths = [sum(1 for label in row["labels"] if label != prompts.IGNORE_INDEX) for row in rows]
+    # What each training problem asks, hashed: evaluate.py refuses to score the same problem as held out under
+    # another id (or none).
+    trained = [row for row in splits["train"] if "task" in row]
     return {
         "settings": settings, "dropped_too_long": dropped, "rows": {name: len(split) for name, split in splits.items()},
         "tokens": {"example": percentiles([row["length"] for row in rows]),
-                   "solution_with_eos": percentiles(answer_lengths), "total": sum(row["length"] for row in rows)},
-        "task_ids": task_ids, "fingerprint": data.data_fingerprint(task_ids, settings),
+                   "solution_with_eos": percentiles(answer_lengths), "total": sum(row["length"] for row in rows),
+                   "trained": sum(trained_tokens(row) for row in splits["train"])},
+        "task_ids": task_ids, "content_keys": {"train": sorted({data.content_key(row) for row in trained})},
+        "fingerprint": data.data_fingerprint(task_ids, settings),
     }
+
+
+def trained_tokens(row: dict) -> int:
+    """Positions of an example the loss is computed on: a label after the first position (which predicts
+    nothing), not -100."""
+    return sum(1 for label in row["labels"][1:] if label != prompts.IGNORE_INDEX)
 
 
 def percentiles(values: list[int]) -> dict:
@@ -277,7 +294,7 @@ def percentiles(values: list[int]) -> dict:
 def save(out: str, splits: dict[str, list[dict]], summary: dict) -> None:
     from datasets import Dataset, DatasetDict
 
-    with folders.atomic_output_dir(out) as tmp:
+    with folders.atomic_output_dir(out, "prepare_data") as tmp:
         DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(str(tmp))
         folders.write_json(tmp / folders.PREPARED_STATS, summary)
 

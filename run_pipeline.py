@@ -44,7 +44,7 @@ DEMO_TRY = ("--prompt \"Write a function to convert a given title to lower case.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--demo", action="store_true",
                         help="run offline on the tiny demo model and the bundled problems")
     return parser
@@ -58,15 +58,20 @@ def main(argv=None) -> int:
 
 
 def check(args, extra: list[str]) -> dict[str, list[str]]:
-    """Each stage's command line, after checking that every flag given belongs to some stage."""
+    """Each stage's command line, after checking that every flag given belongs to some stage and that every stage
+    accepts its command line: a bad value ends here, not after the stages before the one it reaches."""
     groups = group_flags(extra)
-    known = {stage: stage_flags(importlib.import_module(stage).build_parser()) for stage in STAGES}
+    parsers = {stage: importlib.import_module(stage).build_parser() for stage in STAGES}
+    known = {stage: stage_flags(parser) for stage, parser in parsers.items()}
     problems = [f"{flag} means a different folder in each stage: run the stages one by one to change folders"
                 for flag in groups if flag in FOLDER_FLAGS]
     problems += [f"no stage has the flag {flag}" for flag in groups
                  if flag not in FOLDER_FLAGS and not any(flag in flags for flags in known.values())]
     cli.fail_on_problems(problems)
-    return {stage: stage_argv(stage, known[stage], groups, args.demo) for stage in STAGES}
+    stage_args = {stage: stage_argv(stage, known[stage], groups, args.demo) for stage in STAGES}
+    cli.fail_on_problems([problem for stage in STAGES
+                          if (problem := parse_problem(stage, parsers[stage], stage_args[stage]))])
+    return stage_args
 
 
 def run(args, stage_args: dict[str, list[str]]) -> int:
@@ -100,6 +105,19 @@ def group_flags(extra: list[str]) -> dict[str, list[str]]:
         else:
             groups[current].append(token)
     return groups
+
+
+def parse_problem(stage: str, parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """What the stage's own parser says of its command line, as one line naming the stage, or None."""
+    def refuse(message: str):
+        raise StageError(f"{stage}.py: {message}")
+
+    parser.error = refuse  # argparse's way out is to print its usage and exit
+    try:
+        parser.parse_args(argv)
+    except StageError as problem:
+        return str(problem)
+    return None
 
 
 def stage_flags(parser: argparse.ArgumentParser) -> set[str]:

@@ -44,12 +44,14 @@ from pathlib import Path
 from pipeline import cli, data, folders, memory, models, monitoring, prompts, run_folder
 from pipeline.cli import StageError
 
-# Settings that make a checkpoint meaningless for another run if they differ.
-RESUME_KEYS = ("model", "prepared_data", "prepared_fingerprint", "template", "lora_r", "lora_alpha", "load_in_4bit")
+# Flags a resumed run must share with the run it continues: a checkpoint trained with another rank, batch, rate
+# or precision is another run. How long to train, how often to log and save may change.
+RESUME_FLAGS = ("lora_r", "lora_dropout", "batch_size", "grad_accum", "lr", "warmup_ratio", "optim", "no_4bit",
+                "loss", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     positive_int, positive_float = cli.positive(int), cli.positive(float)
     # folders
     parser.add_argument("--model", default=folders.MODEL_DIR, help="base model folder (default: %(default)s)")
@@ -67,17 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad-accum", type=positive_int, default=4,
                         help="micro-batches per optimiser step (default: %(default)s)")
     parser.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (default: %(default)s)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.05,
+    parser.add_argument("--warmup-ratio", type=cli.fraction(), default=0.05,
                         help="share of steps for linear warm-up, in [0, 1) (default: %(default)s)")
     parser.add_argument("--optim", default=None, help="Trainer optimiser name (default: paged_adamw_8bit on CUDA "
                                                       "with 4-bit, adamw_8bit on CPU, else adamw_torch)")
-    parser.add_argument("--seed", type=int, default=42,
+    parser.add_argument("--seed", type=cli.SEED, default=42,
                         help="seed for LoRA initialisation and data order (default: %(default)s)")
     # LoRA
     parser.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (default: %(default)s)")
     parser.add_argument("--lora-alpha", type=positive_float, default=None,
                         help="LoRA scaling alpha (default: 2 x rank)")
-    parser.add_argument("--lora-dropout", type=float, default=0.05,
+    parser.add_argument("--lora-dropout", type=cli.fraction(), default=0.05,
                         help="dropout on the LoRA input, in [0, 1) (default: %(default)s)")
     parser.add_argument("--no-4bit", action="store_true",
                         help="load the base model unquantised in the compute dtype (needs more memory)")
@@ -107,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ranks = Ranks.from_environment()
-    stats, finished = check(args)
+    stats, finished, checkpoint = check(args)
     if finished:
         ranks.say(f"✓ {args.out}/{folders.FINAL_ADAPTER}/ already holds an adapter trained with these settings: "
                   f"skipping (use --overwrite to train again)")
         return 0
     # One train.py at a time per run folder (the first process of a multi-process run holds it for all).
     with run_folder.run_lock(args.out) if ranks.is_main else contextlib.nullcontext():
-        return run(args, stats, ranks, argv)
+        return run(args, stats, checkpoint, ranks, argv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,13 +144,13 @@ class Ranks:
 # Check: every problem with the flags and folders at once, before anything heavy is loaded.
 
 
-def check(args) -> tuple[dict, bool]:
-    """Returns the prepared data's stats.json and whether --out already holds this very run, finished."""
-    problems, stats = [], {}
-    if not 0 <= args.warmup_ratio < 1:
-        problems.append(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if not 0 <= args.lora_dropout < 1:
-        problems.append(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+def check(args) -> tuple[dict, bool, Path | None]:
+    """Every problem with the flags and folders at once, before anything heavy is loaded. Returns the prepared
+    data's stats.json, whether --out already holds this very run, finished, and the checkpoint to resume from."""
+    problems, stats, checkpoint = [], {}, None
+    if args.optim and args.optim not in known_optimizers():
+        problems.append(f"--optim {args.optim} is not an optimiser the Trainer knows; for example adamw_torch, "
+                        f"adamw_8bit, paged_adamw_8bit (all: {', '.join(known_optimizers())})")
     if args.resume and args.overwrite:
         problems.append("--resume and --overwrite contradict each other: choose one")
     model_problem = models.model_folder_problem(args.model)
@@ -160,35 +162,90 @@ def check(args) -> tuple[dict, bool]:
     except StageError as error:
         problems.append(str(error))
     if stats and not model_problem:
-        problems += tokenizer_problems(args, stats["settings"])
-    if stats.get("settings", {}).get("streaming") and not args.max_steps:
-        problems.append(f"{args.data}/ streams its training text, whose length is unknown: pass --max-steps "
-                        f"(e.g. --max-steps 1000)")
+        problems += data_problems(args, stats)
     out = Path(args.out)
     finished = finished_before(out, vars(args), stats)
-    earlier = out.is_dir() and (run_folder.find_checkpoints(out) or (out / folders.FINAL_ADAPTER).exists())
-    if not args.resume and not args.overwrite and earlier and not finished:
-        problems.append(f"{out}/ holds an earlier run: pass --resume to continue it, --overwrite to start over, or "
-                        f"--out for a new folder")
-    if folders.out_file_problem(out):
-        problems.append(folders.out_file_problem(out))
-    if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
-        problems.append(f"--resume {args.resume}: no such checkpoint folder")
+    problems += run_folder_problems(args, out, finished)
+    if args.resume and stats and not model_problem and not problems:
+        checkpoint, problem = resume_from(args, stats, out)
+        problems += [problem] if problem else []
     cli.fail_on_problems(problems)
-    return stats, finished and not args.overwrite
+    return stats, finished and not args.overwrite, checkpoint
 
 
-def tokenizer_problems(args, prepared: dict) -> list[str]:
-    """The prepared data must have been tokenized for this model (its Hub id) with this very tokenizer."""
+def known_optimizers() -> list[str]:
+    from transformers.training_args import OptimizerNames
+
+    return sorted(name.value for name in OptimizerNames)
+
+
+def data_problems(args, stats: dict) -> list[str]:
+    """The prepared data must have been tokenized for this model (its Hub id) with this very tokenizer, have a
+    token to train on, and, streamed, a length given by --max-steps."""
+    prepared, problems = stats["settings"], []
     recorded_id = (Path(args.model) / folders.DOWNLOAD_INFO).is_file()  # a Hub id, not just a path
     model_id = models.model_id(args.model)
     if recorded_id and prepared["model"] != model_id:
-        return [f"{args.data}/ was tokenized for {prepared['model']} but {args.model}/ holds {model_id}: run "
-                f"prepare_data.py --model {args.model}"]
-    if prepared.get("tokenizer") != models.tokenizer_fingerprint(args.model):
-        return [f"{args.data}/ was tokenized with another tokenizer than the one in {args.model}/: run "
-                f"prepare_data.py --model {args.model}"]
+        problems.append(f"{args.data}/ was tokenized for {prepared['model']} but {args.model}/ holds {model_id}: run "
+                        f"prepare_data.py --model {args.model}")
+    elif prepared.get("tokenizer") != models.tokenizer_fingerprint(args.model):
+        problems.append(f"{args.data}/ was tokenized with another tokenizer than the one in {args.model}/: run "
+                        f"prepare_data.py --model {args.model}")
+    if prepared.get("streaming") and not args.max_steps:
+        problems.append(f"{args.data}/ streams its training text, whose length is unknown: pass --max-steps "
+                        f"(e.g. --max-steps 1000)")
+    if stats.get("tokens", {}).get("trained") == 0:
+        problems.append(f"{args.data}/ holds no token to train on: prepare it again with a larger --max-length")
+    return problems
+
+
+def run_folder_problems(args, out: Path, finished: bool) -> list[str]:
+    """--out must be train.py's folder (or new), and an earlier run in it is continued or replaced only on request."""
+    if folders.out_problem(out, "train"):
+        return [folders.out_problem(out, "train")]
+    earlier = out.is_dir() and (run_folder.find_checkpoints(out) or (out / folders.FINAL_ADAPTER).exists())
+    if not args.resume and not args.overwrite and earlier and not finished:
+        return [f"{out}/ holds an earlier run: pass --resume to continue it, --overwrite to start over, or --out for "
+                f"a new folder"]
     return []
+
+
+def resume_from(args, stats: dict, out: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint --resume continues from (None: no usable one yet) and why it may not, if it may not: a
+    resumed run keeps the settings its run recorded (the checkpoint's own, else the run folder's), model and data."""
+    if args.resume != "latest":
+        checkpoint = Path(args.resume)
+        problem = "no such checkpoint folder" if not checkpoint.is_dir() else run_folder.checkpoint_problem(checkpoint)
+        if problem:
+            return None, (f"cannot resume from {checkpoint}: {problem}; try --resume without a path to pick the "
+                          f"newest good one")
+    else:
+        checkpoint = run_folder.latest_valid_checkpoint(out)
+    candidates = ([checkpoint / folders.TRAINING_SETTINGS] if checkpoint else []) + [
+        out / folders.RUN_SETTINGS, out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS]
+    recorded = next((folders.read_json(path) for path in candidates if path.is_file()), None)
+    differing = [] if recorded is None or args.force_resume else changed_settings(recorded, args, stats)
+    if not differing:
+        return checkpoint, None
+    return checkpoint, (f"cannot resume {checkpoint or out}: it was trained with other settings or data "
+                        f"({'; '.join(differing)}); use the same settings, --overwrite to start over, --out for a new "
+                        f"run, or --force-resume")
+
+
+def changed_settings(recorded: dict, args, stats: dict) -> list[str]:
+    """What differs between the settings a run recorded and these flags, model and data."""
+    before, now = recorded.get("arguments", {}), vars(args)
+    differing = [f"--{key.replace('_', '-')} {before[key]!r} -> {now[key]!r}" for key in RESUME_FLAGS
+                 if key in before and before[key] != now[key]]
+    if recorded.get("lora_alpha") not in (None, lora_alpha(args)):
+        differing.append(f"LoRA alpha {recorded['lora_alpha']:g} -> {lora_alpha(args):g}")
+    if (recorded.get("base_model_id"), recorded.get("base_model_source")) != (
+            models.model_id(args.model), folders.download_info(args.model)):
+        differing.append(f"the base model ({recorded.get('base_model_id')} -> {models.model_id(args.model)}, or "
+                         f"another download of it)")
+    if recorded.get("prepared_fingerprint") != stats.get("fingerprint"):
+        differing.append(f"the prepared data ({args.data}/ was prepared again, or is other data)")
+    return differing
 
 
 def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
@@ -206,7 +263,7 @@ def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
 # Run: load -> build -> plan -> train -> save.
 
 
-def run(args, stats: dict, ranks: Ranks, argv) -> int:
+def run(args, stats: dict, checkpoint: Path | None, ranks: Ranks, argv) -> int:
     """Trains for checked arguments, with the run folder held."""
     say, out = ranks.say, Path(args.out)
     memory.return_freed_memory()  # before the model is loaded: every large buffer from here on
@@ -220,18 +277,23 @@ def run(args, stats: dict, ranks: Ranks, argv) -> int:
     # adapter is saved with the real model. compute_loss is None with --loss standard: the model's own loss.
     with loss_for(model, args.loss) as compute_loss:
         settings = plan(args, stats, inputs, model, compute_loss, targets, ranks)
-        checkpoint = resume_point(args.resume, args.force_resume, out, settings, say)
+        if finished_at(checkpoint, settings, out):
+            say(f"✓ {out}/ already finished its {settings.total_steps} steps ({out / folders.FINAL_ADAPTER}/ holds "
+                f"the adapter): nothing to resume; pass a larger --max-steps or --epochs to train further")
+            return 0
+        if args.resume and checkpoint is None:
+            say(f"--resume: no usable checkpoint in {out}/ yet: starting from step 0")
         if ranks.is_main:
-            prepare_run_folder(out, args.overwrite, checkpoint is not None, settings)
+            prepare_run_folder(out, args.overwrite, settings)
         trainer, padding = build_trainer(settings, model, compute_loss, inputs, out, say)
         started = time.time()
-        if checkpoint:
-            say(f"resuming from {checkpoint}")
-        outcome = trainer.train(resume_from_checkpoint=checkpoint)
+        train_loss = fit(trainer, model, checkpoint, settings, say)
         if trainer.stop.signal_name is not None:
             return stopped(trainer, settings, out, argv, say)
+        if trainer.nonfinite is not None:
+            raise StageError(trainer.describe_nonfinite(), cli.EXIT_FAILED)
         history = trainer.state.log_history
-        result = {"global_step": trainer.state.global_step, "train_loss": outcome.training_loss,
+        result = {"global_step": trainer.state.global_step, "train_loss": train_loss,
                   "padding_share": round(padding, 4),
                   "last_train_loss": next((e["loss"] for e in reversed(history) if "loss" in e), None),
                   "eval_loss": trainer.final_eval_loss(), "runtime_s": round(time.time() - started, 1)}
@@ -269,6 +331,10 @@ def load_inputs(args, stats: dict, say) -> Inputs:
     stream = settings.get("streaming")
     if stream:
         train_rows, longest = streamed_blocks(stream, tokenizer, settings["max_length"]), settings["max_length"]
+        if next(iter(train_rows), None) is None:  # reads the stream's first block, no more
+            raise StageError(f"{stream['source']['dataset']} has no text after the {stream['skip_files']} files "
+                             f"prepare_data.py held out for evaluation (the source has shrunk since): prepare it "
+                             f"again with a smaller --eval-files")
     else:
         train_rows = prepared["train"]
         longest = max(train_rows["length"])
@@ -355,10 +421,10 @@ class RunSettings:
 
     arguments: dict  # the command line as parsed, so that rerunning the same command is recognised
     prepared_stats: dict
-    model: str
+    model: str  # the base model's folder, relative to the run folder
     base_model_id: str
     base_model_source: dict  # model/download_info.json: which download (revision, demo recipe) the weights are from
-    prepared_data: str
+    prepared_data: str  # relative to the run folder
     prepared_fingerprint: str  # which problems are in which split, and how they were tokenized
     template: str
     max_length: int
@@ -418,10 +484,10 @@ def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int | None,
     return RunSettings(
         arguments=dict(vars(args)),
         prepared_stats=stats,
-        model=str(Path(args.model).resolve()),
+        model=relative_to_run(args.model, args.out),
         base_model_id=models.model_id(args.model),
         base_model_source=folders.download_info(args.model),
-        prepared_data=str(Path(args.data).resolve()),
+        prepared_data=relative_to_run(args.data, args.out),
         prepared_fingerprint=stats.get("fingerprint", ""),
         template=stats["settings"]["template"],
         max_length=stats["settings"]["max_length"],
@@ -451,6 +517,11 @@ def plan_run(args, stats: dict, choice, load_in_4bit: bool, n_train: int | None,
     )
 
 
+def relative_to_run(path: str, out: str) -> str:
+    """A folder as seen from the run folder: a project moved or copied elsewhere keeps its run's records true."""
+    return os.path.relpath(Path(path).resolve(), Path(out).resolve())
+
+
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
     return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum))
 
@@ -463,41 +534,25 @@ def default_optimizer(device: str, load_in_4bit: bool) -> str:
     return "paged_adamw_8bit" if device == "cuda" else "adamw_8bit"
 
 
-def resume_point(resume: str | None, force: bool, out: Path, settings: RunSettings, say=print) -> str | None:
-    """The checkpoint to resume from, after checking it belongs to a run with the same key settings."""
-    if not resume:
-        return None
-    if resume == "latest":
-        checkpoint = run_folder.latest_valid_checkpoint(out)
-        if checkpoint is None:
-            say(f"--resume: no usable checkpoint in {out}/ yet: starting from step 0")
-            return None
-    else:
-        checkpoint = Path(resume)
-        problem = run_folder.checkpoint_problem(checkpoint)
-        if problem:
-            raise StageError(f"cannot resume from {checkpoint}: {problem}; try --resume without a path to pick the "
-                             f"newest good one")
-    saved_path = out / folders.RUN_SETTINGS
-    if saved_path.is_file():
-        saved, current = folders.read_json(saved_path), settings.to_json()
-        differing = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESUME_KEYS
-                     if saved.get(key) != current[key]]
-        if differing and not force:
-            raise StageError(f"cannot resume {checkpoint}: it was trained with other settings or data "
-                             f"({'; '.join(differing)}); use --overwrite to start over, or --force-resume")
-    return str(checkpoint)
+def finished_at(checkpoint: Path | None, settings: RunSettings, out: Path) -> bool:
+    """Whether the checkpoint to resume from is the run's last step and the final adapter was saved after it."""
+    final = out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS
+    return (checkpoint is not None and run_folder.checkpoint_step(checkpoint) >= settings.total_steps
+            and final.is_file() and folders.read_json(final).get("result", {}).get("global_step", 0)
+            >= settings.total_steps)
 
 
-def prepare_run_folder(out: Path, overwrite: bool, resuming: bool, settings: RunSettings) -> None:
-    """Clear an earlier run on --overwrite, drop half-written checkpoints, record this run's settings."""
-    if overwrite:
-        for old in run_folder.find_checkpoints(out) + [out / folders.FINAL_ADAPTER]:
-            shutil.rmtree(old, ignore_errors=True)
+def prepare_run_folder(out: Path, overwrite: bool, settings: RunSettings) -> None:
+    """Clear an earlier run on --overwrite (everything but the lock: check() made sure the folder is train.py's),
+    drop half-written checkpoints, record this run's settings and who wrote the folder."""
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for old in out.iterdir():
+            if old.name != run_folder.LOCK:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    folders.mark_owner(out, "train")
     run_folder.remove_staging(out)  # half-written checkpoints of an interrupted save
-    if not (resuming and (out / folders.RUN_SETTINGS).is_file()):
-        folders.write_json(out / folders.RUN_SETTINGS, settings.to_json())
+    folders.write_json(out / folders.RUN_SETTINGS, settings.to_json())  # a resumed run's, with --force-resume too
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -550,7 +605,7 @@ def describe_plan(settings: RunSettings, inputs: Inputs, trainable: int, total: 
     n_train = "streamed" if inputs.n_train is None else inputs.n_train
     return "\n".join([
         f"device: {inputs.choice.reason}",
-        f"model: {settings.model} ({precision}), LoRA r={settings.lora_r} alpha={settings.lora_alpha:g} on "
+        f"model: {settings.base_model_id} ({precision}), LoRA r={settings.lora_r} alpha={settings.lora_alpha:g} on "
         f"{', '.join(settings.lora_target_modules)}",
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
         f"examples: train {n_train}, eval {len(inputs.eval_rows)} · effective batch {settings.batch_size} x "
@@ -606,6 +661,27 @@ def training_arguments(settings: RunSettings, out: Path, grouped: bool = True):
     )
 
 
+def fit(trainer, model, checkpoint: Path | None, settings: RunSettings, say) -> float:
+    """Train, from the checkpoint when resuming; returns the mean training loss."""
+    if checkpoint is None:
+        return trainer.train().training_loss
+    if run_folder.checkpoint_step(checkpoint) < settings.total_steps:
+        say(f"resuming from {checkpoint}")
+        return trainer.train(resume_from_checkpoint=str(checkpoint)).training_loss
+    # The run stopped after saving its last step and before its final save: that checkpoint is the trained adapter
+    # (from it the Trainer would take one step more than planned).
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    say(f"{checkpoint} holds the last of the {settings.total_steps} steps: saving it as the final adapter")
+    set_peft_model_state_dict(model, load_file(str(checkpoint / folders.ADAPTER_WEIGHTS)))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / run_folder.TRAINER_STATE))
+    trainer.monitor.ended = True  # metrics.json: the run is finished
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
 def stopped(trainer, settings: RunSettings, out: Path, argv, say) -> int:
     """A Ctrl-C or SIGTERM: the Trainer saved a checkpoint; say how to resume, exit as the signal would."""
     command = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--resume"]
@@ -621,7 +697,7 @@ def stopped(trainer, settings: RunSettings, out: Path, argv, say) -> int:
 
 def save(model, tokenizer, settings: RunSettings, result: dict, out: Path, say) -> None:
     final = out / folders.FINAL_ADAPTER
-    with folders.atomic_output_dir(final) as tmp:
+    with folders.atomic_output_dir(final, "train") as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         folders.write_json(tmp / folders.TRAINING_SETTINGS, {**settings.to_json(), "result": result})

@@ -25,7 +25,7 @@ SMOKE_CODE = 'def add(a, b):\n    """Return the sum of a and b."""\n'
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--model", default=folders.MODEL_DIR, help="base model folder (default: %(default)s)")
     parser.add_argument("--adapter", default=None,
                         help="LoRA adapter folder to check on top of the base, e.g. checkpoints/final")

@@ -24,7 +24,7 @@ from pipeline import cli, folders, inference, models, prompts, sandbox  # noqa: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--model", default=None, help="model folder (default: a fresh demo model)")
     parser.add_argument("--problems", type=cli.positive(int), default=32,
                         help="problems to generate for (default: %(default)s)")

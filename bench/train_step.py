@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline import cli  # noqa: E402
+
 # Qwen/Qwen2.5-Coder-0.5B's config.json (architecture fields).
 QWEN_CONFIG = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -182,7 +184,7 @@ def run_variant(variant: str, model_dir: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "qwen2.5-coder-0.5b-random"),
                         help="folder for the random-weight model (default: %(default)s)")

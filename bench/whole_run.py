@@ -92,7 +92,7 @@ def build_inputs(cache: Path, steps: int) -> tuple[Path, Path]:
     task_ids = {name: [row["task_id"] for row in split] for name, split in splits.items()}
     stats = {"settings": settings, "rows": {name: len(split) for name, split in splits.items()}, "task_ids": task_ids,
              "fingerprint": data.data_fingerprint(task_ids, settings)}
-    with folders.atomic_output_dir(data_dir) as tmp:
+    with folders.atomic_output_dir(data_dir, "prepare_data") as tmp:
         DatasetDict({name: Dataset.from_list(split) for name, split in splits.items()}).save_to_disk(str(tmp))
         folders.write_json(tmp / folders.PREPARED_STATS, stats)
     return model_dir, data_dir
@@ -275,7 +275,7 @@ def variant_env(variant: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--steps", type=cli.positive(int), default=2,
                         help="optimiser steps per run (default: %(default)s)")

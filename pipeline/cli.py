@@ -7,8 +7,11 @@ Standard library only.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
+import threading
 
 EXIT_FAILED = 1  # the run failed (network, training error)
 EXIT_USAGE = 2  # bad flags, missing or wrong input folders
@@ -22,18 +25,41 @@ class StageError(Exception):
         self.exit_code = exit_code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a scheduler's time limit), handled as Ctrl-C is: on the way out, what is half-written is
+    removed and a run folder's lock released."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse as the stages use it: the script's docstring as its help, kept as written, and a mistake reported
+    as one `error:` line that points to --help, with exit code 2, instead of the usage block."""
+
+    def __init__(self, description: str | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
+
+
 def report_errors(stage_main):
-    """Decorator for `main`: turns StageError and Ctrl-C into one line on stderr and an exit code."""
+    """Decorator for `main`: turns StageError, Ctrl-C and SIGTERM into one line on stderr and an exit code."""
 
     def wrapper(argv=None) -> int:
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
         try:
             return stage_main(argv)
         except StageError as error:
             print(f"error: {error}", file=sys.stderr)
             return error.exit_code
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             print("interrupted: anything half-written was discarded; earlier complete output is kept", file=sys.stderr)
-            return 130
+            return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
         except BrokenPipeError:
             # Output piped into `head` or a closed pager: stop quietly, as command-line tools do.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -46,6 +72,9 @@ def report_errors(stage_main):
             print(f"error: {error.strerror or short_error(error)}: {error.filename or ''}; earlier complete output "
                   f"is kept", file=sys.stderr)
             return EXIT_FAILED
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     wrapper.__name__ = stage_main.__name__
     wrapper.__doc__ = stage_main.__doc__
@@ -66,20 +95,52 @@ def fail_on_problems(problems: list[str]) -> None:
         raise StageError(problems[-1])
 
 
-def positive(kind):
-    """argparse type: a number > 0 (batch sizes, learning rates, steps)."""
+def number(kind, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number of `kind` within [low, high] (an open end excludes its bound), checked
+    where it is parsed, so that a mistake ends before anything is loaded."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+                from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            raise argparse.ArgumentTypeError(f"must be {describe_range(low, high, low_open, high_open)}, got {text}")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = kind.__name__
     return parse
+
+
+def describe_range(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"greater than {low}" if low_open else f"{low} or more"
+    if low is None:
+        return f"less than {high}" if high_open else f"{high} or less"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def positive(kind, high=None):
+    """argparse type: a finite number > 0 (batch sizes, learning rates, steps), at most `high`."""
+    return number(kind, 0, high, low_open=True)
+
+
+def non_negative(kind, high=None):
+    """argparse type: a finite number >= 0 (a temperature, checkpoints to keep)."""
+    return number(kind, 0, high)
+
+
+def fraction(low_open: bool = False):
+    """argparse type: a share in [0, 1) (warm-up, dropout), or (0, 1) with low_open (a held-out fraction)."""
+    return number(float, 0, 1, low_open=low_open, high_open=True)
+
+
+SEED = number(int, 0, 2**32 - 1)  # what numpy's and torch's seeding accept
 
 
 def hub_error_message(error: Exception, what: str) -> str:

@@ -105,8 +105,8 @@ def normalize(fmt: str, row: dict, columns: dict, position: int) -> dict:
     def text(field: str, strip: bool = True) -> str:
         value = row[columns[field]]
         if not isinstance(value, str) or not value.strip():
-            raise StageError(f"{where}: the {field} column {columns[field]!r} is empty or not text; fix or "
-                             f"remove that row")
+            raise StageError(mixed_shapes(fmt, row, where) or f"{where}: the {field} column {columns[field]!r} is "
+                                                              f"empty or not text; fix or remove that row")
         return value
 
     problem = {"task_id": str(task_id), "task": "", "code": "", "tests": [], "test_setup_code": "", "code_prefix": ""}
@@ -114,7 +114,8 @@ def normalize(fmt: str, row: dict, columns: dict, position: int) -> dict:
         tests = row[columns["tests"]]
         tests = [tests] if isinstance(tests, str) else tests
         if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
-            raise StageError(f"{where}: {columns['tests']!r} must be a non-empty list of assert statements")
+            raise StageError(mixed_shapes(fmt, row, where)
+                             or f"{where}: {columns['tests']!r} must be a non-empty list of assert statements")
         setup = row[columns["setup"]] if columns["setup"] else ""
         setup = "\n".join(setup) if isinstance(setup, list) else setup
         problem.update(task=text("task").strip(), code=text("code").rstrip(), tests=tests, test_setup_code=setup or "")
@@ -132,6 +133,27 @@ def normalize(fmt: str, row: dict, columns: dict, position: int) -> dict:
     else:
         problem.update(code=text("code"))
     return problem
+
+
+def mixed_shapes(fmt: str, row: dict, where: str) -> str | None:
+    """When a row that does not fit the file's shape fits another one, the file mixes shapes (a JSON lines file
+    of MBPP and HumanEval rows reads as one table with the columns of both, each row missing the other's)."""
+    filled = [column for column, value in row.items() if value not in (None, "", [])]
+    try:
+        own = detect(filled)
+    except StageError:
+        return None
+    if own == fmt:
+        return None
+    return (f"{where} is a {own} row ({', '.join(filled)}) in a file of {fmt} rows: one file holds one data shape; "
+            f"split the file, or drop the rows of the other shape")
+
+
+def content_key(problem: dict) -> str:
+    """A short hash of what a problem asks (its task text, whitespace aside): the same problem under another id
+    (or none) is recognised by it, so that a held-out score never counts a problem the model trained on."""
+    asked = problem["task"] or problem["code"]  # raw text asks nothing: its file is what it is
+    return hashlib.sha256(" ".join(asked.split()).encode()).hexdigest()[:12]
 
 
 def prompt_for(fmt: str, problem: dict, template: prompts.Template, tokenizer=None) -> str:

@@ -1,5 +1,6 @@
 """The folders the stages pass their results through, the files in them, and how they are written: atomically
-(a temporary sibling renamed into place), so a crash leaves the previous output or the new one, never half.
+(a temporary sibling renamed into place), so a crash leaves the previous output or the new one, never half; and
+each by the stage that owns it, so that a careless --out never replaces another stage's work.
 
 Standard library only.
 """
@@ -10,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -37,9 +39,15 @@ PREPARED_STATS = "stats.json"  # in prepared_data/: its settings (template, max 
 RUN_SETTINGS = "run_settings.json"  # in checkpoints/: the settings of the run that owns the folder
 TRAINING_SETTINGS = "training_settings.json"  # in checkpoints/final/ and every checkpoint-N/: what made the adapter
 EXPORT_SETTINGS = "export_settings.json"  # in export/: the template, base model and adapter of a merged model
+SUMMARY = "summary.json"  # in results/: every model's scores and the settings they were scored with
 ADAPTER_CONFIG = "adapter_config.json"  # peft's files in an adapter folder
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # any one of them
+OWNER = ".written_by.json"  # in every output folder: the stage that wrote it, {"stage": "train"}
+
+# What each stage's folder holds, for the line that refuses to write over it.
+HOLDS = {"download_model": "a base model", "download_dataset": "downloaded problems", "prepare_data": "prepared data",
+         "train": "a training run", "evaluate": "an evaluation", "export": "a merged model"}
 
 
 def read_json(path: str | Path) -> dict:
@@ -58,8 +66,9 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final: str | Path):
-    """Yield a temporary sibling folder; on success it replaces `final`, on any error it is removed.
+def atomic_output_dir(final: str | Path, stage: str):
+    """Yield a temporary sibling folder; on success it replaces `final`, marked as `stage`'s, and on any error
+    (Ctrl-C and SIGTERM included) it is removed.
 
     A crash therefore leaves either the previous output or the new one, never a half-written folder that
     the next stage would accept.
@@ -68,15 +77,36 @@ def atomic_output_dir(final: str | Path):
     if out_file_problem(final):
         raise StageError(out_file_problem(final))
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        mark_owner(tmp, stage)
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_leftovers(final: Path) -> None:
+    """Temporary siblings of `final` that a killed process (kill -9, a power cut) could not remove."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-(\d+)$")
+    for sibling in final.parent.iterdir():
+        found = pattern.match(sibling.name)
+        if found and int(found.group(2)) != os.getpid() and not pid_alive(int(found.group(2))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def replace_dir(new: Path, final: Path) -> None:
@@ -150,3 +180,56 @@ def skip_download(out: Path, force: bool, complete: bool, holds: str | None, sam
     if any(out.iterdir()):
         raise StageError(f"{out}/ exists but is not a complete {kind} folder; pass --force to replace it")
     return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Who wrote a folder: each stage replaces only an empty folder or one it wrote itself.
+
+
+def mark_owner(folder: Path, stage: str) -> None:
+    write_json(folder / OWNER, {"stage": stage})
+
+
+def owner(folder: str | Path) -> str | None:
+    """The stage that wrote `folder`: its marker, else (a folder of an earlier version of this project) what its
+    files say; "" for a folder holding files no stage writes; None for a missing or empty folder."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    if (folder / OWNER).is_file():
+        try:
+            return read_json(folder / OWNER).get("stage", "")
+        except (ValueError, OSError, AttributeError):
+            return ""
+    has = lambda name: (folder / name).exists()  # noqa: E731
+    if has(EXPORT_SETTINGS):
+        return "export"
+    if has(RUN_SETTINGS) or has(TRAINING_SETTINGS) or has(ADAPTER_CONFIG) or has(FINAL_ADAPTER) \
+            or any(folder.glob("checkpoint-*")):
+        return "train"
+    if has(SUMMARY):
+        return "evaluate"
+    if has(PREPARED_STATS) and has(DATASET_DICT):
+        return "prepare_data"
+    if has(DOWNLOAD_INFO) and not has("config.json"):
+        return "download_dataset"
+    if has("config.json"):
+        return "download_model"
+    return ""
+
+
+def out_problem(out: str | Path, stage: str) -> str | None:
+    """Why `stage` may not write into --out, or None: a stage writes a new folder, or replaces an empty one or one
+    it wrote itself; never a file, another stage's folder, or a folder of files no stage writes."""
+    if out_file_problem(out):
+        return out_file_problem(out)
+    found = owner(out)
+    if found is None or found == stage:
+        return None
+    if found in HOLDS:
+        return (f"--out {out}/ holds {HOLDS[found]} ({found}.py wrote it), not {HOLDS[stage]}: choose another --out "
+                f"(nothing was changed)")
+    names = sorted(p.name for p in Path(out).iterdir())
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (f"--out {out}/ holds files this pipeline did not write ({shown}): choose a new or empty folder "
+            f"(nothing was changed)")

@@ -93,8 +93,19 @@ def attach_adapter(model, adapter_dir: str | Path, model_dir: str | Path):
     adapter was made for another model (other layer names or shapes)."""
     from peft import PeftModel
 
+    # A folder that vanished since the stage checked it (a running train.py rotates old checkpoints) would send peft
+    # to the Hub with its path as a model id.
+    vanished = (f"the adapter folder {adapter_dir}/ disappeared while loading (a running train.py removes older "
+                f"checkpoints): take {Path(folders.CHECKPOINTS_DIR) / folders.FINAL_ADAPTER}/ or a newer checkpoint, "
+                f"or copy the checkpoint elsewhere first")
+    if not (Path(adapter_dir) / folders.ADAPTER_CONFIG).is_file():
+        raise StageError(vanished)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    except OSError:
+        if (Path(adapter_dir) / folders.ADAPTER_CONFIG).is_file():
+            raise
+        raise StageError(vanished) from None
     except (RuntimeError, ValueError, KeyError) as error:
         raise StageError(f"the adapter in {adapter_dir}/ does not fit the model in {model_dir}/ "
                          f"({short_error(error, 120)}): pass the base model it was trained on with --model") from None
@@ -113,11 +124,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     import torch
     from tqdm.auto import tqdm
 
+    context = context_length(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     stop_ids = template.stop_ids(tokenizer)
     jobs = [(index, encode_prompt(tokenizer, prompt)) for index, prompt in enumerate(prompts)
             for _ in range(num_samples)]
+    refuse_too_long(jobs, context)
     # Similar lengths in one batch waste less compute on padding; results are put back in order below.
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
     results: list[list[dict]] = [[] for _ in prompts]
@@ -125,15 +138,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95}
     bar = tqdm(total=len(jobs), desc="generating", unit="completion", disable=not progress)
+    cut_short = False
     for start in range(0, len(order), batch_size):
         chunk = [jobs[j] for j in order[start:start + batch_size]]
         longest = max(len(ids) for _, ids in chunk)
         input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for _, ids in chunk], device=device)
         attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for _, ids in chunk], device=device)
         stops = stop_criteria(tokenizer, template, longest) if template.stops else None
+        budget = max_new_tokens if context is None else min(max_new_tokens, context - longest)
+        if budget < max_new_tokens and not cut_short:
+            cut_short = True
+            print(f"note: answers to prompts of more than {context - max_new_tokens} tokens stop at the model's "
+                  f"context of {context} tokens, before --max-new-tokens {max_new_tokens}", file=sys.stderr)
         with torch.no_grad():
             output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=budget,
                 eos_token_id=stop_ids, pad_token_id=pad_id, stopping_criteria=stops, **sampling,
             )
         for (index, _), row in zip(chunk, output[:, longest:].tolist()):
@@ -146,6 +165,23 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         bar.update(len(chunk))
     bar.close()
     return results
+
+
+def context_length(model) -> int | None:
+    """How many tokens the model reads at once (prompt and answer together), from its config."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def refuse_too_long(jobs: list[tuple[int, list[int]]], context: int | None) -> None:
+    """A prompt that fills the model's context leaves no room for an answer: past it, positions the model never
+    saw (garbage), or an index past GPT-2's table of positions (a crash)."""
+    if context is None:
+        return
+    longest = max((len(ids), index) for index, ids in jobs) if jobs else (0, 0)
+    if longest[0] >= context:
+        raise StageError(f"prompt {longest[1] + 1} is {longest[0]:,} tokens, and the model reads at most {context:,} "
+                         f"tokens at once, its answer included: shorten the prompt")
 
 
 def stop_criteria(tokenizer, template: Template, prompt_length: int):

@@ -22,6 +22,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from pipeline import folders
 from pipeline.cli import StageError
 from pipeline.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -46,7 +47,8 @@ def run_lock(out: str | Path):
             break
         except FileExistsError:
             owner = lock.read_text().split() if lock.is_file() else []
-            if owner and owner[0].isdigit() and owner[1:] == [socket.gethostname()] and pid_alive(int(owner[0])):
+            mine = owner[1:] == [socket.gethostname()]
+            if owner and owner[0].isdigit() and mine and folders.pid_alive(int(owner[0])):
                 raise StageError(f"{out}/ is in use by another train.py (pid {owner[0]}): wait for it to finish, "
                                  f"stop it, or choose another --out") from None
             print(f"note: removing the stale lock of a run that no longer exists ({' '.join(owner) or 'empty'})",
@@ -65,18 +67,18 @@ def run_lock(out: str | Path):
             out.rmdir()  # a run that stopped before writing anything leaves no empty folder behind
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def step_of(path: Path) -> int:
     return int(path.name[len(PREFIX):])
+
+
+def written_by_train(path: Path) -> bool:
+    """A checkpoint (or final/) folder train.py wrote, not merely one named like it: it holds train.py's records."""
+    return (path / TRAINER_STATE).is_file() or (path / folders.TRAINING_SETTINGS).is_file()
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimiser steps a checkpoint holds, from its trainer state (whatever the folder is called)."""
+    return json.loads((Path(path) / TRAINER_STATE).read_text())["global_step"]
 
 
 def find_checkpoints(out: str | Path) -> list[Path]:

@@ -10,6 +10,8 @@ What it does beyond the stock Trainer, all in this file:
   * RunMonitor replaces the stock log printer: readable lines, loss warnings, metrics.json, training_curves.png;
   * GracefulStop: the first Ctrl-C or SIGTERM finishes the optimiser step, saves a checkpoint and stops (every
     process after the same step); a second Ctrl-C stops at once;
+  * a loss or gradient that is not a finite number stops training at once, before the step is logged, evaluated or
+    saved (describe_nonfinite() says where and what to lower); the last step is always logged;
   * final_eval_loss(): the held-out loss at the last step, measured again only when that step did not evaluate.
 
 Used by train.py, which imports it once training starts (this module imports torch and transformers).
@@ -17,6 +19,7 @@ Used by train.py, which imports it once training starts (this module imports tor
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -40,10 +43,13 @@ class PipelineTrainer(Trainer):
     def __init__(self, *args, run_dir: Path, total_steps: int, settings: dict, trainable_params: int, **kwargs):
         self.run_dir, self.settings, self.trainable_params = Path(run_dir), settings, trainable_params
         self._trained_tokens = 0  # labelled tokens trained on, over every process (see training_step)
+        self._monitor_start = time.time()  # reset when training starts
+        self._loss_finite = True  # every micro-batch loss of the current step is a number
+        self.nonfinite: dict | None = None  # where training stopped on a loss or gradient that is not a number
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(self.run_dir / monitoring.LOGS)
-        self.stop = GracefulStop()
-        super().__init__(*args, callbacks=[RunMonitor(self.run_dir, total_steps), tensorboard, self.stop], **kwargs)
+        self.stop, self.monitor = GracefulStop(), RunMonitor(self.run_dir, total_steps)
+        super().__init__(*args, callbacks=[self.monitor, tensorboard, self.stop], **kwargs)
         # The Trainer always adds its own printer of raw log dicts; RunMonitor (a ProgressCallback) replaces it.
         for stock in [c for c in self.callback_handler.callbacks if type(c) in (PrinterCallback, ProgressCallback)]:
             self.remove_callback(stock)
@@ -59,7 +65,37 @@ class PipelineTrainer(Trainer):
         # summed over every process, as the Trainer sums num_input_tokens_seen.
         labelled = trained_positions(inputs["labels"]).reshape(1).to(self.args.device)
         self._trained_tokens += int(self.accelerator.gather(labelled).sum())
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The Trainer reads this loss on the host every micro-batch anyway (its NaN filter), so no extra wait.
+        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss).all())
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        # Called after every optimiser step: a step whose loss or gradient is not a number has already made the
+        # weights NaN, so nothing of it is logged, evaluated or saved, and training stops here. Under fp16 a
+        # non-finite gradient is the loss scaler's skipped step, not a failure.
+        loss_finite, self._loss_finite = self._loss_finite, True
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        failed = torch.tensor([not loss_finite or (not math.isfinite(norm) and not self.args.fp16)],
+                              device=self.args.device, dtype=torch.int32)
+        if self.args.world_size > 1:  # every process stops after the same step
+            torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if failed.item():
+            losses = [(entry["step"], entry["loss"]) for entry in self.state.log_history if "loss" in entry]
+            self.nonfinite = {"step": self.state.global_step, "grad_norm": norm, "last_logged": losses[-1:]}
+            self.control.should_log = self.control.should_evaluate = self.control.should_save = False
+            self.control.should_training_stop = True
+            return None
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def describe_nonfinite(self) -> str:
+        found, lr = self.nonfinite, self.args.learning_rate
+        lower = 2e-4 if lr > 2e-4 else lr / 10  # the recipe's rate, or a tenth of a rate already below it
+        last = (f"the last logged loss was {found['last_logged'][0][1]:.4f} at step {found['last_logged'][0][0]}"
+                if found["last_logged"] else "no loss was logged before it")
+        return (f"training stopped at step {found['step']}: the loss or its gradient is not a number (gradient norm "
+                f"{found['grad_norm']}); {last}. Lower the learning rate (--lr is {lr:g}; try {lower:g}) "
+                f"and train again; no final adapter was saved, earlier checkpoints are kept")
 
     def log(self, logs, start_time=None):
         now = time.time()
@@ -168,6 +204,11 @@ class RunMonitor(ProgressCallback):
         self.out, self.total_steps = out, total_steps
         self.warned = None
         self.ended = False  # training is over: the final evaluation's log comes after on_train_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if state.global_step >= state.max_steps:  # the last step's loss, tokens and memory, whatever the interval
+            control.should_log = True
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         pass  # a second, nested bar for a few seconds of evaluation is noise; the eval loss line follows

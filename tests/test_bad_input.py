@@ -160,8 +160,7 @@ def short_run(demo_model, demo_prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("identity")
     shutil.copytree(demo_prepared, root / "prepared")
     assert train.main(["--model", str(demo_model), "--data", str(root / "prepared"), "--out", str(root / "run"),
-                       "--max-steps", "2",
-                       "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1"]) == 0
+                       "--max-steps", "2", "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1"]) == 0
     return root
 
 
@@ -174,12 +173,11 @@ def test_data_prepared_again_is_refused_by_resume_and_by_evaluation(short_run, d
                               "7", "--check-tests", "off"]) == 0
     before = snapshot(run)
     error = single_error(stage(ROOT / "train.py", "--model", demo_model, "--data", prepared, "--out", run,
-                               "--max-steps", "4",
-                               "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--resume"))
-    assert "prepared_fingerprint" in error and snapshot(run) == before
+                               "--max-steps", "4", "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1",
+                               "--resume"))
+    assert "the prepared data" in error and "prepared again" in error and snapshot(run) == before
     error = single_error(stage(ROOT / "evaluate.py", "--model", demo_model, "--adapter", run / "final", "--data",
-                               prepared,
-                               "--out", tmp_path / "r"))
+                               prepared, "--out", tmp_path / "r"))
     assert "was trained on" in error and "measures memory" in error and not (tmp_path / "r").exists()
 
 

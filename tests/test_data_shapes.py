@@ -214,7 +214,7 @@ def test_mbpp_benchmark_is_the_test_split_of_the_downloaded_mbpp(tmp_path, capsy
 def test_streamed_raw_code_trains_by_max_steps(family_models, tmp_path, capsys):
     data, prepared, out = tmp_path / "data", tmp_path / "prepared", tmp_path / "run"
     assert download_dataset.main(["--dataset", str(FILES["text"]), "--streaming", "--out", str(data)]) == 0
-    assert {p.name for p in data.iterdir()} == {folders.DOWNLOAD_INFO}  # nothing downloaded
+    assert {p.name for p in data.iterdir()} == {folders.DOWNLOAD_INFO, folders.OWNER}  # nothing downloaded
     assert prepare_data.main(["--data", str(data), "--model", str(family_models["gpt2"]), "--out", str(prepared),
                               "--eval-files", "2",
                               "--max-length", "128"]) == 0

@@ -11,7 +11,7 @@ from conftest import one_error_line
 def test_demo_model_writes_the_model_folder_layout(demo_model):
     names = {p.name for p in demo_model.iterdir()}
     assert names == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json", folders.DOWNLOAD_INFO}
+                     "tokenizer_config.json", folders.DOWNLOAD_INFO, folders.OWNER}
     config = json.loads((demo_model / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is True
     assert config.get("pad_token_id") is None  # a padding_idx would zero the EOS row of the tied embedding

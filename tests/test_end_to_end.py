@@ -6,7 +6,7 @@ import json
 import pytest
 from datasets import load_from_disk
 
-from pipeline import inference, models, prompts
+from pipeline import folders, inference, models, prompts
 
 import evaluate
 from conftest import family_rows
@@ -49,7 +49,7 @@ def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_
             and f"fine-tuned solves {len(solved)} problem(s) that base does not" in table)
     assert summary["changes"]["gained"][0] in (out / evaluate.TABLE_NAME).read_text()
     assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md",
-                                               "pass_at_k.png"}
+                                               "pass_at_k.png", folders.OWNER}
 
 
 def test_the_command_the_demo_suggests_shows_the_fine_tune_at_work(demo_trained, capsys):

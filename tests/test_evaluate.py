@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline import inference, models, prompts, sandbox, scoring
+from pipeline import folders, inference, models, prompts, sandbox, scoring
 
 import evaluate
 from conftest import one_error_line
@@ -25,7 +25,8 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
     assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--split", "train",
                           "--limit", "4",
                           "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"completions.jsonl", "summary.json", "comparison.md", "pass_at_k.png"}
+    assert {p.name for p in out.iterdir()} == {"completions.jsonl", "summary.json", "comparison.md", "pass_at_k.png",
+                                               folders.OWNER}
     summary = json.loads((out / "summary.json").read_text())["models"]["completions"]
     assert summary["counts"] == {"passed": 3, "failed": 0, "timeout": 0, "error": 1}
     assert summary["problems"] == 4 and summary["pass@1"] == pytest.approx(3 / 4)  # the problems the file covers

@@ -5,10 +5,10 @@ from pipeline import folders
 
 def test_atomic_output_dir_keeps_previous_output_when_writing_fails(tmp_path):
     out = tmp_path / "out"
-    with folders.atomic_output_dir(out) as tmp:
+    with folders.atomic_output_dir(out, "evaluate") as tmp:
         (tmp / "result.txt").write_text("first")
     with pytest.raises(RuntimeError):
-        with folders.atomic_output_dir(out) as tmp:
+        with folders.atomic_output_dir(out, "evaluate") as tmp:
             (tmp / "result.txt").write_text("half")
             raise RuntimeError("crash while writing")
     assert (out / "result.txt").read_text() == "first"

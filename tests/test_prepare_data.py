@@ -48,7 +48,8 @@ def test_prepared_data_layout_masks_and_task_fields(demo_prepared, demo_model):
 
     prepared = load_from_disk(str(demo_prepared))
     assert set(prepared) == {"train", "eval"}
-    assert {p.name for p in demo_prepared.iterdir()} == {"train", "eval", "dataset_dict.json", folders.PREPARED_STATS}
+    assert {p.name for p in demo_prepared.iterdir()} == {"train", "eval", "dataset_dict.json", folders.PREPARED_STATS,
+                                                         folders.OWNER}
     train_ids, eval_ids = set(prepared["train"]["task_id"]), set(prepared["eval"]["task_id"])
     assert not train_ids & eval_ids and len(train_ids) + len(eval_ids) == len(demo_problems())
     tokenizer = models.load_tokenizer(demo_model)
@@ -82,9 +83,10 @@ def test_bad_input_gets_one_line_and_no_output(demo_data, demo_model, tmp_path, 
     assert "download_dataset.py" in one_error_line(capsys.readouterr())
     assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_data), "--out", str(out)]) == 2
     assert "not a model folder" in one_error_line(capsys.readouterr())
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out),
-                              "--eval-fraction", "1"]) == 2
-    assert "--eval-fraction" in one_error_line(capsys.readouterr())
+    with pytest.raises(SystemExit) as refused:
+        prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(out),
+                           "--eval-fraction", "1"])
+    assert refused.value.code == 2 and "--eval-fraction" in one_error_line(capsys.readouterr())
     rows = [{k: v for k, v in p.items() if k != "code"} for p in demo_problems()[:5]]
     download_dataset.main(["--dataset", str(write_jsonl(tmp_path / "nocode.jsonl", rows)), "--out",
                            str(tmp_path / "nocode")])

@@ -97,7 +97,8 @@ def test_resume_with_other_key_settings_is_refused_unless_forced(demo_model, dem
     other = run_args(demo_model, demo_prepared, out, "--max-steps", "4", "--save-steps", "2", "--lr", "5e-4",
                      "--lora-alpha", "8", "--resume")
     assert train.main(other) == 2
-    assert "lora_alpha 32 -> 8" in one_error_line(capsys.readouterr())
+    refusal = one_error_line(capsys.readouterr())
+    assert "LoRA alpha 32 -> 8" in refusal and "--lr 0.001 -> 0.0005" in refusal
     assert not (out / "checkpoint-4").exists()
     # Forced: it continues from step 2 with the checkpoint's weights, to step 4.
     assert train.main(other + ["--force-resume"]) == 0

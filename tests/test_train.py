@@ -37,15 +37,14 @@ def test_trained_span_is_shown_between_markers(demo_model, demo_prepared):
 def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_model):
     names = {p.name for p in trained_smoke.iterdir()}
     assert names == {"checkpoint-4", folders.FINAL_ADAPTER, folders.RUN_SETTINGS, "metrics.json", "training_curves.png",
-                     "logs"}  # --keep-last 1
+                     "logs", folders.OWNER}  # --keep-last 1
     final = trained_smoke / folders.FINAL_ADAPTER
     assert {p.name for p in final.iterdir()} == {folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md",
-                                                 "tokenizer.json",
-                                                 "tokenizer_config.json", folders.TRAINING_SETTINGS}
+                                                 "tokenizer.json", "tokenizer_config.json", folders.TRAINING_SETTINGS,
+                                                 folders.OWNER}
     assert {p.name for p in (trained_smoke / "checkpoint-4").iterdir()} == {
         folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md", folders.TRAINING_SETTINGS, "optimizer.pt",
-        "scheduler.pt",
-        "rng_state.pth", "trainer_state.json", "training_args.bin"}
+        "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
     settings = json.loads((final / folders.TRAINING_SETTINGS).read_text())
     assert settings["template"] == prompts.DEFAULT.name and settings["load_in_4bit"] is True
     assert settings["base_model_id"] == "demo/tiny-qwen2" and settings["result"]["global_step"] == 4

@@ -74,8 +74,7 @@ def command_list(run: Path) -> int:
     for row in rows:
         note = "  <- final adapter" if row["final"] else (f"  (unusable: {row['problem']})" if row["problem"] else "")
         print(f"{str(row['path']):28s} {fmt(row['step'], '{}'):>6s} {fmt(row['train_loss']):>11s} "
-              f"{fmt(row['eval_loss']):>10s} "
-              f"{row['size_mb']:7.1f}MB  {row['date']}{note}")
+              f"{fmt(row['eval_loss']):>10s} {row['size_mb']:7.1f}MB  {row['date']}{note}")
     return 0
 
 
@@ -89,13 +88,17 @@ def command_best(run: Path) -> int:
 
 
 def command_cleanup(run: Path, keep: int) -> int:
+    """Delete all but the newest `keep` checkpoints that train.py wrote; folders merely named like one stay."""
     found = run_folder.find_checkpoints(run)
-    doomed = found[:-keep] if keep else found
+    ours = [folder for folder in found if run_folder.written_by_train(folder)]
+    doomed = ours[:-keep] if keep else ours
     for folder in doomed:
         shutil.rmtree(folder)
         print(f"deleted {folder}")
     final = " and the final adapter" if (run / folders.FINAL_ADAPTER).is_dir() else ""
-    print(f"kept {len(found) - len(doomed)} checkpoint(s){final}")
+    print(f"kept {len(ours) - len(doomed)} checkpoint(s){final}")
+    for folder in sorted(set(found) - set(ours)):
+        print(f"note: left {folder}/ alone: train.py did not write it")
     return 0
 
 
@@ -104,10 +107,10 @@ def command_delete(run: Path, path: Path) -> int:
     inside = path.resolve().parent == run.resolve()
     names = {p.name for p in run_folder.find_checkpoints(run)} | {folders.FINAL_ADAPTER}
     is_checkpoint = path.name in names
-    if not (inside and is_checkpoint and (path / folders.ADAPTER_CONFIG).is_file()):
-        raise StageError(f"{path} is not a checkpoint or the final adapter of the run {run}/ (pass --run for another "
-                         f"run "
-                         f"folder): nothing deleted")
+    if not (inside and is_checkpoint and (path / folders.ADAPTER_CONFIG).is_file()
+            and run_folder.written_by_train(path)):
+        raise StageError(f"{path} is not a checkpoint or the final adapter of the run {run}/ (pass --run for "
+                         f"another run folder): nothing deleted")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
     shutil.rmtree(path)
     print(f"deleted {path}/ ({size:.1f} MB)")
@@ -133,13 +136,13 @@ def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--run", default=folders.CHECKPOINTS_DIR, help="the run's folder (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every checkpoint with its step, losses, size and date")
     commands.add_parser("best", help="the checkpoint with the lowest eval loss")
     cleanup = commands.add_parser("cleanup", help="delete all but the newest N checkpoints (never the final adapter)")
-    cleanup.add_argument("--keep", type=int, required=True, help="checkpoints to keep")
+    cleanup.add_argument("--keep", type=cli.non_negative(int), required=True, help="checkpoints to keep")
     delete = commands.add_parser("delete", help="delete one checkpoint folder")
     delete.add_argument("path")
     test = commands.add_parser("test", help="completions of a few bundled problems: base model vs this checkpoint")
@@ -155,8 +158,11 @@ def main(argv=None) -> int:
     run = Path(args.run)
     if args.command in ("list", "best", "cleanup") and not run.is_dir():
         raise StageError(f"{run}/ not found: train.py writes its checkpoints there (or pass --run)")
-    if args.command == "cleanup" and args.keep < 0:
-        raise StageError("--keep must be 0 or more")
+    if args.command in ("cleanup", "delete") and folders.owner(run) != "train":
+        found = folders.owner(run)
+        holds = "nothing" if found is None else folders.HOLDS.get(found, "files this pipeline did not write")
+        raise StageError(f"{run}/ is not a folder train.py wrote (it holds {holds}): nothing deleted; pass --run "
+                         f"with a training run's folder")
     if args.command == "list":
         return command_list(run)
     if args.command == "best":

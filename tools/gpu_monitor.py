@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import monitoring  # noqa: E402
+from pipeline import cli, monitoring  # noqa: E402
 
 
 def gpu_lines() -> list[str] | None:
@@ -70,9 +70,10 @@ def snapshot() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: %(default)s)")
+    parser.add_argument("--interval", type=cli.positive(float), default=1.0,
+                        help="seconds between refreshes (default: %(default)s)")
     return parser
 
 

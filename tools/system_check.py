@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline import cli  # noqa: E402
+
 REQUIRED = ["torch", "transformers", "datasets", "accelerate", "peft", "bitsandbytes", "safetensors", "huggingface_hub",
             "tokenizers"]
 OPTIONAL = ["matplotlib", "tensorboard", "psutil", "pynvml"]
@@ -61,7 +63,7 @@ def recommendation(vram_gib: float | None, bf16: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return cli.Parser(__doc__)
 
 
 def main(argv=None) -> int:

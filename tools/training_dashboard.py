@@ -75,7 +75,7 @@ def render(metrics: dict, source: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(__doc__)
     parser.add_argument("run", nargs="?", default=folders.CHECKPOINTS_DIR,
                         help="run folder or metrics.json (default: %(default)s)")
     parser.add_argument("--watch", action="store_true", help="refresh until the run finishes (Ctrl-C to quit)")
