@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge-dtype", choices=DTYPES, default="float32",
                         help="dtype the merge and the self-check run in (default: %(default)s, exact; bfloat16 halves "
                              "the RAM)")
-    parser.add_argument("--max-shard-size", default="2GB",
+    parser.add_argument("--max-shard-size", type=shard_size, default="2GB",
                         help="largest .safetensors file; bigger models are sharded (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     return parser
@@ -120,6 +120,19 @@ def run(args, settings: dict) -> int:
     print(f"next: python generate.py --model {out} --prompt \"Write a function to ...\"  ·  vllm serve {out}/  ·  "
           f"llama.cpp: python convert_hf_to_gguf.py {out}/")
     return 0
+
+
+def shard_size(text: str) -> str:
+    """argparse type: a size as transformers' save_pretrained takes it (5GB, 500MB, 2GiB), above zero."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or 1GiB, got {text!r}") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return text
 
 
 def base_dtype(model_dir: Path) -> str:

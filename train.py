@@ -548,7 +548,7 @@ def prepare_run_folder(out: Path, overwrite: bool, settings: RunSettings) -> Non
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for old in out.iterdir():
-            if old.name != run_folder.LOCK:
+            if old.name != folders.RUN_LOCK:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
     folders.mark_owner(out, "train")
     run_folder.remove_staging(out)  # half-written checkpoints of an interrupted save

@@ -119,6 +119,12 @@ def check_adapter_settings(report: Report, adapter_dir: Path, model_dir: Path, f
     if not settings:
         return prompts.DEFAULT, None
     template = prompts.get(settings.get("template", prompts.DEFAULT.name))
+    finite = report.check("adapter weights are numbers (none NaN or infinite)",
+                          lambda: require(inference.nonfinite_weights(adapter_dir) is None,
+                                          f"{inference.nonfinite_weights(adapter_dir)}: training diverged; train again "
+                                          f"with a lower --lr"))
+    if not finite:
+        return template, None
     base_problem = inference.base_model_problem(settings, model_dir) if folder_ok else None
     base_ok = folder_ok and report.check("adapter was trained on this base model",
                                          lambda: require(base_problem is None, base_problem))

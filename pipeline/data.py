@@ -145,8 +145,8 @@ def mixed_shapes(fmt: str, row: dict, where: str) -> str | None:
         return None
     if own == fmt:
         return None
-    return (f"{where} is a {own} row ({', '.join(filled)}) in a file of {fmt} rows: one file holds one data shape; "
-            f"split the file, or drop the rows of the other shape")
+    return (f"{where} has the columns of {own} data ({', '.join(filled)}) in a file of {fmt} rows: one file holds "
+            f"one data shape; split the file, or drop the rows of the other shape")
 
 
 def content_key(problem: dict) -> str:

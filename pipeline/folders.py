@@ -44,6 +44,7 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's files in an adapter folder
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # any one of them
 OWNER = ".written_by.json"  # in every output folder: the stage that wrote it, {"stage": "train"}
+RUN_LOCK = ".lock"  # in a run folder while a train.py writes to it: "<pid> <host>"
 
 # What each stage's folder holds, for the line that refuses to write over it.
 HOLDS = {"download_model": "a base model", "download_dataset": "downloaded problems", "prepare_data": "prepared data",
@@ -204,8 +205,9 @@ def owner(folder: str | Path) -> str | None:
     has = lambda name: (folder / name).exists()  # noqa: E731
     if has(EXPORT_SETTINGS):
         return "export"
-    if has(RUN_SETTINGS) or has(TRAINING_SETTINGS) or has(ADAPTER_CONFIG) or has(FINAL_ADAPTER) \
-            or any(folder.glob("checkpoint-*")):
+    trained = [FINAL_ADAPTER, *(p.name for p in folder.glob("checkpoint-*"))]  # train.py's records inside
+    if has(RUN_LOCK) or has(RUN_SETTINGS) or has(TRAINING_SETTINGS) or has(ADAPTER_CONFIG) \
+            or any((folder / name / TRAINING_SETTINGS).is_file() for name in trained):
         return "train"
     if has(SUMMARY):
         return "evaluate"

@@ -31,6 +31,18 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
     return folders.read_json(path) if path.is_file() else {}
 
 
+def nonfinite_weights(adapter_dir: str | Path) -> str | None:
+    """Which tensors of an adapter hold NaN or infinite values (a training run that diverged), or None."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter_dir) / folders.ADAPTER_WEIGHTS))
+    broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    if not broken:
+        return None
+    return f"{len(broken)} of {len(weights)} tensors hold NaN or infinite values (the first: {broken[0]})"
+
+
 def adapter_template(adapter_dir: str | Path | None, default: Template = DEFAULT_TEMPLATE,
                      model_dir: str | Path | None = None) -> Template:
     """The prompt template an adapter was trained with, so that it is prompted the same way; without an adapter,

@@ -30,7 +30,6 @@ PREFIX = "checkpoint-"
 STAGING = ".staging-"  # checkpoints/.staging-<step>/checkpoint-<step>/ while being written
 TRAINER_STATE = "trainer_state.json"  # the Trainer's own record in each checkpoint: step, log history
 REQUIRED_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, "optimizer.pt", "scheduler.pt"]
-LOCK = ".lock"  # in the run folder while a train.py writes to it: "<pid> <host>"
 
 
 @contextlib.contextmanager
@@ -40,7 +39,7 @@ def run_lock(out: str | Path):
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock, me = out / LOCK, f"{os.getpid()} {socket.gethostname()}"
+    lock, me = out / folders.RUN_LOCK, f"{os.getpid()} {socket.gethostname()}"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +39,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def stage(*argv, cwd=ROOT) -> subprocess.CompletedProcess:
+    """A script run as a user runs it: its own process, its output captured."""
+    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def single_error(done: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert done.returncode == code, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file below a folder and its bytes: what "left unchanged" is checked against."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def one_error_line(captured) -> str:
     """The stage's message on stderr; asserts it is a single `error:` line without a traceback."""
     err = captured.err.strip()
@@ -45,6 +64,14 @@ def one_error_line(captured) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and all(line.startswith("error: ") for line in lines), err
     return err
+
+
+def final_error_line(captured) -> str:
+    """The one `error:` line a stage ended with, after its progress bars and notes on stderr; no traceback."""
+    err = captured.err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    return errors[0]
 
 
 def assert_adapter_loaded(model, adapter_dir: Path) -> None:

@@ -14,25 +14,7 @@ from pipeline import folders
 
 import prepare_data
 import train
-from conftest import demo_problems, one_error_line, write_jsonl
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def stage(*argv, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def single_error(done: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert done.returncode == code, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    return lines[0]
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import ROOT, demo_problems, one_error_line, single_error, snapshot, stage, write_jsonl
 
 
 def copy_model(demo_model: Path, to: Path) -> Path:
@@ -197,7 +179,7 @@ def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared
     shutil.copytree(short_run / "run", run)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run / ".lock").write_text(f"{other.pid} {os.uname().nodename}")
+        (run / folders.RUN_LOCK).write_text(f"{other.pid} {os.uname().nodename}")
         before = snapshot(run)
         error = single_error(stage(ROOT / "train.py", "--model", demo_model, "--data", short_run / "prepared", "--out",
                                    run,
@@ -211,7 +193,7 @@ def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared
                  "--max-steps", "3",
                  "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--resume")
     assert done.returncode == 0 and "removing the stale lock" in done.stderr, done.stderr[-2000:]
-    assert not (run / ".lock").exists() and (run / "checkpoint-3").is_dir()
+    assert not (run / folders.RUN_LOCK).exists() and (run / "checkpoint-3").is_dir()
 
 
 @pytest.mark.slow
