@@ -1,25 +1,28 @@
-"""Stage 7: merge the fine-tuned LoRA adapter into its base model, as one plain model folder that transformers,
-vLLM and llama.cpp's converter load without peft.
+"""Stage 7: merge the fine-tuned LoRA adapter into its base, as one plain model that transformers and vLLM load
+without peft, and, with --gguf, one .gguf file for llama.cpp, Ollama and LM Studio with an Ollama Modelfile.
 
 Run:
     python export.py                                   # model/ + checkpoints/final/ -> export/
+    python export.py --gguf q8_0                       # also export/model-q8_0.gguf and export/Modelfile
     python export.py --adapter checkpoints/checkpoint-100 --out my-coder --dtype float16
 
-Reads:  model/ (the base, loaded unquantised), the adapter (checkpoints/final/ by default), prepared_data/ (a few
-        held-out prompts for the self-check; the bundled demo problems without it)
+Reads:  model/, the adapter (checkpoints/final/ by default), prepared_data/ (a few held-out prompts for the
+        self-check; the bundled demo problems without it)
 Writes: export/ (model.safetensors, or model-0000N-of-0000M.safetensors above --max-shard-size; config.json,
-        generation_config.json, the tokenizer files and chat template, export_settings.json)
+        generation_config.json, the tokenizer files and chat template, export_settings.json; with --gguf also
+        model-<type>.gguf and Modelfile)
 Needs:  pipeline/
 Before: verify_model.py
-Next:   python generate.py --model export --prompt "..."  ·  vllm serve export/
-        llama.cpp: convert_hf_to_gguf.py export/
+Next:   python generate.py --model export --prompt "..."  ·  vllm serve export/  ·  ollama create -f export/Modelfile
 
-The base is loaded unquantised in --merge-dtype (float32: exact, 4 bytes per parameter of RAM), the adapter put
-on it, and peft's merge_and_unload adds the low-rank update into each weight. Before anything is written the
-merged model checks itself: its greedy completions of a few held-out prompts must equal those of the same base
-with the adapter unmerged, in the same dtype; a mismatch is an error and nothing is written. The weights are then
-cast to --dtype (default: the base model's own) and saved. export_settings.json records the template, the base
-model and the adapter, so that generate.py and evaluate.py prompt the exported model the way it was trained.
+The model exported is the model evaluate.py scored: QLoRA trained the adapter against the base's 4-bit NF4 weights,
+so by default it is added to those weights, dequantised, and kept in --dtype (the base's own by default)
+(pipeline/merging.py). --merge-into original adds it to the unquantised original weights instead: a model nobody
+trained or scored, close on a small model and not on a real one. Before anything is written the merged model checks
+itself against base + adapter as evaluate.py loads it: its greedy completions of a few held-out prompts must be
+equal (the largest logit difference is printed); a mismatch is an error and nothing is written. With --gguf the
+.gguf file checks itself too (pipeline/gguf_export.py). export_settings.json records the template, base model and
+adapter, so generate.py and evaluate.py prompt the exported model the way it was trained.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline import cli, data, folders, inference, models, prompts
+from pipeline import cli, data, folders, gguf_export, inference, merging, models, prompts
 from pipeline.cli import StageError
 
 CHECK_PROMPTS = 3
@@ -46,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=folders.EXPORT_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype of the saved weights (default: the base model's own)")
-    parser.add_argument("--merge-dtype", choices=DTYPES, default="float32",
-                        help="dtype the merge and the self-check run in (default: %(default)s, exact; bfloat16 halves "
-                             "the RAM)")
+    parser.add_argument("--merge-into", choices=merging.MERGE_INTO, default="quantized",
+                        help="quantized: the 4-bit weights the adapter was trained and scored on, dequantised "
+                             "(default); original: the unquantised original weights")
+    parser.add_argument("--gguf", choices=gguf_export.TYPES, default=None,
+                        help="also write model-<type>.gguf for llama.cpp, Ollama and LM Studio, and a Modelfile "
+                             "(q8_0: 1 byte per weight; f16/bf16: 2; f32: 4)")
     parser.add_argument("--max-shard-size", type=shard_size, default="2GB",
                         help="largest .safetensors file; bigger models are sharded (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
@@ -89,36 +95,34 @@ def run(args, settings: dict) -> int:
     dtype = args.dtype or base_dtype(model_dir)
     template = prompts.get(settings.get("template", prompts.DEFAULT.name))
     models.quiet_libraries()
-    import torch
-
     tokenizer = models.load_tokenizer(model_dir)
-    choice = models.DeviceChoice("cpu", args.merge_dtype, f"merge on the CPU in {args.merge_dtype}")
-    model = inference.load_for_inference(model_dir, adapter, choice, load_in_4bit=False)
-    parameters = sum(p.numel() for p in model.get_base_model().parameters())
-    folders.check_free_space(out.parent, parameters * getattr(torch, dtype).itemsize,
+    reference = merging.load_reference(model_dir, adapter, args.merge_into)
+    parameters = sum(p.numel() for p in reference.get_base_model().parameters())
+    bytes_per_weight = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    folders.check_free_space(out.parent, parameters * bytes_per_weight * (2 if args.gguf else 1),
                              f"the merged model ({parameters / 1e6:,.0f}M parameters in {dtype})")
-
-    print(f"merging {adapter}/ into {model_dir}/ ({parameters / 1e6:,.0f}M parameters, {args.merge_dtype}); "
+    weights = "its dequantised 4-bit weights" if args.merge_into == "quantized" else "its original weights"
+    print(f"merging {adapter}/ into {weights} ({model_dir}/, {parameters / 1e6:,.0f}M parameters) in {dtype}; "
           f"template '{template.name}'")
-    merged_model = merge_and_check(model, tokenizer, check_prompts(Path(args.data), template, tokenizer), template)
-    merged_model = merged_model.to(getattr(torch, dtype))
-    merged_model.config.use_cache = True
+    merged = merging.merged_model(reference, model_dir, dtype)
+    check_texts = check_prompts(Path(args.data), template, tokenizer)
+    compare_answers(reference, merged, tokenizer, check_texts, template, "base + adapter as evaluate.py loads it")
+    merged.config.use_cache = True
     with folders.atomic_output_dir(out, "export") as tmp:
-        merged_model.save_pretrained(str(tmp), max_shard_size=args.max_shard_size)
+        merged.save_pretrained(str(tmp), max_shard_size=args.max_shard_size)
         tokenizer.save_pretrained(str(tmp))
         folders.write_json(tmp / folders.EXPORT_SETTINGS, {
             "template": template.name, "base_model_id": models.model_id(model_dir), "adapter": str(adapter.resolve()),
-            "dtype": dtype, "merge_dtype": args.merge_dtype, "lora_target_modules": settings.get("lora_target_modules"),
+            "dtype": dtype, "merge_into": args.merge_into, "gguf": args.gguf,
+            "lora_target_modules": settings.get("lora_target_modules"),
             "prepared_stats": settings.get("prepared_stats", {}),
         })
         problem = models.model_folder_problem(tmp, remedy=False)
         if problem:
             raise StageError(f"the export is incomplete ({problem}): nothing was written", cli.EXIT_FAILED)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
-    files = len(list(out.glob("*.safetensors")))
-    print(f"✓ merged model saved in {out}/ ({size:,.1f} MB of {dtype} safetensors, {files} file(s))")
-    print(f"next: python generate.py --model {out} --prompt \"Write a function to ...\"  ·  vllm serve {out}/  ·  "
-          f"llama.cpp: python convert_hf_to_gguf.py {out}/")
+        if args.gguf:
+            write_gguf(tmp, args.gguf, merged, tokenizer, check_texts, template)
+    report(out, dtype, args.gguf)
     return 0
 
 
@@ -157,20 +161,117 @@ def check_prompts(data_dir: Path, template: prompts.Template, tokenizer) -> list
     return [tokenizer.decode(row["input_ids"][:64]) for row in rows]
 
 
-def merge_and_check(model, tokenizer, prompts_to_check: list[str], template: prompts.Template):
-    """The adapter merged into the base weights (peft's merge_and_unload), after its greedy completions of the
-    check prompts are found equal to those of base + adapter; nothing is written otherwise."""
-    unmerged = inference.generate(model, tokenizer, prompts_to_check, CHECK_TOKENS, template=template)
-    merged_model = model.merge_and_unload()
-    merged = inference.generate(merged_model, tokenizer, prompts_to_check, CHECK_TOKENS, template=template)
-    for prompt, before, after in zip(prompts_to_check, unmerged, merged):
+def compare_answers(expected_model, model, tokenizer, texts: list[str], template: prompts.Template,
+                    what: str) -> None:
+    """The greedy completions of `model` must equal those of `expected_model`; the largest difference of their
+    next-token logits over the prompts is printed. Nothing is written on a mismatch."""
+    expected = inference.generate(expected_model, tokenizer, texts, CHECK_TOKENS, template=template)
+    got = inference.generate(model, tokenizer, texts, CHECK_TOKENS, template=template)
+    for text, before, after in zip(texts, expected, got):
         if before[0]["completion"] != after[0]["completion"]:
-            raise StageError(f"the merged model answers differently from base + adapter (prompt {prompt[:60]!r}: "
+            raise StageError(f"the export answers differently from {what} (prompt {text[:60]!r}: "
                              f"{before[0]['completion'][:60]!r} vs {after[0]['completion'][:60]!r}): nothing was "
                              f"written", cli.EXIT_FAILED)
-    print(f"✓ self-check: greedy completions of {len(prompts_to_check)} held-out prompts equal those of "
-          f"base + adapter")
-    return merged_model
+    gap = largest_logit_difference(expected_model, model, tokenizer, texts)
+    print(f"✓ self-check: greedy completions of {len(texts)} held-out prompts equal those of {what} (largest "
+          f"next-token logit difference {gap:.2g})")
+
+
+def largest_logit_difference(first, second, tokenizer, texts: list[str]) -> float:
+    import torch
+
+    gap = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([prompts.encode_prompt(tokenizer, text)])
+            logits = [model(input_ids=ids.to(next(model.parameters()).device)).logits[0, -1].float().cpu()
+                      for model in (first, second)]
+            gap = max(gap, float((logits[0] - logits[1]).abs().max()))
+    return gap
+
+
+def write_gguf(folder: Path, outtype: str, merged, tokenizer, texts: list[str], template: prompts.Template) -> None:
+    """folder/model-<type>.gguf and folder/Modelfile, after the GGUF has checked itself against the merged model."""
+    print(f"writing {gguf_export.file_name(outtype)} with llama.cpp's converter")
+    gguf_file = gguf_export.convert(folder, outtype)
+    problems = gguf_export.metadata_problems(gguf_file, tokenizer)
+    if problems:
+        raise StageError(f"the GGUF does not carry the model's tokens: {'; '.join(problems)}: nothing was written",
+                         cli.EXIT_FAILED)
+    loaded, gguf_tokenizer = gguf_export.load_back(gguf_file)
+    for text in texts:
+        if gguf_tokenizer(text)["input_ids"] != tokenizer(text)["input_ids"]:
+            raise StageError(f"the GGUF's tokenizer splits {text[:60]!r} differently from the model's: nothing was "
+                             f"written", cli.EXIT_FAILED)
+    check_tokens_chosen_alike(merged, loaded, tokenizer, texts, template)
+    check_in_llama_cpp(gguf_file, merged, tokenizer, texts, template)
+    (folder / gguf_export.MODELFILE).write_text(gguf_export.modelfile(gguf_file.name, template, tokenizer),
+                                                encoding="utf-8")
+
+
+def check_tokens_chosen_alike(merged, loaded, tokenizer, texts: list[str], template: prompts.Template) -> None:
+    """The GGUF read back (dequantised) must choose every token of the merged model's greedy answers as the merged
+    model does, except at a near-tie: where the merged model's two best tokens are closer than the largest logit
+    difference between the two. That difference must itself be small against the spread of the logits (under half
+    their standard deviation): a quantised GGUF moves the logits a little, a broken one a lot."""
+    import torch
+
+    answers = inference.generate(merged, tokenizer, texts, CHECK_TOKENS, template=template)
+    gap, spread, tokens, ties, differing = 0.0, 0.0, 0, 0, []
+    for text, answer in zip(texts, answers):
+        prompt = prompts.encode_prompt(tokenizer, text)
+        answer_ids = tokenizer(answer[0]["completion"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + answer_ids])
+        with torch.no_grad():
+            ours, theirs = (model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() for model in (merged, loaded))
+        gap = max(gap, float((ours - theirs).abs().max()))
+        spread = max(spread, float(ours.std()))
+        best_two = ours.topk(2).values
+        for position, (margin, ours_token, theirs_token) in enumerate(zip(
+                (best_two[:, 0] - best_two[:, 1]).tolist(), ours.argmax(-1).tolist(), theirs.argmax(-1).tolist())):
+            tokens += 1
+            if ours_token != theirs_token:
+                ties += 1
+                differing.append((margin, text, position))
+    decided = [(margin, text, position) for margin, text, position in differing if margin >= gap]
+    if gap >= spread / 2 or decided:
+        where = (f"; at token {decided[0][2]} of the answer to {decided[0][1][:50]!r} the merged model's choice "
+                 f"leads by {decided[0][0]:.3g}") if decided else ""
+        raise StageError(f"the GGUF, read back, does not answer as the merged model does (largest logit difference "
+                         f"{gap:.3g}, the logits' spread {spread:.3g}{where}): nothing was written", cli.EXIT_FAILED)
+    print(f"✓ GGUF self-check: read back, it chooses {tokens - ties} of the {tokens} answer tokens of {len(texts)} "
+          f"held-out prompts as the merged model does, the other {ties} at near-ties (largest logit difference "
+          f"{gap:.2g}, the logits' spread {spread:.2g}); its special tokens, chat template and tokenizer are the "
+          f"model's")
+
+
+def check_in_llama_cpp(gguf_file: Path, merged, tokenizer, texts: list[str], template: prompts.Template) -> None:
+    ids = [prompts.encode_prompt(tokenizer, text) for text in texts]
+    answers = gguf_export.llama_cpp_answers(gguf_file, ids, CHECK_TOKENS)
+    if answers is None:
+        print("- not checked in llama.cpp itself: llama-cpp-python is not installed (pip install llama-cpp-python, "
+              "which compiles llama.cpp, to check there too)")
+        return
+    expected = inference.generate(merged, tokenizer, texts, CHECK_TOKENS, template=template)
+    got = [template.cut(tokenizer.decode(answer, skip_special_tokens=True)) for answer in answers]
+    if [e[0]["completion"] for e in expected] != got:
+        raise StageError("llama.cpp answers the check prompts differently from the merged model: nothing was "
+                         "written", cli.EXIT_FAILED)
+    print(f"✓ llama.cpp itself answers the {len(texts)} prompts as the merged model does")
+
+
+def report(out: Path, dtype: str, gguf: str | None) -> None:
+    shards = list(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in shards) / 1e6
+    print(f"✓ merged model saved in {out}/ ({size:,.1f} MB of {dtype} safetensors, {len(shards)} file(s))")
+    if gguf:
+        gguf_file = out / gguf_export.file_name(gguf)
+        print(f"✓ {gguf_file} ({gguf_file.stat().st_size / 1e6:,.1f} MB) and {out / gguf_export.MODELFILE}")
+        print(f"next: ollama create my-coder -f {out / gguf_export.MODELFILE} && ollama run my-coder  ·  "
+              f"llama-cli -m {gguf_file} -p \"...\"  ·  python generate.py --model {out} --prompt \"...\"")
+        return
+    print(f"next: python generate.py --model {out} --prompt \"Write a function to ...\"  ·  vllm serve {out}/  ·  "
+          f"for llama.cpp and Ollama: python export.py --gguf q8_0 --overwrite")
 
 
 if __name__ == "__main__":

@@ -382,23 +382,10 @@ def build_model(model_dir: str, choice, load_in_4bit: bool, lora_r: int, lora_al
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    if load_in_4bit and choice.device == "cpu":
-        keep_trainable_4bit_layout(model)
     set_seed(seed)  # LoRA's A matrices are random: same seed, same start
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets,
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-def keep_trainable_4bit_layout(model) -> None:
-    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its inference kernel the first time it runs
-    in eval mode without gradients (the mid-run evaluation), and from then on training goes through that kernel,
-    which has no backward and adds the bias in place (a crash under DDP). Keep the trainable layout all run."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def loss_for(model, loss: str):

@@ -91,7 +91,13 @@ def resolve_adapter(requested: str | None, base_only: bool = False, model_dir: s
 
 
 def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, choice, load_in_4bit: bool):
-    """Base model (plus the LoRA adapter, if given) in eval mode with the KV cache on."""
+    """Base model (plus the LoRA adapter, if given) in eval mode with the KV cache on. A merged model (export.py)
+    is loaded as it was saved, in its own dtype, never quantised again: it is the model that was scored."""
+    merged = export_settings(model_dir)
+    if merged and (load_in_4bit or merged.get("dtype", choice.dtype_name) != choice.dtype_name):
+        dtype = merged.get("dtype", choice.dtype_name)
+        print(f"note: {model_dir}/ is a merged model: loaded as saved ({dtype}), not quantised again", file=sys.stderr)
+        choice, load_in_4bit = models.DeviceChoice(choice.device, dtype, choice.reason), False
     model = models.load_model(model_dir, choice, load_in_4bit)
     if adapter_dir is not None:
         model = attach_adapter(model, adapter_dir, model_dir)

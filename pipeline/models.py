@@ -199,11 +199,25 @@ def load_model(model_dir: str | Path, choice: DeviceChoice, load_in_4bit: bool):
     if load_in_4bit:
         kwargs.update(quantization_config=quantization_config(choice.dtype), device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if load_in_4bit and choice.device == "cpu":
+        compute_in_declared_dtype(model)
     if not load_in_4bit:
         model.to(device)
     if torch.cuda.is_available() and choice.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     return model
+
+
+def compute_in_declared_dtype(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes would switch a 4-bit layer to a bf16 inference kernel the first
+    time it runs in eval mode without gradients: its answers would then depend on the CPU (and on the batch), the
+    adapter would be scored in another precision than it was trained in, and training would go on through a
+    kernel that has no backward (a crash under DDP). Every 4-bit layer keeps computing in the compute dtype."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def find_lora_targets(model_dir: str | Path) -> list[str]:

@@ -1,0 +1,81 @@
+"""export.py --gguf: one .gguf file for llama.cpp, Ollama and LM Studio, written by llama.cpp's own (pinned)
+converter and checked before it is kept, for every model family the project trains; an Ollama Modelfile whose
+template renders the training prompt byte for byte."""
+
+import json
+import shutil
+
+import pytest
+from gguf import GGUFReader
+
+from pipeline import cli, folders, gguf_export, models, prompts
+
+import download_model
+import export
+import prepare_data
+import train
+from conftest import demo_problems, train_argv
+
+pytestmark = pytest.mark.slow  # llama.cpp's converter, and a model read back from each file
+
+
+@pytest.fixture(scope="module")
+def families(demo_data, tmp_path_factory):
+    """A 3-step QLoRA run for each demo family: Qwen2 (the project's own), Llama 3 (a BOS, an untied output layer),
+    GPT-2 (Conv1D layers), and the instruct model trained with its chat template."""
+    runs = {}
+    for family in ("qwen2", "llama", "gpt2", "qwen2-instruct"):
+        root = tmp_path_factory.mktemp(family)
+        assert download_model.main(["--demo", "--demo-family", family, "--out", str(root / "model")]) == 0
+        chat = ["--template", "chat"] if family.endswith("instruct") else []
+        assert prepare_data.main(["--data", str(demo_data), "--model", str(root / "model"), "--out",
+                                  str(root / "prepared"), "--check-tests", "off", *chat]) == 0
+        assert train.main(train_argv(root / "model", root / "prepared", root / "run", max_steps=3, save_steps=3,
+                                     lr="3e-3")) == 0
+        runs[family] = root
+    return runs
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2", "qwen2-instruct"])
+def test_a_q8_0_gguf_of_each_family_checks_itself_and_carries_a_modelfile(families, family, capsys):
+    root = families[family]
+    out = root / "export"
+    assert export.main(["--model", str(root / "model"), "--adapter", str(root / "run" / "checkpoint-3"), "--data",
+                        str(root / "prepared"), "--out", str(out), "--gguf", "q8_0"]) == 0
+    said = capsys.readouterr().out
+    assert "✓ GGUF self-check" in said and "ollama create" in said and "convert_hf_to_gguf" not in said
+    gguf_file = out / "model-q8_0.gguf"
+    fields = GGUFReader(str(gguf_file)).fields
+    tokenizer = models.load_tokenizer(root / "model")
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert fields["general.architecture"].contents() == {"qwen2": "qwen2", "llama": "llama", "gpt2": "gpt2",
+                                                         "qwen2-instruct": "qwen2"}[family]
+    settings = folders.read_json(out / folders.EXPORT_SETTINGS)
+    template = prompts.get(settings["template"])
+    problem = demo_problems()[60]
+    typed = problem["text"] + "\n" + prompts.TESTS_HEADER + "\n" + "\n".join(problem["test_list"])  # in Ollama
+    rendered = gguf_export.render_modelfile_template((out / gguf_export.MODELFILE).read_text(), typed)
+    # byte for byte the prompt the model was trained on, the task shown with its tests
+    assert rendered == template.prompt(problem["text"], problem["test_list"], tokenizer)
+
+
+def test_the_modelfile_stops_where_generate_py_stops(families):
+    tokenizer = models.load_tokenizer(families["qwen2-instruct"] / "model")
+    text = gguf_export.modelfile("m.gguf", prompts.CHAT, tokenizer)
+    assert 'PARAMETER stop """<|im_end|>"""' in text and "PARAMETER temperature 0" in text
+    assert 'PARAMETER stop """\nTask:"""' in gguf_export.modelfile("m.gguf", prompts.TESTS, tokenizer)
+    assert "FROM ./m.gguf" in text
+
+
+def test_a_tokenizer_llama_cpp_does_not_know_is_refused_in_one_line(families, tmp_path):
+    folder = tmp_path / "merged"
+    shutil.copytree(families["qwen2"] / "model", folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}  # a split no llama.cpp family has
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**json.loads(
+        (folder / "tokenizer_config.json").read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert gguf_export.llama_cpp_pre_tokenizer(folder) is None
+    with pytest.raises(cli.StageError, match="does not know this tokenizer's pre-tokenizer"):
+        gguf_export.convert(folder, "q8_0")
+    assert not (folder / "model-q8_0.gguf").exists()
