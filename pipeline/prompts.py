@@ -15,6 +15,7 @@ Standard library only; the tokenizer is passed in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.cli import StageError
@@ -39,20 +40,21 @@ class Template:
     """One prompt template: its text, the stop sequences of its answers, and what it is for."""
 
     name: str
-    text: str | None  # with {task} and {tests}; None for `chat`, which the tokenizer's chat template renders
+    text: str | None  # with {task} and {tests}; None where `render` or the tokenizer's chat template renders it
     stops: tuple[str, ...]  # stop sequences, looked for in the generated text alone
     continues_code: bool  # the prompt is code (or text) that the answer continues: no task header, kept verbatim
     fits: tuple[str, ...]  # the data shapes (pipeline/data.py) it can prompt
     default_for: tuple[str, ...] = ()  # the data shapes it prompts unless --template says otherwise
     user_turn: str | None = None  # how its task reads as a chat user turn (for `chat` on that shape's data)
-
-    @property
-    def chat(self) -> bool:
-        return self.text is None
+    chat: bool = False  # rendered with the tokenizer's chat template; the answer ends with its end of turn
+    opens_fence: bool = False  # the prompt ends inside an open code block, which the answer's first fence closes
+    render: Callable | None = None  # render(task, tests, tokenizer, as_code): a published harness's own prompt
 
     def prompt(self, task: str, tests: list[str] | None = None, tokenizer=None, as_code: bool = False) -> str:
         """The prompt part of an example: everything before the answer. `chat` needs the tokenizer; `as_code`
         says the task is code to complete (HumanEval), which a chat turn asks for in words."""
+        if self.render is not None:
+            return self.render(task, tests or [], tokenizer, as_code)
         shown = "\n".join(t.strip() for t in tests or [])
         if self.chat:
             form = CODE if as_code else (TESTS if tests else GUIDE)
@@ -73,16 +75,26 @@ class Template:
     def find_stop(self, text: str) -> int | None:
         """Where an answer ends: the first stop sequence in `text`, which must be the generated text alone (a
         prompt's final newline followed by an answer that starts with ``` or assert is not a stop). A fence line
-        ends an answer only when it closes a block the answer opened, never at the opening fence."""
+        ends an answer only where it closes a code block (see closes_block), never at an opening fence."""
         found = None
         for stop in self.stops:
             start = 0
             while (index := text.find(stop, start)) != -1:
-                if stop != "\n" + FENCE or text[:index].count(FENCE) % 2 == 1:
+                if stop != "\n" + FENCE or self.closes_block(text, index + 1):
                     found = index if found is None else min(found, index)
                     break
                 start = index + 1
         return found
+
+    def closes_block(self, text: str, fence: int) -> bool:
+        """Whether the fence at `fence` closes a code block, whoever opened it: the answer (an odd count of fences
+        before it), the prompt (`opens_fence`), or, after code the answer continues, nobody: a bare fence there
+        (no language tag after it) can only close."""
+        before = text[:fence].count(FENCE) + self.opens_fence
+        if before % 2 == 1:
+            return True
+        bare = not text[fence + len(FENCE):].split("\n", 1)[0].strip()
+        return self.continues_code and before == 0 and bare
 
     def cut(self, text: str) -> str:
         """Generated text cut at its first stop sequence (see find_stop)."""
@@ -98,7 +110,7 @@ TESTS = Template("tests", TASK_HEADER + " {task}\n" + TESTS_HEADER + "\n{tests}\
 CODE = Template("code", "{task}", CODE_STOPS, continues_code=True, fits=("humaneval",), default_for=("humaneval",),
                 user_turn="Complete the following Python function:\n" + FENCE + "python\n{task}" + FENCE)
 NONE = Template("none", "{task}", (), continues_code=True, fits=("text",), default_for=("text",))
-CHAT = Template("chat", None, TASK_STOPS, continues_code=False, fits=("mbpp", "humaneval", "instruction"))
+CHAT = Template("chat", None, TASK_STOPS, continues_code=False, fits=("mbpp", "humaneval", "instruction"), chat=True)
 
 TEMPLATES = {template.name: template for template in (GUIDE, TESTS, CODE, NONE, CHAT)}
 DEFAULT = TESTS  # an adapter or a typed task with nothing recorded: the project's own template, for MBPP

@@ -1,5 +1,6 @@
-"""Scoring code by running it: pass@k, a model's summary, what changed between two models, and the tables and
-charts evaluate.py writes.
+"""Scoring code by running it: pass@k with its interval, a model's summary, every model against a reference (the
+difference with its interval and p-value, pipeline/stats.py), which model solved which, and the tables and charts
+evaluate.py writes.
 
 Nothing heavy is imported at module level.
 """
@@ -11,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from pipeline import data, prompts, sandbox
+from pipeline import data, prompts, sandbox, stats
 from pipeline.cli import StageError, short_error
 
 
@@ -32,11 +33,17 @@ def summarize(rows: list[dict], num_samples: int, missing: list[str] = ()) -> di
         by_task.setdefault(row["task_id"], []).append(row["status"])
     # pass@k needs k <= n for every problem: with fewer samples than k the estimator says 1.0 whatever passed.
     max_k = min([num_samples] + [len(s) for s in by_task.values()])
-    problems = len(by_task) + len(missing)
-    scores = {f"pass@{k}": sum(pass_at_k(len(s), s.count("passed"), k) for s in by_task.values()) / max(1, problems)
-              for k in range(1, max_k + 1)}
+    per_problem = {task: {f"pass@{k}": pass_at_k(len(s), s.count("passed"), k) for k in range(1, max_k + 1)}
+                   for task, s in by_task.items()}
+    per_problem.update({task: {f"pass@{k}": 0.0 for k in range(1, max_k + 1)} for task in missing})
+    scores, intervals = {}, {}
+    for k in range(1, max_k + 1):
+        values = [problem[f"pass@{k}"] for problem in per_problem.values()]
+        scores[f"pass@{k}"] = sum(values) / max(1, len(values))
+        intervals[f"pass@{k}"] = stats.mean_interval(values)
     counts = {status: sum(row["status"] == status for row in rows) for status in sandbox.STATUSES}
-    return {"problems": problems, "candidates": len(rows), **scores, "counts": counts, "missing": list(missing)}
+    return {"problems": len(per_problem), "candidates": len(rows), **scores, "intervals": intervals,
+            "counts": counts, "missing": list(missing), "per_problem": per_problem}
 
 
 def score(label: str, problems: list[dict], completions: dict[str, list[str]], box) -> list[dict]:
@@ -103,13 +110,58 @@ def reported_ks(models: dict[str, dict]) -> list[int]:
 
 def markdown_table(models: dict[str, dict]) -> str:
     ks = reported_ks(models)
-    header = "| model | problems | " + " | ".join(f"pass@{k}" for k in ks) + " | passed | failed | timeout | error |"
+    header = ("| model | problems | " + " | ".join(f"pass@{k} [95% interval]" for k in ks)
+              + " | passed | failed | timeout | error |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for label, result in models.items():
         counts = result["counts"]
-        scores = " | ".join(f"{100 * result[f'pass@{k}']:.1f}%" for k in ks)
+        scores = " | ".join(f"{100 * result[f'pass@{k}']:.1f}% [{100 * result['intervals'][f'pass@{k}'][0]:.1f}, "
+                            f"{100 * result['intervals'][f'pass@{k}'][1]:.1f}]" for k in ks)
         lines.append(f"| {label} | {result['problems']} | " + scores
                      + f" | {counts['passed']} | {counts['failed']} | {counts['timeout']} | {counts['error']} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_models(problems: list[dict], models: dict[str, dict], reference: str) -> dict[str, dict]:
+    """Every model against `reference` on the same problems: the pass@1 difference with its interval, the exact
+    McNemar p-value, the verdict in words, and the problems gained and lost by name."""
+    order = [p["task_id"] for p in problems]
+    base = [models[reference]["per_problem"][task]["pass@1"] for task in order]
+    compared = {}
+    for label, result in models.items():
+        if label == reference:
+            continue
+        scores = [result["per_problem"][task]["pass@1"] for task in order]
+        comparison = stats.compare(base, scores)
+        comparison["verdict"] = stats.verdict(comparison, label, reference)
+        comparison["changes"] = changed(problems, models[reference]["per_problem"], result["per_problem"])
+        compared[label] = comparison
+    return compared
+
+
+def changed(problems: list[dict], before: dict, after: dict) -> dict[str, list[str]]:
+    """The problems one model solves (any sample passed) and the other does not: what a fine-tune gained and lost,
+    which a pass@1 of a few problems alone does not say."""
+    solved = lambda scores: {task for task, score in scores.items() if score["pass@1"] > 0}  # noqa: E731
+    was, now = solved(before), solved(after)
+    return {"gained": [problem_name(p) for p in problems if p["task_id"] in now - was],
+            "lost": [problem_name(p) for p in problems if p["task_id"] in was - now]}
+
+
+def matrix(problems: list[dict], models: dict[str, dict], only_differing: bool, limit: int | None = None) -> str:
+    """Which model solved which problem (pass@1 of its samples, ✓ for all of them), as a Markdown table."""
+    labels = list(models)
+    rows = []
+    for problem in problems:
+        cells = [models[label]["per_problem"][problem["task_id"]]["pass@1"] for label in labels]
+        if only_differing and len(set(cells)) == 1:
+            continue
+        marks = ["✓" if cell == 1 else ("✗" if cell == 0 else f"{100 * cell:.0f}%") for cell in cells]
+        rows.append(f"| {problem_name(problem)} | " + " | ".join(marks) + " |")
+    shown = rows[:limit] if limit else rows
+    lines = ["| problem | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1), *shown]
+    if len(shown) < len(rows):
+        lines.append(f"| ... {len(rows) - len(shown)} more | " + " | ".join("" for _ in labels) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,15 +169,6 @@ def problem_name(problem: dict) -> str:
     """A short name to list a problem by: its task id and the function its reference solution defines."""
     found = re.search(r"def\s+(\w+)", problem["code"]) or re.search(r"def\s+(\w+)", problem["task"])
     return f"{problem['task_id']} {found.group(1)}" if found else problem["task_id"]
-
-
-def changed_problems(problems: list[dict], before: list[dict], after: list[dict]) -> dict[str, list[str]]:
-    """The problems one model solves (any sample passed) and the other does not: what a fine-tune gained and lost,
-    which a pass@1 of a few problems alone does not say."""
-    solved = lambda rows: {row["task_id"] for row in rows if row["status"] == "passed"}  # noqa: E731
-    was, now = solved(before), solved(after)
-    return {"gained": [problem_name(p) for p in problems if p["task_id"] in now - was],
-            "lost": [problem_name(p) for p in problems if p["task_id"] in was - now]}
 
 
 def describe_changes(changes: dict[str, list[str]], before: str, after: str, shown: int = 10) -> str:
@@ -148,13 +191,15 @@ def plot(models: dict[str, dict], path: Path) -> None:
 
     ks = reported_ks(models)
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(ks), 3.6))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(ks) * max(1, len(models) / 2), 3.6))
     for i, (label, result) in enumerate(models.items()):
         values = [100 * result[f"pass@{k}"] for k in ks]
-        bars = ax.bar([x + i * width for x in range(len(ks))], values, width, label=label)
-        ax.bar_label(bars, fmt="%.1f%%", fontsize=8)
+        errors = [[100 * (result[f"pass@{k}"] - result["intervals"][f"pass@{k}"][0]) for k in ks],
+                  [100 * (result["intervals"][f"pass@{k}"][1] - result[f"pass@{k}"]) for k in ks]]
+        bars = ax.bar([x + i * width for x in range(len(ks))], values, width, label=label, yerr=errors, capsize=3)
+        ax.bar_label(bars, fmt="%.1f%%", fontsize=8, padding=2)
     ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(ks))], [f"pass@{k}" for k in ks])
-    ax.set_ylabel("problems solved (%)")
+    ax.set_ylabel("problems solved (%), 95% interval")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -172,6 +217,43 @@ def plot_losses(models: dict[str, dict], path: Path) -> None:
     bars = ax.bar(list(models), [m["eval_loss"] for m in models.values()], color=["tab:gray", "tab:blue"][:len(models)])
     ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.set_ylabel("held-out loss (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_checkpoints(steps: dict[str, int], models: dict[str, dict], run: Path, path: Path) -> None:
+    """pass@1 of every checkpoint against its step, with its 95 % interval, beside the run's eval loss (from its
+    metrics.json, when there is one): the loss is not the score, and this shows where they part."""
+    import matplotlib
+
+    from pipeline import monitoring
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(steps, key=lambda label: steps[label])
+    xs = [steps[label] for label in order]
+    ys = [100 * models[label]["pass@1"] for label in order]
+    low = [y - 100 * models[label]["intervals"]["pass@1"][0] for y, label in zip(ys, order)]
+    high = [100 * models[label]["intervals"]["pass@1"][1] - y for y, label in zip(ys, order)]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=3, color="tab:blue", label="held-out pass@1")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("pass@1 (%), 95% interval", color="tab:blue")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    try:
+        history = json.loads((run / monitoring.METRICS).read_text(encoding="utf-8"))["history"]
+    except (OSError, ValueError, KeyError):
+        history = []  # a run without metrics.json (copied checkpoints): the scores alone
+    evals = [row for row in history if "eval_loss" in row]
+    if evals:
+        loss_ax = ax.twinx()
+        loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "s--", color="tab:orange",
+                     label="eval loss")
+        loss_ax.set_ylabel("eval loss", color="tab:orange")
+    fig.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
