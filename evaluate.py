@@ -220,7 +220,7 @@ def load_source(args) -> Source:
         template, fixed = prompts.default_for(fmt), True
     else:
         data_dir = args.data or folders.PREPARED_DIR
-        problems = load_problems(data_dir, args.split, args.limit)
+        problems = data.held_out_problems(data_dir, args.split, args.limit)
         settings = data.prepared_settings(data_dir)
         fmt, where = data.prepared_format(settings), f"{data_dir}/ ({args.split} split)"
         template, fixed = prompts.get(settings["template"]), False
@@ -241,19 +241,6 @@ def protocol(args, fmt: str) -> prompts.Template:
     if fmt not in template.fits:
         raise StageError(f"--protocol {args.protocol} prompts {' and '.join(template.fits)} problems, not {fmt} data")
     return template
-
-
-def load_problems(data_dir: str, split: str, limit: int | None) -> list[dict]:
-    from datasets import load_from_disk
-
-    folders.require_dataset_dir(data_dir, "prepare_data.py")
-    splits = load_from_disk(data_dir)
-    if split not in splits:
-        raise StageError(f"{data_dir}/ has no {split!r} split (it has: {', '.join(splits)})")
-    wanted = ["task_id", "task", "code", "tests", "test_setup_code", "code_prefix"]
-    rows = splits[split].select_columns([name for name in wanted if name in splits[split].column_names])
-    problems = [{"code_prefix": "", **row} for row in rows]  # data prepared before code_prefix existed has none
-    return problems[:limit] if limit else problems
 
 
 @dataclass
@@ -290,7 +277,10 @@ def run_adapters(run: Path) -> list[Path]:
     kept = [path for path in run_folder.find_checkpoints(run)
             if run_folder.written_by_train(path) and run_folder.checkpoint_problem(path) is None]
     final = run / folders.FINAL_ADAPTER
-    adapters = kept + ([final] if (final / folders.ADAPTER_CONFIG).is_file() else [])
+    if (final / folders.ADAPTER_CONFIG).is_file():
+        # A checkpoint of the last step holds the weights final/ holds: scored once, as final/.
+        kept = [path for path in kept if run_folder.checkpoint_step(path) != step_of(final)] + [final]
+    adapters = kept
     if not adapters:
         raise StageError(f"{run}/ holds no usable checkpoint or final adapter yet")
     return adapters
@@ -305,10 +295,26 @@ def step_of(adapter: Path) -> int:
 
 def names(folders_: list[Path]) -> list[str]:
     """Each model named after its folder (a run's final/ is its `fine-tuned` model); where two would share a name,
-    the folder above tells them apart."""
-    short = ["fine-tuned" if path.name == folders.FINAL_ADAPTER else path.name for path in folders_]
-    return [f"{path.resolve().parent.name}/{name}" if short.count(name) > 1 else name
-            for path, name in zip(folders_, short)]
+    the nearest folder above that tells them apart (runs/r8/final, runs/r16/checkpoints/final: r8/fine-tuned,
+    r16/fine-tuned)."""
+    resolved = [path.resolve() for path in folders_]
+    repeated = [path for path in set(resolved) if resolved.count(path) > 1]
+    if repeated:
+        raise StageError(f"{repeated[0]} is given twice: each model once")
+    short = ["fine-tuned" if path.name == folders.FINAL_ADAPTER else path.name for path in resolved]
+    depth = [0] * len(resolved)
+
+    def label(index: int) -> str:
+        return f"{resolved[index].parents[depth[index] - 1].name}/{short[index]}" if depth[index] else short[index]
+
+    while True:
+        found = [label(index) for index in range(len(resolved))]
+        clashing = [index for index, name in enumerate(found)
+                    if found.count(name) > 1 and depth[index] < len(resolved[index].parents) - 1]
+        if not clashing:
+            return found
+        for index in clashing:
+            depth[index] += 1
 
 
 def base_label(model_dir: str) -> str:
@@ -439,9 +445,9 @@ def trained_settings(adapter: Path | None, model_dir: str) -> tuple[dict, str]:
 
 
 def best_checkpoint(steps: dict[str, int], summaries: dict, comparisons: dict, problems: list[dict]) -> dict:
-    """The checkpoint with the highest pass@1 (the earliest among equals), and how sure that is: it against the
-    final adapter, with the interval and p-value of their difference."""
-    best = max(steps, key=lambda label: (summaries[label]["pass@1"], -steps[label]))
+    """The checkpoint with the highest pass@1 (the later among equals: trained longer, and nothing more to keep),
+    and how sure that is: it against the last, with the interval and p-value of their difference."""
+    best = max(steps, key=lambda label: (summaries[label]["pass@1"], steps[label]))
     last = max(steps, key=lambda label: steps[label])
     found = {"steps": steps, "best": best, "best_step": steps[best]}
     if best != last:
@@ -454,13 +460,17 @@ def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]],
     models_ = summary["models"]
     lines = [scoring.markdown_table(models_)]
     lines += [comparison["verdict"] for comparison in summary["comparisons"].values()]
-    for label, comparison in summary["comparisons"].items():
+    if len(models_) == 2:  # the problems gained and lost by name; with more models, the matrix below says it
+        label, comparison = next(iter(summary["comparisons"].items()))
         lines.append(scoring.describe_changes(comparison["changes"], summary["reference"], label).rstrip())
     if "checkpoints" in summary:
         found = summary["checkpoints"]
+        scores = {models_[label]["pass@1"] for label in found["steps"]}
         line = (f"best checkpoint by pass@1: {found['best']} (step {found['best_step']}, "
                 f"{100 * models_[found['best']]['pass@1']:.1f}%)")
-        if "best_against_last" in found:
+        if len(scores) == 1:
+            line += f": all {len(found['steps'])} score alike on these problems; the choice makes no difference here"
+        elif "best_against_last" in found:
             line += f"; against the last: {found['best_against_last']['verdict'].split(': ', 1)[1]}"
         lines.append(line)
     table = "\n".join(lines) + "\n"
@@ -476,7 +486,7 @@ def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]],
 
     write_results(args.out, summary, all_rows, table + "\nWhich model solved which:\n\n" + full, draw)
     print("\n" + table)
-    if len(models_) > 1 and differing.count("\n") > 2:
+    if len(models_) > 2 and differing.count("\n") > 2:
         print(f"which model solved which (the problems where they differ; all {len(source.problems)} in "
               f"{args.out}/{TABLE_NAME}):\n{differing}")
     print(f"✓ every candidate's verdict in {args.out}/ ({', '.join(files)})")

@@ -46,6 +46,7 @@ from pipeline.cli import StageError
 
 # Flags a resumed run must share with the run it continues: a checkpoint trained with another rank, batch, rate
 # or precision is another run. How long to train, how often to log and save may change.
+SCORE_BATCH = 16  # prompts generated together when scoring checkpoints (evaluate.py's default batch)
 RESUME_FLAGS = ("lora_r", "lora_dropout", "batch_size", "grad_accum", "lr", "warmup_ratio", "optim", "no_4bit",
                 "loss", "seed")
 
@@ -93,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     # checkpoints and logging
     parser.add_argument("--save-steps", type=positive_int, default=50,
                         help="checkpoint and eval loss every N steps (default: %(default)s)")
-    parser.add_argument("--keep-last", type=positive_int, default=3, help="checkpoints to keep (default: %(default)s)")
+    parser.add_argument("--keep-last", type=positive_int, default=3,
+                        help="checkpoints to keep, and with --score-checkpoints the best-scoring one (default: "
+                             "%(default)s)")
+    parser.add_argument("--score-checkpoints", action="store_true",
+                        help="at every evaluation also run the held-out problems' tests (greedy pass@1, as "
+                             "evaluate.py scores), since the loss is not the score; slower: one generation per save")
+    parser.add_argument("--score-max-new-tokens", type=positive_int, default=384,
+                        help="longest answer when scoring checkpoints (default: %(default)s, as evaluate.py)")
     parser.add_argument("--logging-steps", type=positive_int, default=10,
                         help="one log line every N steps (default: %(default)s)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
@@ -194,6 +202,10 @@ def data_problems(args, stats: dict) -> list[str]:
     if prepared.get("streaming") and not args.max_steps:
         problems.append(f"{args.data}/ streams its training text, whose length is unknown: pass --max-steps "
                         f"(e.g. --max-steps 1000)")
+    fmt = data.prepared_format(prepared)
+    if args.score_checkpoints and not data.HAS_TESTS[fmt]:
+        problems.append(f"--score-checkpoints runs the held-out problems' tests: {fmt} data has none (its eval loss "
+                        f"is what there is to compare)")
     if stats.get("tokens", {}).get("trained") == 0:
         problems.append(f"{args.data}/ holds no token to train on: prepare it again with a larger --max-length")
     return problems
@@ -285,7 +297,8 @@ def run(args, stats: dict, checkpoint: Path | None, ranks: Ranks, argv) -> int:
             say(f"--resume: no usable checkpoint in {out}/ yet: starting from step 0")
         if ranks.is_main:
             prepare_run_folder(out, args.overwrite, settings)
-        trainer, padding = build_trainer(settings, model, compute_loss, inputs, out, say)
+        scorer = held_out_scorer(args, stats, inputs) if args.score_checkpoints else None
+        trainer, padding = build_trainer(settings, model, compute_loss, inputs, out, say, scorer)
         started = time.time()
         train_loss = fit(trainer, model, checkpoint, settings, say)
         if trainer.stop.signal_name is not None:
@@ -297,8 +310,12 @@ def run(args, stats: dict, checkpoint: Path | None, ranks: Ranks, argv) -> int:
                   "padding_share": round(padding, 4),
                   "last_train_loss": next((e["loss"] for e in reversed(history) if "loss" in e), None),
                   "eval_loss": trainer.final_eval_loss(), "runtime_s": round(time.time() - started, 1)}
+        scored = [entry for entry in history if "eval_pass@1" in entry and entry["step"] == result["global_step"]]
+        result.update({key: scored[-1][key] for key in ("eval_pass@1", "eval_solved")} if scored else {})
     if ranks.is_main:  # the first process saves the adapter
         save(model, inputs.tokenizer, settings, result, out, say)
+        if scorer is not None:
+            say(describe_scores(trainer, out))
         say(f"next: python verify_model.py --model {args.model} --adapter {out / folders.FINAL_ADAPTER}")
     return 0
 
@@ -546,7 +563,7 @@ def prepare_run_folder(out: Path, overwrite: bool, settings: RunSettings) -> Non
 # Train: the Trainer, what it will do printed first.
 
 
-def build_trainer(settings: RunSettings, model, compute_loss, inputs: Inputs, out: Path, say):
+def build_trainer(settings: RunSettings, model, compute_loss, inputs: Inputs, out: Path, say, scorer=None):
     """The Trainer, and the share of padding in an epoch of its batches; what it will do is printed first."""
     from pipeline.trainer import PipelineTrainer
 
@@ -574,6 +591,7 @@ def build_trainer(settings: RunSettings, model, compute_loss, inputs: Inputs, ou
         total_steps=settings.total_steps,
         settings=settings.to_json(),
         trainable_params=trainable,
+        scorer=scorer,
     )
     if inputs.stream:  # full blocks of packed text: nothing to pad, and the stream is not read twice
         say(f"training text streamed from {inputs.stream['source']['dataset']} after its first "
@@ -584,6 +602,37 @@ def build_trainer(settings: RunSettings, model, compute_loss, inputs: Inputs, ou
     say(f"padding: {100 * padding:.1f}% of the tokens of an epoch (batches grouped by length, padded to their "
         f"longest)")
     return trainer, padding
+
+
+def held_out_scorer(args, stats: dict, inputs: Inputs):
+    """model -> its greedy pass@1 on the held-out problems, their tests run in the sandbox as evaluate.py runs them
+    (--score-checkpoints). Mid-training the model is in train mode, its cache off and, with the chunked loss, its
+    output layer stood in for: all put back as they were after generating."""
+    from pipeline import inference, loss, sandbox, scoring
+
+    fmt, template = data.prepared_format(stats["settings"]), prompts.get(stats["settings"]["template"])
+    problems = data.held_out_problems(args.data)
+    problems = [data.as_chat(problem) for problem in problems] if template.chat else problems
+    texts = [data.prompt_for(fmt, problem, template, inputs.tokenizer) for problem in problems]
+    box = sandbox.Sandbox(sandbox.Limits())
+
+    def score(model) -> dict:
+        training, use_cache = model.training, model.config.use_cache
+        model.eval()
+        model.config.use_cache = True
+        try:
+            with loss.output_layer_restored(model):
+                answers = inference.generate(model, inputs.tokenizer, texts, args.score_max_new_tokens,
+                                             batch_size=SCORE_BATCH, template=template)
+        finally:
+            model.train(training)
+            model.config.use_cache = use_cache
+        completions = {problem["task_id"]: [answer[0]["completion"]] for problem, answer in zip(problems, answers)}
+        rows = scoring.score("held-out", problems, completions, box, progress=False)
+        solved = sum(row["status"] == "passed" for row in rows)
+        return {"eval_pass@1": round(solved / len(problems), 4), "eval_solved": solved}
+
+    return score
 
 
 def describe_plan(settings: RunSettings, inputs: Inputs, trainable: int, total: int) -> str:
@@ -676,6 +725,15 @@ def stopped(trainer, settings: RunSettings, out: Path, argv, say) -> int:
         f"checkpoint saved in {run_folder.find_checkpoints(out)[-1]}/\n"
         f"resume with: python train.py {shlex.join(command + ['--resume'])}")
     return 128 + getattr(signal, trainer.stop.signal_name)
+
+
+def describe_scores(trainer, out: Path) -> str:
+    """--score-checkpoints: the held-out pass@1 of each evaluation, and which checkpoint scored best."""
+    scored = [(entry["step"], entry["eval_pass@1"]) for entry in trainer.state.log_history if "eval_pass@1" in entry]
+    best = trainer.best_scored()
+    kept = (f"the best kept checkpoint by score: {best}/" if best else "no scored checkpoint kept")
+    return (f"held-out pass@1 by step: {', '.join(f'{step}: {100 * score:.1f}%' for step, score in scored)}; {kept}; "
+            f"how sure each difference is: python evaluate.py --checkpoints {out}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -200,6 +200,20 @@ def program(problem: dict, completion: str) -> tuple[str, list[str], str]:
 # prepared_data/: its settings, its fingerprint, a streamed source, batches.
 
 
+def held_out_problems(data_dir: str, split: str = "eval", limit: int | None = None) -> list[dict]:
+    """The problems of a split of prepared_data/ as evaluate.py scores them: task, tests, reference and setup."""
+    from datasets import load_from_disk
+
+    folders.require_dataset_dir(data_dir, "prepare_data.py")
+    splits = load_from_disk(data_dir)
+    if split not in splits:
+        raise StageError(f"{data_dir}/ has no {split!r} split (it has: {', '.join(splits)})")
+    wanted = ["task_id", "task", "code", "tests", "test_setup_code", "code_prefix"]
+    rows = splits[split].select_columns([name for name in wanted if name in splits[split].column_names])
+    problems = [{"code_prefix": "", **row} for row in rows]  # data prepared before code_prefix existed has none
+    return problems[:limit] if limit else problems
+
+
 def data_fingerprint(task_ids: dict[str, list[str]], settings: dict) -> str:
     """What prepared data is: which problems are in which split, and how they were tokenized. Recorded in
     stats.json, the run settings and every checkpoint; a resume onto other data is refused."""

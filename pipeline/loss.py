@@ -85,6 +85,10 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
 class _PassThroughHead(torch.nn.Module):
     """Stands in for lm_head during training: the model returns hidden states; the loss projects them."""
 
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.real = [head]  # in a list: not a submodule, so its weight is not counted or saved twice
+
     def forward(self, hidden_states):
         return hidden_states
 
@@ -103,11 +107,27 @@ def output_layer_skipped(model, chunk_size: int = DEFAULT_CHUNK):
     def compute_loss(outputs, labels, num_items_in_batch=None):
         return causal_lm_loss(outputs.logits, head.weight, labels, num_items_in_batch, chunk_size)
 
-    causal_lm.set_output_embeddings(_PassThroughHead())
+    causal_lm.set_output_embeddings(_PassThroughHead(head))
     try:
         yield compute_loss
     finally:
         causal_lm.set_output_embeddings(head)
+
+
+@contextlib.contextmanager
+def output_layer_restored(model):
+    """The real output layer back for a while inside output_layer_skipped (to generate text mid-training, where
+    logits are needed); nothing changes outside it."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stand_in = causal_lm.get_output_embeddings()
+    if not isinstance(stand_in, _PassThroughHead):
+        yield
+        return
+    causal_lm.set_output_embeddings(stand_in.real[0])
+    try:
+        yield
+    finally:
+        causal_lm.set_output_embeddings(stand_in)
 
 
 def keep_embedding_in_compute_dtype(model, dtype: torch.dtype) -> None:

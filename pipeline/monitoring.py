@@ -61,8 +61,9 @@ def loss_warning(losses: list[float]) -> str | None:
 
 def history_of(log_history: list[dict]) -> list[dict]:
     """The Trainer's log history reduced to the rows a user reads (train and eval logs)."""
-    keys = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_input_tokens_seen",
-            "trained_tokens", "tokens_per_second", "trained_tokens_per_second", "memory_gib", "elapsed_s")
+    keys = ("step", "epoch", "loss", "eval_loss", "eval_pass@1", "eval_solved", "learning_rate", "grad_norm",
+            "num_input_tokens_seen", "trained_tokens", "tokens_per_second", "trained_tokens_per_second", "memory_gib",
+            "elapsed_s")
     return [{key: entry[key] for key in keys if key in entry} for entry in log_history
             if "loss" in entry or "eval_loss" in entry]
 
@@ -71,6 +72,8 @@ def totals_of(history: list[dict], total_steps: int, finished: bool) -> dict:
     train = [row for row in history if "loss" in row]
     evals = [row for row in history if "eval_loss" in row]
     best = min(evals, key=lambda row: row["eval_loss"]) if evals else None
+    scored = max((row for row in evals if "eval_pass@1" in row), key=lambda row: (row["eval_pass@1"], row["step"]),
+                 default=None)
     totals = {
         "step": history[-1]["step"] if history else 0,
         "total_steps": total_steps,
@@ -81,6 +84,8 @@ def totals_of(history: list[dict], total_steps: int, finished: bool) -> dict:
         "last_train_loss": train[-1]["loss"] if train else None,
         "best_eval_loss": best["eval_loss"] if best else None,
         "best_eval_step": best["step"] if best else None,
+        "best_pass_at_1": scored["eval_pass@1"] if scored else None,
+        "best_pass_at_1_step": scored["step"] if scored else None,
         "peak_memory_gib": max((row.get("memory_gib", 0) for row in history), default=0),
     }
     # Speeds over the whole run: totals divided by the time they took (evaluations included), never an average of
@@ -107,6 +112,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
     if evals:
         loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss",
                      color="tab:orange")
+    scored = [row for row in evals if "eval_pass@1" in row]
+    if scored:  # train.py --score-checkpoints: the score beside the loss, which it need not follow
+        score_ax = loss_ax.twinx()
+        score_ax.plot([r["step"] for r in scored], [100 * r["eval_pass@1"] for r in scored], "s--",
+                      color="tab:purple", label="held-out pass@1 (%)")
+        score_ax.set_ylabel("held-out pass@1 (%)", color="tab:purple")
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
     loss_ax.grid(alpha=0.3)

@@ -34,9 +34,10 @@ SPLITTER = "-[[]]-this-is-really-our-highest-priority-[[]]-"  # EvalPlus's, to c
 
 
 def evalplus_task(task: str, tests: list[str], as_code: bool) -> str:
-    """EvalPlus's task prompt: HumanEval's code as it is; for MBPP, MBPP+'s docstring of the task and its first
-    assert."""
-    return task if as_code else f'"""\n{task}\n{tests[0]}\n"""\n'
+    """EvalPlus's task prompt: the dataset's `prompt` (HumanEval's code; for MBPP+, a docstring of the task and its
+    first assert) as its codegen.py passes it on: stripped, then one newline."""
+    prompt = task if as_code else f'"""\n{task}\n{tests[0]}\n"""\n'
+    return prompt.strip() + "\n"
 
 
 def evalplus_base(task: str, tests: list[str], tokenizer, as_code: bool) -> str:

@@ -46,7 +46,8 @@ def summarize(rows: list[dict], num_samples: int, missing: list[str] = ()) -> di
             "counts": counts, "missing": list(missing), "per_problem": per_problem}
 
 
-def score(label: str, problems: list[dict], completions: dict[str, list[str]], box) -> list[dict]:
+def score(label: str, problems: list[dict], completions: dict[str, list[str]], box,
+          progress: bool = True) -> list[dict]:
     """Run every completion against its problem's asserts; one row per candidate."""
     from tqdm.auto import tqdm
 
@@ -54,7 +55,7 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
     jobs = [(p, index, text, prompts.extract_code(text)) for p in problems
             for index, text in enumerate(completions.get(p["task_id"], []))]
     programs = [sandbox.build_program(*data.program(p, code)) for p, _, _, code in jobs]
-    with tqdm(total=len(programs), desc=f"testing {label}", unit="candidate") as bar:
+    with tqdm(total=len(programs), desc=f"testing {label}", unit="candidate", disable=not progress) as bar:
         verdicts = box.run_many(programs, progress=bar.update)
     return [{"task_id": p["task_id"], "sample": index, "completion": text, "code": code, "status": v.status,
              "message": v.message, "seconds": round(v.seconds, 3)} for (p, index, text, code), v in zip(jobs, verdicts)]

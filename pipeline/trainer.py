@@ -12,7 +12,9 @@ What it does beyond the stock Trainer, all in this file:
     process after the same step); a second Ctrl-C stops at once;
   * a loss or gradient that is not a finite number stops training at once, before the step is logged, evaluated or
     saved (describe_nonfinite() says where and what to lower); the last step is always logged;
-  * final_eval_loss(): the held-out loss at the last step, measured again only when that step did not evaluate.
+  * final_eval_loss(): the held-out loss at the last step, measured again only when that step did not evaluate;
+  * with a scorer (train.py --score-checkpoints) every evaluation also runs the held-out problems' tests: the
+    pass@1 is logged beside the eval loss (eval_pass@1), and rotation keeps the best-scoring checkpoint too.
 
 Used by train.py, which imports it once training starts (this module imports torch and transformers).
 """
@@ -40,8 +42,11 @@ from pipeline.loss import trained_positions
 class PipelineTrainer(Trainer):
     """Trainer(..., run_dir=, total_steps=, settings=, trainable_params=) with the additions listed above."""
 
-    def __init__(self, *args, run_dir: Path, total_steps: int, settings: dict, trainable_params: int, **kwargs):
+    def __init__(self, *args, run_dir: Path, total_steps: int, settings: dict, trainable_params: int, scorer=None,
+                 **kwargs):
         self.run_dir, self.settings, self.trainable_params = Path(run_dir), settings, trainable_params
+        self.scorer = scorer  # model -> {"eval_pass@1": ..., "eval_solved": ...}, or None
+        self._score: dict | None = None  # the scorer's figures, waiting for the evaluation's log
         self._trained_tokens = 0  # labelled tokens trained on, over every process (see training_step)
         self._monitor_start = time.time()  # reset when training starts
         self._loss_finite = True  # every micro-batch loss of the current step is a number
@@ -114,13 +119,25 @@ class PipelineTrainer(Trainer):
             logs["tokens_per_second"] = round((tokens - last_tokens) / seconds, 1)
             self._last_log = (now, tokens, trained)
             logs["memory_gib"] = round(monitoring.memory_in_use(), 3)
+        if "eval_loss" in logs and self._score:
+            logs.update(self._score)
+            self._score = None
         logs["elapsed_s"] = round(now - self._monitor_start + self._elapsed_before, 1)
         super().log(logs, start_time)
 
     def evaluate(self, *args, **kwargs):
+        if self.scorer is not None:
+            self._score = self.scorer(self.model)  # logged with the eval loss (see log)
         metrics = super().evaluate(*args, **kwargs)
         self._last_eval = (self.state.global_step, metrics["eval_loss"])
         return metrics
+
+    def best_scored(self) -> Path | None:
+        """The kept checkpoint with the highest held-out pass@1 (the later among equals), if any was scored."""
+        scored = {entry["step"]: entry["eval_pass@1"] for entry in self.state.log_history if "eval_pass@1" in entry}
+        kept = [(scored[step], step, path) for path in run_folder.find_checkpoints(self.run_dir)
+                if (step := run_folder.step_of(path)) in scored]
+        return max(kept)[2] if kept else None
 
     def final_eval_loss(self) -> float:
         """The held-out loss at the last step: the evaluation of that step when it had one, else a new one."""
@@ -156,7 +173,9 @@ class PipelineTrainer(Trainer):
                 shutil.rmtree(final)
             os.replace(staging / final.name, final)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=str(self.run_dir), save_total_limit=limit, use_mtime=False)
+            best = self.best_scored()
+            rotate_checkpoints(output_dir=str(self.run_dir), save_total_limit=limit, use_mtime=False,
+                               best_model_checkpoint=str(best) if best else None)
 
 
 class GracefulStop(TrainerCallback):
@@ -242,7 +261,9 @@ class RunMonitor(ProgressCallback):
     def describe(self, state, logs) -> str | None:
         step = f"step {state.global_step}/{self.total_steps}"
         if "eval_loss" in logs:
-            return f"{step} · eval loss {logs['eval_loss']:.4f}"
+            scored = (f" · held-out pass@1 {100 * logs['eval_pass@1']:.1f}% ({logs['eval_solved']} solved)"
+                      if "eval_pass@1" in logs else "")
+            return f"{step} · eval loss {logs['eval_loss']:.4f}{scored}"
         if "loss" not in logs:
             return None
         elapsed = logs.get("elapsed_s", 0.0)

@@ -19,13 +19,13 @@ def test_qlora_learns_solutions_and_to_stop(demo_trained):
     model = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], models.pick_device(),
                                          load_in_4bit=True)
     rows = load_from_disk(str(demo_trained["prepared"]))["train"]
-    assert len(rows) == 78
+    assert len(rows) == 65
     texts = [prompts.DEFAULT.prompt(row["task"], row["tests"]) for row in rows]
     # Room for 40 more tokens than any solution: a model that never learned EOS would run on.
     longest = max(len(row["input_ids"]) for row in rows)
     results = inference.generate(model, tokenizer, texts, max_new_tokens=longest + 40)
     exact = [r[0]["completion"] == row["code"] and r[0]["stopped"] for r, row in zip(results, rows)]
-    assert sum(exact) >= 62, [r[0]["completion"] for r in results]  # 72 of 78 on the development machine
+    assert sum(exact) >= 52, [r[0]["completion"] for r in results]  # 60 of 65 on the development machine
 
 
 def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_trained, tmp_path, capsys):
@@ -41,7 +41,7 @@ def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_
     family = [row["task_id"] for row in family_rows(demo_trained["prepared"], "eval")]
     verdicts = [json.loads(line) for line in (out / "fine-tuned.jsonl").open()]
     solved = {verdict["task_id"] for verdict in verdicts if verdict["status"] == "passed"}
-    assert len(family) >= 3 and len(solved & set(family)) >= len(family) / 2, (family, solved)
+    assert len(family) == 10 and len(solved & set(family)) >= 8, (family, solved)
     # The problems it gained are named, on the screen and in the files.
     assert len(summary["changes"]["gained"]) == len(solved) and not summary["changes"]["lost"]
     table = capsys.readouterr().out
@@ -50,6 +50,10 @@ def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_
     assert summary["changes"]["gained"][0] in (out / evaluate.TABLE_NAME).read_text()
     assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md",
                                                "pass_at_k.png", folders.OWNER}
+    # A quarter held out lets the demo's lift show as more than luck: 8 or more gained, none lost, p <= 2 / 2**8.
+    comparison = summary["comparisons"]["fine-tuned"]
+    assert comparison["p_value"] <= 2 / 2 ** 8 and comparison["interval"][0] > 0
+    assert comparison["verdict"] in table and "more than chance would explain" in comparison["verdict"]
 
 
 def test_the_command_the_demo_suggests_shows_the_fine_tune_at_work(demo_trained, capsys):

@@ -14,15 +14,6 @@ from conftest import family_rows, one_error_line
 pytestmark = pytest.mark.slow  # the demo's whole fine-tune, or several training processes
 
 
-@pytest.fixture(scope="module")
-def exported(demo_trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "export"
-    assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--data",
-                        str(demo_trained["prepared"]),
-                        "--out", str(out), "--max-shard-size", "2MB"]) == 0
-    return out
-
-
 def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter_does(demo_trained, exported):
     from transformers import AutoModelForCausalLM
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from pipeline import cli, folders
@@ -37,7 +39,14 @@ def test_demo_pipeline_runs_every_stage_offline(tmp_path, monkeypatch, capsys):
     assert run_pipeline.main(["--demo", "--max-steps", "3", "--limit", "4", "--max-new-tokens", "16"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out and "pipeline finished" in out
-    assert "| fine-tuned |" in out
+    # export before evaluate: the shipped model scored beside the adapter and the base, on the same problems
+    assert out.index("=== [6/7] export.py") < out.index("=== [7/7] evaluate.py")
+    assert "| fine-tuned |" in out and "| export |" in out and "| base |" in out
+    # the last lines carry evaluate.py's verdict (3 steps change nothing: "no difference"; the demo's own run, with
+    # its interval and p-value, is in tests/test_end_to_end.py)
+    finished = out[out.index("✓ pipeline finished"):]
+    verdict = json.loads((tmp_path / folders.RESULTS_DIR / folders.SUMMARY).read_text())["comparisons"]["fine-tuned"]
+    assert verdict["verdict"] in finished
     for folder in (folders.MODEL_DIR, folders.DATA_DIR, folders.PREPARED_DIR,
                    f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}", folders.RESULTS_DIR,
                    folders.EXPORT_DIR):

@@ -35,7 +35,7 @@ def test_checkpoint_manager_list_best_test_cleanup_delete(trained_smoke, demo_mo
     listing = capsys.readouterr().out
     assert "checkpoint-4" in listing and "<- final adapter" in listing and "MB" in listing
     assert checkpoint_manager.main(["--run", str(run), "best"]) == 0
-    assert "best: " in capsys.readouterr().out
+    assert "best by eval loss: " in capsys.readouterr().out  # nothing was scored: the loss, said to be the loss
     assert checkpoint_manager.main(["--run", str(run), "test", str(run / "checkpoint-4"), "--model", str(demo_model),
                                     "--max-new-tokens", "8"]) == 0
     shown = capsys.readouterr().out

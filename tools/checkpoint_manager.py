@@ -2,12 +2,13 @@
 
 Run:
     python tools/checkpoint_manager.py list
-    python tools/checkpoint_manager.py best                  # lowest eval loss
+    python tools/checkpoint_manager.py best                  # highest held-out pass@1 if scored, else lowest eval loss
+    python tools/checkpoint_manager.py best --scores results # by the scores of evaluate.py --checkpoints
     python tools/checkpoint_manager.py cleanup --keep 2
     python tools/checkpoint_manager.py delete checkpoints/checkpoint-50
     python tools/checkpoint_manager.py test checkpoints/checkpoint-100   # its completions beside the base model's
 
-Reads:  checkpoints/ (train.py), model/ for `test`
+Reads:  checkpoints/ (train.py), model/ for `test`, results/ for `best --scores` (evaluate.py --checkpoints)
 Writes: only `cleanup` and `delete` remove checkpoint folders; checkpoints/final/ is never removed by cleanup.
 Needs:  pipeline/ (in the folder above)
 """
@@ -29,30 +30,30 @@ from pipeline.cli import StageError  # noqa: E402
 TEST_PROBLEMS = 3  # bundled problems used by `test`
 
 
-def losses_at(folder: Path, step: int) -> tuple[float | None, float | None]:
-    """The last train loss logged up to `step` and the eval loss at `step`, from a checkpoint's trainer state."""
+def figures_at(folder: Path, step: int) -> dict:
+    """The last train loss logged up to `step`, and the eval loss and held-out pass@1 (train.py
+    --score-checkpoints) at `step`, from a checkpoint's trainer state."""
     state_path = folder / run_folder.TRAINER_STATE
-    if not state_path.is_file():
-        return None, None
-    history = json.loads(state_path.read_text()).get("log_history", [])
+    history = json.loads(state_path.read_text()).get("log_history", []) if state_path.is_file() else []
     train = [entry["loss"] for entry in history if "loss" in entry and entry["step"] <= step]
-    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry and entry["step"] == step]
-    return (train[-1] if train else None), (evals[-1] if evals else None)
+    evals = [entry for entry in history if "eval_loss" in entry and entry["step"] == step]
+    return {"train_loss": train[-1] if train else None, "eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "pass@1": evals[-1].get("eval_pass@1") if evals else None}
 
 
 def describe(run: Path) -> list[dict]:
     rows = []
     for folder in run_folder.find_checkpoints(run):
         step = run_folder.step_of(folder)
-        train_loss, eval_loss = losses_at(folder, step)
-        rows.append({"path": folder, "step": step, "train_loss": train_loss, "eval_loss": eval_loss, "final": False,
+        rows.append({"path": folder, "step": step, **figures_at(folder, step), "final": False,
                      "problem": run_folder.checkpoint_problem(folder)})
     final = run / folders.FINAL_ADAPTER
     if (final / folders.ADAPTER_CONFIG).is_file():
         settings_path = final / folders.TRAINING_SETTINGS
         result = json.loads(settings_path.read_text()).get("result", {}) if settings_path.is_file() else {}
         rows.append({"path": final, "step": result.get("global_step"), "train_loss": result.get("last_train_loss"),
-                     "eval_loss": result.get("eval_loss"), "final": True, "problem": None})
+                     "eval_loss": result.get("eval_loss"), "pass@1": result.get("eval_pass@1"), "final": True,
+                     "problem": None})
     for row in rows:
         files = [f for f in row["path"].rglob("*") if f.is_file()]
         row["size_mb"] = sum(f.stat().st_size for f in files) / 1e6
@@ -70,20 +71,59 @@ def command_list(run: Path) -> int:
     if not rows:
         print(f"no checkpoints in {run}/")
         return 0
-    print(f"{'checkpoint':28s} {'step':>6s} {'train loss':>11s} {'eval loss':>10s} {'size':>9s}  date")
+    scored = any(row["pass@1"] is not None for row in rows)
+    print(f"{'checkpoint':28s} {'step':>6s} {'train loss':>11s} {'eval loss':>10s}"
+          + (f" {'pass@1':>7s}" if scored else "") + f" {'size':>9s}  date")
     for row in rows:
         note = "  <- final adapter" if row["final"] else (f"  (unusable: {row['problem']})" if row["problem"] else "")
+        score = f" {fmt(row['pass@1'] and 100 * row['pass@1'], '{:.1f}%'):>7s}" if scored else ""
         print(f"{str(row['path']):28s} {fmt(row['step'], '{}'):>6s} {fmt(row['train_loss']):>11s} "
-              f"{fmt(row['eval_loss']):>10s} {row['size_mb']:7.1f}MB  {row['date']}{note}")
+              f"{fmt(row['eval_loss']):>10s}{score} {row['size_mb']:7.1f}MB  {row['date']}{note}")
     return 0
 
 
-def command_best(run: Path) -> int:
-    rated = [row for row in describe(run) if row["eval_loss"] is not None and not row["problem"]]
+def command_best(run: Path, scores: str | None) -> int:
+    """By held-out pass@1 where checkpoints were scored (evaluate.py --checkpoints, or train.py
+    --score-checkpoints), else by eval loss; ties are said to be ties."""
+    if scores:
+        return best_by_evaluation(run, Path(scores))
+    rows = [row for row in describe(run) if not row["problem"]]
+    scored = [row for row in rows if row["pass@1"] is not None]
+    if scored:
+        top = max(row["pass@1"] for row in scored)
+        steps = {row["step"] for row in scored if row["final"]}  # a checkpoint of the final step is final/ again
+        best = [row for row in scored if row["pass@1"] == top and (row["final"] or row["step"] not in steps)]
+        tied = (f"; tied with {', '.join(str(row['path']) for row in best[:-1])} (a tie: either will do)"
+                if len(best) > 1 else "")
+        print(f"best by held-out pass@1: {best[-1]['path']} (step {best[-1]['step']}, {100 * top:.1f}%, scored "
+              f"during training){tied}; how sure: python evaluate.py --checkpoints {run}")
+        return 0
+    rated = [row for row in rows if row["eval_loss"] is not None]
     if not rated:
         raise StageError(f"no checkpoint in {run}/ has an eval loss yet (train.py evaluates every --save-steps)")
     best = min(rated, key=lambda row: (row["eval_loss"], row["final"]))
-    print(f"best: {best['path']} (step {best['step']}, eval loss {best['eval_loss']:.4f})")
+    print(f"best by eval loss: {best['path']} (step {best['step']}, eval loss {best['eval_loss']:.4f}); the loss is "
+          f"not the score: python evaluate.py --checkpoints {run} runs their code")
+    return 0
+
+
+def best_by_evaluation(run: Path, results: Path) -> int:
+    """The best checkpoint as evaluate.py --checkpoints found it, with how sure that is."""
+    summary_path = results / folders.SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    found = summary.get("checkpoints")
+    adapters = [model["identity"].get("adapter", "") for model in summary.get("models", {}).values()]
+    if not found or not any(Path(adapter).parent == run.resolve() for adapter in adapters):
+        raise StageError(f"{results}/ holds no scores of the checkpoints of {run}/: run python evaluate.py "
+                         f"--checkpoints {run} --out {results} first")
+    best, scores = found["best"], summary["models"]
+    for label, step in sorted(found["steps"].items(), key=lambda item: item[1]):
+        low, high = scores[label]["intervals"]["pass@1"]
+        print(f"{label:28s} step {step:>6} pass@1 {100 * scores[label]['pass@1']:5.1f}% [{100 * low:.1f}, "
+              f"{100 * high:.1f}]" + ("  <- best" if label == best else ""))
+    against = found.get("best_against_last")
+    sure = f"; against the last: {against['verdict'].split(': ', 1)[1]}" if against else " (the last one)"
+    print(f"best by held-out pass@1: {best} (step {found['best_step']}){sure}")
     return 0
 
 
@@ -140,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", default=folders.CHECKPOINTS_DIR, help="the run's folder (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every checkpoint with its step, losses, size and date")
-    commands.add_parser("best", help="the checkpoint with the lowest eval loss")
+    best = commands.add_parser("best", help="the checkpoint with the highest held-out pass@1 where checkpoints were "
+                                            "scored, else the lowest eval loss")
+    best.add_argument("--scores", default=None, metavar="RESULTS",
+                      help="the folder of evaluate.py --checkpoints (its summary.json)")
     cleanup = commands.add_parser("cleanup", help="delete all but the newest N checkpoints (never the final adapter)")
     cleanup.add_argument("--keep", type=cli.non_negative(int), required=True, help="checkpoints to keep")
     delete = commands.add_parser("delete", help="delete one checkpoint folder")
@@ -166,7 +209,7 @@ def main(argv=None) -> int:
     if args.command == "list":
         return command_list(run)
     if args.command == "best":
-        return command_best(run)
+        return command_best(run, args.scores)
     if args.command == "cleanup":
         return command_cleanup(run, args.keep)
     if args.command == "delete":
