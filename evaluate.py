@@ -153,10 +153,10 @@ def check(args) -> None:
 def run(args) -> int:
     models.quiet_libraries()
     source = load_source(args)
-    if args.completions:
-        candidates = []
-    else:
-        candidates = candidates_of(args)
+    candidates = [] if args.completions else candidates_of(args)
+    labels = [candidate.label for candidate in candidates] or ["completions"]
+    if args.against and args.against not in labels:  # said before hours of generation, not after
+        raise StageError(f"--against {args.against}: no model of that name here (the models: {', '.join(labels)})")
     if not data.HAS_TESTS[source.fmt]:
         return evaluate_by_loss(args, source, candidates)
     box = sandbox.Sandbox(sandbox.Limits(timeout=args.timeout, memory_mb=args.memory_mb), workers=args.workers)
@@ -168,8 +168,6 @@ def run(args) -> int:
     summaries = {label: summary for label, (summary, _) in scored.items()}
     all_rows = {label: rows for label, (_, rows) in scored.items()}
     reference = args.against or next(iter(summaries))
-    if reference not in summaries:
-        raise StageError(f"--against {reference}: no model of that name here (the models: {', '.join(summaries)})")
     comparisons = scoring.compare_models(source.problems, summaries, reference)
     settings = {key: getattr(args, key) for key in ("split", "limit", "benchmark", "protocol", "temperature",
                                                     "max_new_tokens", "timeout", "memory_mb")}

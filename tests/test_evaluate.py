@@ -3,6 +3,7 @@ import json
 import pytest
 
 from pipeline import folders, inference, models, prompts, sandbox, scoring
+from pipeline.cli import StageError
 
 import evaluate
 from conftest import one_error_line
@@ -165,3 +166,25 @@ def test_a_fenced_correct_solution_passes_evaluation(demo_prepared, tmp_path):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]["pass@1"] == 1.0
     scored = [json.loads(line) for line in (tmp_path / "r" / "completions.jsonl").read_text().splitlines()]
     assert all(row["completion"].startswith("Here you go:") and row["code"].startswith("def ") for row in scored)
+
+
+def test_models_are_named_after_their_folders_the_nearest_folder_above_telling_two_apart(tmp_path):
+    paths = [tmp_path / "runs" / "r8" / "final", tmp_path / "runs" / "r16" / "checkpoints" / "final",
+             tmp_path / "runs" / "r16" / "checkpoints" / "checkpoint-50", tmp_path / "export"]
+    assert evaluate.names(paths) == ["r8/fine-tuned", "checkpoints/fine-tuned", "checkpoint-50", "export"]
+    twice = [tmp_path / "a" / "final", tmp_path / "b" / "final", tmp_path / "a" / "final"]
+    with pytest.raises(StageError, match="is given twice: each model once"):
+        evaluate.names(twice)
+
+
+def test_a_wrong_against_is_refused_before_anything_is_generated(trained_smoke, demo_model, demo_prepared, tmp_path,
+                                                                 monkeypatch, capsys):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before refusing")
+
+    monkeypatch.setattr(inference, "generate", no_generation)
+    code = evaluate.main(["--model", str(demo_model), "--data", str(demo_prepared), "--adapter",
+                          str(trained_smoke / folders.FINAL_ADAPTER), "--compare-base", "--against", "r16",
+                          "--out", str(tmp_path / "results")])
+    assert code == 2 and not (tmp_path / "results").exists()
+    assert "--against r16: no model of that name here (the models: base, fine-tuned)" in capsys.readouterr().err

@@ -122,7 +122,9 @@ def best_by_evaluation(run: Path, results: Path) -> int:
         print(f"{label:28s} step {step:>6} pass@1 {100 * scores[label]['pass@1']:5.1f}% [{100 * low:.1f}, "
               f"{100 * high:.1f}]" + ("  <- best" if label == best else ""))
     against = found.get("best_against_last")
+    tied = [label for label in found["steps"] if label != best and scores[label]["pass@1"] == scores[best]["pass@1"]]
     sure = f"; against the last: {against['verdict'].split(': ', 1)[1]}" if against else " (the last one)"
+    sure += f"; tied with {', '.join(tied)}: on these problems the choice makes no difference" if tied else ""
     print(f"best by held-out pass@1: {best} (step {found['best_step']}){sure}")
     return 0
 

@@ -66,6 +66,10 @@ def render(metrics: dict, source: Path) -> str:
                      f"{evals[-1]['eval_loss']:.4f} ({len(evals)} evaluations)")
     else:
         lines.append("eval loss: not computed yet")
+    if totals.get("best_pass_at_1") is not None:  # train.py --score-checkpoints
+        scored = [row for row in evals if "eval_pass@1" in row]
+        lines.append(f"held-out pass@1: best {100 * totals['best_pass_at_1']:.1f}% at step "
+                     f"{totals['best_pass_at_1_step']} · last {100 * scored[-1]['eval_pass@1']:.1f}%")
     if elapsed and totals.get("tokens"):  # totals over time, not an average of per-log rates
         trained = totals.get("trained_tokens", 0)
         lines.append(f"speed: {trained / elapsed:,.0f} trained tok/s, {totals['tokens'] / elapsed:,.0f} tok/s in all "
