@@ -3,16 +3,19 @@
 Run:
     python download_model.py                      # Qwen/Qwen2.5-Coder-0.5B from the Hugging Face Hub
     python download_model.py --model-id ./my-local-model
+    python download_model.py --model-id ~/models/SmolLM2-135M-Instruct.Q4_1.gguf   # a GGUF file (Ollama, LM Studio)
     python download_model.py --demo               # tiny random Qwen2 model, offline, in seconds
 
-Reads:  the Hugging Face Hub, a local model folder, or (with --demo) assets/demo_problems.jsonl
+Reads:  the Hugging Face Hub, a local model folder, a GGUF file, or (with --demo) assets/demo_problems.jsonl
 Writes: model/ (config.json, *.safetensors, tokenizer files, download_info.json)
 Needs:  pipeline/
 Next:   download_dataset.py
 
 Only .safetensors weights are fetched (no pickled .bin files), and no remote code is trusted: Qwen2 is native
 in transformers. An interrupted download resumes where it stopped: partial files are kept in .model.partial/
-until the download is complete, then the folder is renamed to model/.
+until the download is complete, then the folder is renamed to model/. A GGUF file (or a folder holding one) is
+read by transformers (the `gguf` package): its weights dequantised and saved as bfloat16 safetensors, its tokenizer
+and chat template as tokenizer files; 4-bit NF4 training rounds far more than bfloat16 does.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pipeline import cli, folders, models, prompts
 from pipeline.cli import StageError
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B"
+GGUF = ".gguf"
 # Files a model folder needs; weights are .safetensors only.
 # *.jinja: chat templates
 ALLOWED_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model", "*.tiktoken", "*.jinja"]
@@ -63,7 +67,7 @@ CHATML_TEMPLATE = (
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(__doc__)
     parser.add_argument("--model-id", default=DEFAULT_MODEL_ID,
-                        help="Hub model id or a local model folder (default: %(default)s)")
+                        help="Hub model id, a local model folder, or a .gguf file (default: %(default)s)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit on the Hub (default: %(default)s)")
     parser.add_argument("--out", default=folders.MODEL_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a complete model folder instead of skipping")
@@ -83,16 +87,18 @@ def main(argv=None) -> int:
 
 
 def check(args) -> tuple[str, Path | None] | None:
-    """What to write into --out: the model id and, for a local model, the folder to copy; None when --out already
-    holds it (the stage skips). Refuses, naming --force, when --out holds another model or an incomplete folder."""
+    """What to write into --out: the model id and, for a local model, the folder to copy or the GGUF file to
+    convert; None when --out already holds it (the stage skips). Refuses, naming --force, when --out holds another
+    model or an incomplete folder."""
     out = Path(args.out)
     model_id = DEMO_MODEL_IDS[args.demo_family] if args.demo else args.model_id
-    local_source = None if args.demo else Path(args.model_id)
-    if local_source is not None and not local_source.is_dir():
-        if args.model_id.startswith((".", "/", "~")) or args.model_id.count("/") > 1:
-            raise StageError(f"local model folder {args.model_id} not found")
+    local_source = None if args.demo else Path(args.model_id).expanduser()
+    if local_source is not None and not local_source.exists():
+        if args.model_id.startswith((".", "/", "~")) or args.model_id.count("/") > 1 or args.model_id.endswith(GGUF):
+            raise StageError(f"local model {args.model_id} not found")
         local_source = None
     if local_source is not None:
+        local_source = gguf_file(local_source) or local_source
         model_id = str(local_source.resolve())
 
     if folders.out_problem(out, "download_model"):
@@ -101,6 +107,8 @@ def check(args) -> tuple[str, Path | None] | None:
     held = folders.download_info(out) if complete else {}
     same = held.get("model_id") == model_id
     same_revision = args.demo or local_source is not None or held.get("revision") == args.revision
+    if same and local_source is not None and local_source.suffix == GGUF:
+        same = held.get("file_fingerprint") == folders.file_fingerprint(local_source)  # the same path, another file
     force = args.force
     if args.demo and same and held.get("recipe") != demo_recipe(args.demo_family):
         print(f"{out}/ holds a demo model made from older demo problems or settings: building it again")
@@ -110,6 +118,22 @@ def check(args) -> tuple[str, Path | None] | None:
     return model_id, local_source
 
 
+def gguf_file(source: Path) -> Path | None:
+    """The GGUF file to convert: `source` itself, or the only .gguf in a folder without a config.json; None for
+    a model folder. A folder with several GGUF files is refused, naming them."""
+    if source.is_file():
+        if source.suffix != GGUF:
+            raise StageError(f"--model-id {source}: a file must be a .gguf model; otherwise give a model folder")
+        return source
+    if (source / "config.json").is_file():
+        return None
+    found = sorted(source.glob(f"*{GGUF}"))
+    if len(found) > 1:
+        raise StageError(f"{source}/ holds {len(found)} GGUF files ({', '.join(f.name for f in found[:4])}): pass "
+                         f"the one to use with --model-id {source}/<file>.gguf")
+    return found[0] if found else None
+
+
 def run(args, model_id: str, local_source: Path | None) -> int:
     out = Path(args.out)
     models.quiet_libraries()
@@ -117,6 +141,9 @@ def run(args, model_id: str, local_source: Path | None) -> int:
         tokenizer = build_demo_tokenizer(args.demo_family)  # before the output folder exists: Ctrl-C leaves nothing
         with folders.atomic_output_dir(out, "download_model") as tmp:
             build_demo_model(tmp, tokenizer, args.demo_family)
+    elif local_source is not None and local_source.suffix == GGUF:
+        with folders.atomic_output_dir(out, "download_model") as tmp:
+            convert_gguf(local_source, tmp)
     elif local_source is not None:
         with folders.atomic_output_dir(out, "download_model") as tmp:
             copy_local_model(local_source, tmp)
@@ -201,6 +228,37 @@ def copy_local_model(source: Path, destination: Path) -> None:
                 shutil.copy2(file, destination / file.name)
     check_loads(destination)
     folders.write_json(destination / folders.DOWNLOAD_INFO, {"source": "local", "model_id": str(source.resolve())})
+
+
+def convert_gguf(source: Path, destination: Path) -> None:
+    """A GGUF file as a plain model folder: transformers dequantises its weights (saved here as bfloat16
+    safetensors) and rebuilds its tokenizer, special tokens and chat template from its metadata."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"reading {source} (GGUF: dequantising every tensor; a minute for a 0.5B model)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    except ImportError as error:
+        raise StageError(f"reading a GGUF file needs the gguf package ({cli.short_error(error, 80)}): pip install -r "
+                         f"requirements.txt") from None
+    except Exception as error:  # not a GGUF transformers can read: an architecture or quantisation it lacks
+        raise StageError(f"transformers cannot read {source} ({cli.short_error(error, 160)}): it reads GGUF files of "
+                         f"the architectures and quantisations listed at "
+                         f"https://huggingface.co/docs/transformers/gguf", cli.EXIT_FAILED) from None
+    folders.check_free_space(destination, 2 * sum(p.numel() for p in model.parameters()), f"converting {source}")
+    # Dequantised on loading: a plain model now, though transformers still marks it "quantised with gguf" (and
+    # refuses to save it so).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16).save_pretrained(str(destination))
+    tokenizer.save_pretrained(str(destination))
+    check_loads(destination)
+    folders.write_json(destination / folders.DOWNLOAD_INFO, {
+        "source": "gguf", "model_id": str(source.resolve()), "file_fingerprint": folders.file_fingerprint(source),
+        "saved_dtype": "bfloat16", "chat_template": bool(getattr(tokenizer, "chat_template", None))})
 
 
 # ----------------------------------------------------------------------------------------------------------

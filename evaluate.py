@@ -134,8 +134,8 @@ def check(args) -> None:
         problems.append("--completions scores a file: it takes no models")
     if args.checkpoints and args.adapter:
         problems.append("--checkpoints scores a run's own adapters: give it without --adapter")
-    if args.checkpoints and folders.owner(args.checkpoints) != "train":
-        problems.append(f"--checkpoints {args.checkpoints}: not a run folder train.py wrote")
+    if args.checkpoints:
+        problems.append(checkpoints_problem(Path(args.checkpoints)))
     for adapter in args.adapter:
         try:
             inference.adapter_settings(adapter)
@@ -148,6 +148,18 @@ def check(args) -> None:
         problems.append(f"{args.out}/ holds an earlier evaluation: pass --overwrite to replace it, or --out for a new "
                         f"folder")
     cli.fail_on_problems([problem for problem in problems if problem])
+
+
+def checkpoints_problem(run: Path) -> str | None:
+    """Why --checkpoints cannot score this folder, or None: it must be a run folder of train.py."""
+    if not run.is_dir():
+        return f"--checkpoints {run}: no such folder (train.py writes its run into checkpoints/ by default)"
+    if (run / folders.ADAPTER_CONFIG).is_file():
+        return (f"--checkpoints {run}: that is one adapter; --checkpoints takes the run folder that holds it "
+                f"({run.parent}/), or score this adapter with --adapter {run}")
+    if folders.owner(run) != "train":
+        return f"--checkpoints {run}: not a run folder train.py wrote"
+    return None
 
 
 def run(args) -> int:
@@ -168,9 +180,11 @@ def run(args) -> int:
     summaries = {label: summary for label, (summary, _) in scored.items()}
     all_rows = {label: rows for label, (_, rows) in scored.items()}
     reference = args.against or next(iter(summaries))
-    comparisons = scoring.compare_models(source.problems, summaries, reference)
+    comparisons = scoring.compare_models(source.problems, summaries, reference, solved_or_not=num_samples == 1)
     settings = {key: getattr(args, key) for key in ("split", "limit", "benchmark", "protocol", "temperature",
                                                     "max_new_tokens", "timeout", "memory_mb")}
+    if args.benchmark:
+        settings["split"] = "test"  # a benchmark's problems are its test split, whatever --split says
     settings.update(num_samples=num_samples, workers=box.workers, format=source.fmt, problems_from=source.where,
                     sandbox_user="unprivileged uid per worker" if box.drop_privileges else "the current user")
     summary = {"settings": settings, "models": summaries, "reference": reference, "comparisons": comparisons}
@@ -215,7 +229,7 @@ def load_source(args) -> Source:
         data_dir = args.data or folders.DATA_DIR
         problems, where = benchmarks.benchmark_problems(args.benchmark, data_dir)
         problems, fmt = problems[:args.limit] if args.limit else problems, args.benchmark
-        template, fixed = prompts.default_for(fmt), True
+        template, fixed = benchmark_template(args, fmt), True
     else:
         data_dir = args.data or folders.PREPARED_DIR
         problems = data.held_out_problems(data_dir, args.split, args.limit)
@@ -228,6 +242,18 @@ def load_source(args) -> Source:
     if args.protocol != "project":
         template, fixed = protocol(args, fmt), True
     return Source(problems, fmt, template, where, data_dir, fixed)
+
+
+def benchmark_template(args, fmt: str) -> prompts.Template:
+    """How a benchmark prompts unless told: an instruct model through its chat template (as EvalPlus prompts chat
+    models; a raw prompt makes it start a new function that the stop words cut to nothing), else the benchmark's
+    own convention; every model alike."""
+    if args.completions or args.template or args.protocol != "project":
+        return prompts.default_for(fmt)
+    model_dir = args.merged[0] if args.merged and not args.adapter else args.model
+    if models.is_instruct(model_dir, models.load_tokenizer(model_dir)):
+        return prompts.CHAT
+    return prompts.default_for(fmt)
 
 
 def protocol(args, fmt: str) -> prompts.Template:
@@ -362,9 +388,10 @@ def score_candidates(args, source: Source, candidates: list[Candidate], box) -> 
         problems = [data.as_chat(p) for p in source.problems] if template.chat else source.problems
         print(f"{candidate.label}: template '{template.name}'")
         started = time.time()
-        completions = generate_completions(model, tokenizer, problems, source.fmt, template, num_samples, args)
+        completions, stopped = generate_completions(model, tokenizer, problems, source.fmt, template, num_samples,
+                                                    args)
         results[candidate.label] = scored(candidate.label, problems, completions, box, num_samples,
-                                          identity_of(candidate), time.time() - started)
+                                          identity_of(candidate), time.time() - started, stopped=stopped)
         results[candidate.label][0]["template"] = template.name
         if candidate.adapter and candidate.model_dir == args.model:
             base = model.unload()  # the adapter's layers taken off: the base as it was loaded
@@ -398,20 +425,23 @@ def identity_of(candidate: Candidate) -> dict:
 
 
 def scored(label: str, problems: list[dict], completions: dict[str, list[str]], box, num_samples: int,
-           identity: dict, generation_s: float, missing=()) -> tuple[dict, list[dict]]:
-    """A model's summary (pass@k, counts, who it is, how long it took) and one row per candidate."""
+           identity: dict, generation_s: float, missing=(), stopped=None) -> tuple[dict, list[dict]]:
+    """A model's summary (pass@k, counts, its answers' shapes, who it is, how long it took) and one row per
+    candidate."""
     started = time.time()
-    rows = scoring.score(label, problems, completions, box)
+    rows = scoring.score(label, problems, completions, box, stopped=stopped)
     timings = {"generation_s": round(generation_s, 1), "execution_s": round(time.time() - started, 1)}
     return {**scoring.summarize(rows, num_samples, missing), "identity": identity, "timings": timings}, rows
 
 
 def generate_completions(model, tokenizer, problems: list[dict], fmt: str, template: prompts.Template,
-                         num_samples: int, args) -> dict[str, list[str]]:
+                         num_samples: int, args) -> tuple[dict[str, list[str]], dict[str, list[bool]]]:
+    """task_id -> its completions, and task_id -> whether each stopped by itself (else it hit the token limit)."""
     texts = [data.prompt_for(fmt, p, template, tokenizer) for p in problems]
     results = inference.generate(model, tokenizer, texts, args.max_new_tokens, args.temperature,
                                  args.batch_size, num_samples, progress=True, template=template)
-    return {p["task_id"]: [r["completion"] for r in samples] for p, samples in zip(problems, results)}
+    return ({p["task_id"]: [r["completion"] for r in samples] for p, samples in zip(problems, results)},
+            {p["task_id"]: [r["stopped"] for r in samples] for p, samples in zip(problems, results)})
 
 
 def refuse_trained_problems(settings: dict, name: str, problems: list[dict], data_dir: str) -> None:
@@ -449,14 +479,17 @@ def best_checkpoint(steps: dict[str, int], summaries: dict, comparisons: dict, p
     last = max(steps, key=lambda label: steps[label])
     found = {"steps": steps, "best": best, "best_step": steps[best]}
     if best != last:
-        versus = scoring.compare_models(problems, {last: summaries[last], best: summaries[best]}, last)[best]
+        solved_or_not = summaries[last]["candidates"] == summaries[last]["problems"]
+        versus = scoring.compare_models(problems, {last: summaries[last], best: summaries[best]}, last,
+                                        solved_or_not)[best]
         found["best_against_last"] = versus
     return found
 
 
 def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]], steps: dict[str, int]) -> None:
     models_ = summary["models"]
-    lines = [scoring.markdown_table(models_)]
+    lines = [scoring.markdown_table(models_), scoring.shapes_table(models_, None if args.completions else
+                                                                   args.max_new_tokens)]
     lines += [comparison["verdict"] for comparison in summary["comparisons"].values()]
     if len(models_) == 2:  # the problems gained and lost by name; with more models, the matrix below says it
         label, comparison = next(iter(summary["comparisons"].items()))
@@ -466,7 +499,9 @@ def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]],
         scores = {models_[label]["pass@1"] for label in found["steps"]}
         line = (f"best checkpoint by pass@1: {found['best']} (step {found['best_step']}, "
                 f"{100 * models_[found['best']]['pass@1']:.1f}%)")
-        if len(scores) == 1:
+        if len(found["steps"]) == 1:
+            line += ": the only one kept"
+        elif len(scores) == 1:
             line += f": all {len(found['steps'])} score alike on these problems; the choice makes no difference here"
         elif "best_against_last" in found:
             line += f"; against the last: {found['best_against_last']['verdict'].split(': ', 1)[1]}"
@@ -474,7 +509,7 @@ def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]],
     table = "\n".join(lines) + "\n"
     differing = scoring.matrix(source.problems, models_, only_differing=True, limit=MATRIX_SHOWN)
     full = scoring.matrix(source.problems, models_, only_differing=False)
-    files = [*(f"{label}.jsonl" for label in all_rows), folders.SUMMARY, TABLE_NAME, PLOT_NAME]
+    files = [*(rows_file(label) for label in all_rows), folders.SUMMARY, TABLE_NAME, PLOT_NAME]
     files += [CHECKPOINTS_PLOT] if steps else []
 
     def draw(path: Path) -> None:
@@ -490,10 +525,15 @@ def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]],
     print(f"✓ every candidate's verdict in {args.out}/ ({', '.join(files)})")
 
 
+def rows_file(label: str) -> str:
+    """A model's rows file: its name, a folder separator written as __ (r8/fine-tuned: r8__fine-tuned.jsonl)."""
+    return f"{label.replace('/', '__')}.jsonl"
+
+
 def write_results(out: str, summary: dict, all_rows: dict[str, list[dict]], table: str, draw) -> None:
     with folders.atomic_output_dir(out, "evaluate") as tmp:
         for label, rows in all_rows.items():
-            with open(tmp / f"{label.replace('/', '__')}.jsonl", "w", encoding="utf-8") as f:
+            with open(tmp / rows_file(label), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
         folders.write_json(tmp / folders.SUMMARY, summary)
         (tmp / TABLE_NAME).write_text(table, encoding="utf-8")
@@ -547,7 +587,7 @@ def evaluate_by_loss(args, source: Source, candidates: list[Candidate]) -> int:
     print("\n" + table)
     for row in list(all_rows.values())[-1][:2]:  # the fine-tuned model's answers, else the only model's
         print(f"--- {row['task'][:70]!r}\n{row['completion'][:300]}")
-    files = [f"{label}.jsonl" for label in all_rows if all_rows[label]] + [folders.SUMMARY, TABLE_NAME, LOSS_PLOT_NAME]
+    files = [rows_file(label) for label in all_rows if all_rows[label]] + [folders.SUMMARY, TABLE_NAME, LOSS_PLOT_NAME]
     print(f"✓ results in {args.out}/ ({', '.join(files)})")
     return 0
 
@@ -557,7 +597,7 @@ def loss_and_answers(model, tokenizer, rows, shown: list[dict], fmt: str, templa
     """A model's held-out loss and perplexity, and its answers to the instructions in `shown`."""
     started = time.time()
     loss = mean_loss(model, rows, tokenizer.pad_token_id, args.batch_size)
-    answers = generate_completions(model, tokenizer, shown, fmt, template, 1, args) if shown else {}
+    answers = generate_completions(model, tokenizer, shown, fmt, template, 1, args)[0] if shown else {}
     answered = [{"task_id": p["task_id"], "task": p["task"], "completion": answers[p["task_id"]][0],
                  "reference": p["code"]} for p in shown]
     summary = {"examples": len(rows), "eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 2),

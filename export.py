@@ -97,12 +97,12 @@ def run(args, settings: dict) -> int:
     models.quiet_libraries()
     tokenizer = models.load_tokenizer(model_dir)
     reference = merging.load_reference(model_dir, adapter, args.merge_into)
-    parameters = sum(p.numel() for p in reference.get_base_model().parameters())
+    parameters = models.parameter_count(model_dir)  # the merged model has the base's weights, no more
     bytes_per_weight = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     folders.check_free_space(out.parent, parameters * bytes_per_weight * (2 if args.gguf else 1),
-                             f"the merged model ({parameters / 1e6:,.0f}M parameters in {dtype})")
+                             f"the merged model ({parameters / 1e6:,.1f}M parameters in {dtype})")
     weights = "its dequantised 4-bit weights" if args.merge_into == "quantized" else "its original weights"
-    print(f"merging {adapter}/ into {weights} ({model_dir}/, {parameters / 1e6:,.0f}M parameters) in {dtype}; "
+    print(f"merging {adapter}/ into {weights} ({model_dir}/, {parameters / 1e6:,.1f}M parameters) in {dtype}; "
           f"template '{template.name}'")
     merged = merging.merged_model(reference, model_dir, dtype)
     check_texts = check_prompts(Path(args.data), template, tokenizer)

@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of problems held out for evaluation, in (0, 1) (default: %(default)s)")
     parser.add_argument("--seed", type=cli.SEED, default=42, help="seed of the train/eval split (default: %(default)s)")
     parser.add_argument("--template", choices=sorted(prompts.TEMPLATES), default=None,
-                        help="prompt template (default: the data shape's: 'tests' for mbpp, shows the asserts; 'code' "
-                             "for humaneval; 'guide' for instructions; 'none' for raw text); 'chat' uses the "
-                             "tokenizer's chat template")
+                        help="prompt template (default: 'chat' for an instruct model, its own chat template; else "
+                             "the data shape's: 'tests' for mbpp, shows the asserts; 'code' for humaneval; 'guide' for "
+                             "instructions; 'none' for raw text)")
     parser.add_argument("--check-tests", choices=["auto", "all", "off"], default="auto",
                         help=f"run each reference solution and a do-nothing stub against the tests and drop problems "
                              f"whose tests are broken or cannot fail (default: auto, every problem up to "
@@ -133,20 +133,18 @@ def run(args, stream: dict | None) -> int:
 
 
 def choose_template(args, fmt: str, tokenizer) -> prompts.Template:
-    """--template, else the data shape's own; one line when it does not fit the data or the tokenizer."""
+    """--template, else the chat template for an instruct model (prompted as it was tuned), else the data shape's
+    own; one line when it does not fit the data or the tokenizer."""
     template = prompts.get(args.template) if args.template else prompts.default_for(fmt)
+    if not args.template and fmt in prompts.CHAT.fits and models.is_instruct(args.model, tokenizer):
+        template = prompts.CHAT
+        print(f"template 'chat': {models.model_id(args.model)} is an instruct model (a chat template, and an EOS that "
+              f"ends a chat turn), prompted as it was tuned; --template {prompts.default_for(fmt).name} to prompt it "
+              f"raw")
     prompts.require_fit(template, fmt)
     if template.chat:
         prompts.render_chat(tokenizer, "x")  # one clear line when the tokenizer has no chat template
-    elif looks_instruct(args.model) and prompts.has_chat_template(tokenizer) and fmt != "text":
-        print(f"note: {models.model_id(args.model)} looks like an instruct model: --template chat prompts it with its "
-              f"own chat template, as it was trained")
     return template
-
-
-def looks_instruct(model_dir: str) -> bool:
-    name = models.model_id(model_dir).lower()
-    return any(word in name for word in ("instruct", "-chat", "-it"))
 
 
 def read_problems(raw, fmt: str, columns: dict, template: prompts.Template) -> tuple[list[dict], int]:

@@ -184,11 +184,34 @@ def pack_blocks(texts, tokenizer, block: int):
 
 
 def as_chat(problem: dict) -> dict:
-    """A problem for --template chat: an instruct model answers with the whole function, not a continuation of
-    the prompt's code, so a humaneval problem's prompt moves into the answer (and out of the code prefix)."""
-    if not problem["code_prefix"]:
+    """A problem for a chat template: an instruct model answers with the whole function, not a continuation of the
+    prompt's code, so a humaneval problem's code moves out of the code prefix. The reference answer is the
+    function without the docstring the user turn already shows (the code is carried once); the prompt's imports
+    and helpers run before the answer (the prompt is complete Python: its function's docstring body is replaced
+    by the answer's own definition), so that an answer is not wrong for leaving out `from typing import List`."""
+    prefix = problem["code_prefix"]
+    if not prefix:
         return problem
-    return {**problem, "code": problem["code_prefix"] + problem["code"], "code_prefix": ""}
+    setup = prefix if prompts.is_python(prefix) else "\n".join(
+        line for line in prefix.splitlines() if line.startswith(("import ", "from ")))
+    return {**problem, "code": without_docstring(prefix) + problem["code"], "code_prefix": "",
+            "test_setup_code": "\n".join(part for part in (problem["test_setup_code"], setup) if part)}
+
+
+def without_docstring(code: str) -> str:
+    """`code` with the docstring of its last function taken out (the whole code when it does not parse)."""
+    import ast
+
+    try:
+        functions = [node for node in ast.parse(code).body if isinstance(node, ast.FunctionDef)]
+    except SyntaxError:
+        return code
+    body = functions[-1].body if functions else []
+    if not (body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+            and isinstance(body[0].value.value, str)):
+        return code
+    lines = code.splitlines(keepends=True)
+    return "".join(lines[:body[0].lineno - 1] + lines[body[0].end_lineno:])
 
 
 def program(problem: dict, completion: str) -> tuple[str, list[str], str]:

@@ -241,3 +241,31 @@ def find_lora_targets(model_dir: str | Path) -> list[str]:
         raise StageError(f"the {skeleton.config.model_type} model in {model_dir}/ has no linear layers for LoRA "
                          f"adapters")
     return names
+
+
+def is_instruct(model_dir: str | Path, tokenizer) -> bool:
+    """Whether a model was tuned to chat: it has a chat template, and its EOS is that template's end of turn (as
+    SmolLM2-Instruct's <|im_end|>, Llama 3 Instruct's <|eot_id|>) or its name says instruct or chat. Such a model
+    is prompted through its chat template by default. Qwen2.5-Coder's base model ships the ChatML template too, but
+    ends its texts with <|endoftext|>: it is prompted raw."""
+    from pipeline import prompts
+
+    if not prompts.has_chat_template(tokenizer):
+        return False
+    name = model_id(model_dir).lower()
+    return prompts.end_of_turn_id(tokenizer) == tokenizer.eos_token_id or any(
+        word in name for word in ("instruct", "-chat", "-it"))
+
+
+def parameter_count(model_dir: str | Path) -> int:
+    """The weights a model folder holds, from its safetensors headers (a tied embedding counted once, as stored):
+    no model loaded, and no LoRA layers or 4-bit packing to miscount."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), "np") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    return total

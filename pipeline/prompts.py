@@ -88,13 +88,14 @@ class Template:
 
     def closes_block(self, text: str, fence: int) -> bool:
         """Whether the fence at `fence` closes a code block, whoever opened it: the answer (an odd count of fences
-        before it), the prompt (`opens_fence`), or, after code the answer continues, nobody: a bare fence there
-        (no language tag after it) can only close."""
+        before it), the prompt (`opens_fence`), or nobody: a bare fence (no language tag after it) right after code
+        that the answer continues, or after an answer that is complete Python by itself, can only close. After
+        prose ("Here is the code:") a bare fence opens a block."""
         before = text[:fence].count(FENCE) + self.opens_fence
         if before % 2 == 1:
             return True
         bare = not text[fence + len(FENCE):].split("\n", 1)[0].strip()
-        return self.continues_code and before == 0 and bare
+        return bare and before == 0 and (self.continues_code or is_python(text[:fence]))
 
     def cut(self, text: str) -> str:
         """Generated text cut at its first stop sequence (see find_stop)."""
@@ -198,12 +199,29 @@ def encode_example(tokenizer, prompt: str, answer: str, end_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def is_python(text: str) -> bool:
+    """Whether `text` is complete Python source with something in it (a function, not a sentence of prose)."""
+    import ast
+
+    if not text.strip():
+        return False
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
 def extract_code(completion: str) -> str:
     """The code to run from a completion: the first fenced block's content when the model answered in Markdown
-    (```python ... ```, ``` ... ```, with prose around it or a fence left unclosed), else the completion as it is."""
+    (```python ... ```, ``` ... ```, with prose around it or a fence left unclosed), else the completion as it is.
+    A lone bare fence after complete code closes a block nobody opened: the code is what comes before it."""
     start = completion.find(FENCE)
     if start == -1:
         return completion
+    lone = completion.count(FENCE) == 1 and not completion[start + 3:].split("\n", 1)[0].strip()
+    if lone and is_python(completion[:start]):
+        return completion[:start].rstrip() + "\n"
     body = completion[start + 3:]
     body = body.split("\n", 1)[1] if "\n" in body else ""  # the rest of the fence line is its language tag
     end = body.find(FENCE)

@@ -40,15 +40,16 @@ def summarize(rows: list[dict], num_samples: int, missing: list[str] = ()) -> di
     for k in range(1, max_k + 1):
         values = [problem[f"pass@{k}"] for problem in per_problem.values()]
         scores[f"pass@{k}"] = sum(values) / max(1, len(values))
-        intervals[f"pass@{k}"] = stats.mean_interval(values)
+        intervals[f"pass@{k}"] = stats.mean_interval(values, solved_or_not=num_samples == 1)
     counts = {status: sum(row["status"] == status for row in rows) for status in sandbox.STATUSES}
     return {"problems": len(per_problem), "candidates": len(rows), **scores, "intervals": intervals,
-            "counts": counts, "missing": list(missing), "per_problem": per_problem}
+            "counts": counts, "answers": answer_shapes(rows), "missing": list(missing), "per_problem": per_problem}
 
 
 def score(label: str, problems: list[dict], completions: dict[str, list[str]], box,
-          progress: bool = True) -> list[dict]:
-    """Run every completion against its problem's asserts; one row per candidate."""
+          progress: bool = True, stopped: dict[str, list[bool]] | None = None) -> list[dict]:
+    """Run every completion against its problem's asserts; one row per candidate, with its shape: whether it
+    stopped by itself (None when not known: a completions file), came fenced, is empty, parses as Python."""
     from tqdm.auto import tqdm
 
     # A model that answers in Markdown is scored on the code of its fenced block, as evaluation harnesses do.
@@ -58,7 +59,22 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
     with tqdm(total=len(programs), desc=f"testing {label}", unit="candidate", disable=not progress) as bar:
         verdicts = box.run_many(programs, progress=bar.update)
     return [{"task_id": p["task_id"], "sample": index, "completion": text, "code": code, "status": v.status,
-             "message": v.message, "seconds": round(v.seconds, 3)} for (p, index, text, code), v in zip(jobs, verdicts)]
+             "message": v.message, "seconds": round(v.seconds, 3),
+             "stopped": stopped[p["task_id"]][index] if stopped else None, "fenced": prompts.FENCE in text,
+             "empty": not code.strip(), "parses": prompts.is_python(data.program(p, code)[0])}
+            for (p, index, text, code), v in zip(jobs, verdicts)]
+
+
+ANSWER_SHAPES = ("stopped", "hit_limit", "empty", "fenced", "parses")
+
+
+def answer_shapes(rows: list[dict]) -> dict[str, int | None]:
+    """How a model's answers came out, counted: stopped by themselves or hit the token limit (None for completions
+    made elsewhere), empty, fenced in Markdown, parsing as Python."""
+    known = [row for row in rows if row.get("stopped") is not None]
+    return {"stopped": sum(row["stopped"] for row in known) if known else None,
+            "hit_limit": sum(not row["stopped"] for row in known) if known else None,
+            **{shape: sum(row.get(shape, False) for row in rows) for shape in ("empty", "fenced", "parses")}}
 
 
 def read_completions(path: str, problems: list[dict]) -> dict[str, list[str]]:
@@ -113,6 +129,8 @@ def markdown_table(models: dict[str, dict]) -> str:
     ks = reported_ks(models)
     header = ("| model | problems | " + " | ".join(f"pass@{k} [95% interval]" for k in ks)
               + " | passed | failed | timeout | error |")
+    if any(result["candidates"] != result["problems"] for result in models.values()):
+        header = header.replace("| passed |", "| candidates passed |")  # several samples: answers, not problems
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for label, result in models.items():
         counts = result["counts"]
@@ -123,9 +141,24 @@ def markdown_table(models: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_models(problems: list[dict], models: dict[str, dict], reference: str) -> dict[str, dict]:
-    """Every model against `reference` on the same problems: the pass@1 difference with its interval, the exact
-    McNemar p-value, the verdict in words, and the problems gained and lost by name."""
+def shapes_table(models: dict[str, dict], max_new_tokens: int | None) -> str:
+    """How each model's answers came out: an instruct model prompted raw answers nothing, prompted by chat it may
+    run on to the token limit; a model that never learned to stop hits it every time."""
+    limit = f"hit the {max_new_tokens}-token limit" if max_new_tokens else "hit the token limit"
+    lines = [f"| answers | stopped by itself | {limit} | empty | fenced | parse as Python |",
+             "|---|---|---|---|---|---|"]
+    for label, result in models.items():
+        shapes, total = result["answers"], result["candidates"]
+        cell = lambda key: "-" if shapes[key] is None else f"{shapes[key]}/{total}"  # noqa: E731
+        lines.append(f"| {label} | " + " | ".join(cell(key) for key in ANSWER_SHAPES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_models(problems: list[dict], models: dict[str, dict], reference: str,
+                   solved_or_not: bool = True) -> dict[str, dict]:
+    """Every model against `reference` on the same problems: the pass@1 difference with its interval, the p-value
+    (exact McNemar for one sample per problem, `solved_or_not`; else the signed-rank test), the verdict in words,
+    and the problems gained and lost by name."""
     order = [p["task_id"] for p in problems]
     base = [models[reference]["per_problem"][task]["pass@1"] for task in order]
     compared = {}
@@ -133,7 +166,7 @@ def compare_models(problems: list[dict], models: dict[str, dict], reference: str
         if label == reference:
             continue
         scores = [result["per_problem"][task]["pass@1"] for task in order]
-        comparison = stats.compare(base, scores)
+        comparison = stats.compare(base, scores, solved_or_not=solved_or_not)
         comparison["verdict"] = stats.verdict(comparison, label, reference)
         comparison["changes"] = changed(problems, models[reference]["per_problem"], result["per_problem"])
         compared[label] = comparison

@@ -22,7 +22,7 @@ SIGNIFICANT = 0.05
 FEW_PROBLEMS = 30  # below this many, a difference is reported as "too few problems to tell" unless significant
 
 
-def compare(reference: list[float], other: list[float], seed: int = SEED) -> dict:
+def compare(reference: list[float], other: list[float], seed: int = SEED, solved_or_not: bool | None = None) -> dict:
     """`other` against `reference`, given each one's score per problem (1/0 for solved, or a pass@k estimate),
     problem for problem in the same order: the difference in points, its 95 % interval, the problems on which
     each does better, and the p-value of those: the exact McNemar test for solved-or-not scores, the Wilcoxon
@@ -41,8 +41,9 @@ def compare(reference: list[float], other: list[float], seed: int = SEED) -> dic
     interval = stats.bootstrap((a, b), lambda x, y, axis: y.mean(axis) - x.mean(axis), paired=True,
                                vectorized=True, n_resamples=RESAMPLES, confidence_level=LEVEL,
                                method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    binary = np.all(np.isin(a, (0, 1))) and np.all(np.isin(b, (0, 1)))
-    if binary:
+    if solved_or_not is None:  # not said: from the scores themselves
+        solved_or_not = bool(np.all(np.isin(a, (0, 1))) and np.all(np.isin(b, (0, 1))))
+    if solved_or_not:
         test, p_value = "exact McNemar", stats.binomtest(min(gained, lost), gained + lost, 0.5).pvalue
     else:
         test, p_value = "Wilcoxon signed-rank", stats.wilcoxon(b - a, zero_method="wilcox").pvalue
@@ -50,7 +51,7 @@ def compare(reference: list[float], other: list[float], seed: int = SEED) -> dic
             "gained": gained, "lost": lost, "p_value": float(p_value), "test": test}
 
 
-def mean_interval(scores: list[float], seed: int = SEED) -> list[float]:
+def mean_interval(scores: list[float], seed: int = SEED, solved_or_not: bool | None = None) -> list[float]:
     """A 95 % interval of one model's mean score over problems (its pass@k). Solved-or-not scores (greedy pass@1)
     are a binomial count: the exact Clopper-Pearson interval, which also gives 0 of 22 an honest [0, 15.4 %] where a
     bootstrap of 22 zeros could only say [0, 0]. Fractions (pass@k of several samples): a bootstrap over problems."""
@@ -60,7 +61,9 @@ def mean_interval(scores: list[float], seed: int = SEED) -> list[float]:
     values = np.asarray(scores, dtype=float)
     if not len(values):
         return [0.0, 0.0]
-    if np.all((values == 0) | (values == 1)):
+    if solved_or_not is None:
+        solved_or_not = bool(np.all((values == 0) | (values == 1)))
+    if solved_or_not:
         interval = stats.binomtest(int(values.sum()), len(values)).proportion_ci(LEVEL, method="exact")
         return [float(interval.low), float(interval.high)]
     if np.all(values == values[0]):
@@ -76,7 +79,8 @@ def verdict(comparison: dict, name: str, reference: str) -> str:
     low, high = (100 * value for value in comparison["interval"])
     p, n = comparison["p_value"], comparison["problems"]
     changed = f"{comparison['gained']} better, {comparison['lost']} worse"
-    figures = f"{points:+.1f} points [{low:+.1f}, {high:+.1f}], p = {p:.2g} ({changed} of {n} problems)"
+    test = " by the signed-rank test" if comparison.get("test") == "Wilcoxon signed-rank" else ""
+    figures = f"{points:+.1f} points [{low:+.1f}, {high:+.1f}], p = {p:.2g}{test} ({changed} of {n} problems)"
     if comparison["gained"] == comparison["lost"] == 0:
         return f"{name} vs {reference}: every one of the {n} problems scored alike: no difference"
     if p < SIGNIFICANT and low * high > 0:

@@ -51,8 +51,9 @@ def test_one_command_compares_the_base_two_adapters_and_an_export(demo_trained, 
     assert "| problem | base | " + " | ".join(labels[1:]) + " |" in printed
     table = (out / evaluate.TABLE_NAME).read_text()
     assert table.count("\n| ") >= 4 + 22 and "95% interval" in table
-    assert {path.name for path in out.glob("*.jsonl")} == {"base.jsonl", f"{first}__fine-tuned.jsonl",
-                                                           "r80__fine-tuned.jsonl", "export.jsonl"}
+    written = {"base.jsonl", f"{first}__fine-tuned.jsonl", "r80__fine-tuned.jsonl", "export.jsonl"}
+    assert {path.name for path in out.glob("*.jsonl")} == written
+    assert all(name in printed.splitlines()[-1] for name in written)  # the files named as they are written
 
 
 def test_every_checkpoint_is_scored_beside_the_loss_and_the_best_named(second_run, demo_trained, tmp_path, capsys):

@@ -250,13 +250,16 @@ def test_wrong_template_or_shape_gets_one_line(family_models, datasets, tmp_path
     assert "gzip" in one_error_line(capsys.readouterr())
 
 
-def test_an_instruct_model_folder_keeps_its_chat_template_and_gets_a_hint(family_models, datasets, tmp_path, capsys):
+def test_an_instruct_model_keeps_its_chat_template_and_is_prompted_through_it(family_models, datasets, tmp_path,
+                                                                              capsys):
     copy = tmp_path / "copy"
     assert download_model.main(["--model-id", str(family_models["qwen2-instruct"]), "--out", str(copy)]) == 0
     assert (copy / "chat_template.jinja").is_file() and prompts.has_chat_template(models.load_tokenizer(copy))
     assert prepare_data.main(["--data", str(datasets / "instruction"), "--model", str(family_models["qwen2-instruct"]),
                               "--out", str(tmp_path / "p")]) == 0
-    assert "--template chat" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "template 'chat': demo/tiny-qwen2-instruct is an instruct model" in said and "--template guide" in said
+    assert data.prepared_settings(tmp_path / "p")["template"] == "chat"
     tokenizer = models.load_tokenizer(family_models["qwen2-instruct"])
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert prompts.CHAT.stop_ids(tokenizer) == sorted({tokenizer.eos_token_id, end_of_turn})

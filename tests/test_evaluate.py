@@ -188,3 +188,12 @@ def test_a_wrong_against_is_refused_before_anything_is_generated(trained_smoke, 
                           "--out", str(tmp_path / "results")])
     assert code == 2 and not (tmp_path / "results").exists()
     assert "--against r16: no model of that name here (the models: base, fine-tuned)" in capsys.readouterr().err
+
+
+def test_checkpoints_takes_a_run_folder_and_says_what_else_it_was_given(trained_smoke, tmp_path, capsys):
+    for given, said in [(tmp_path / "nope", "no such folder"),
+                        (trained_smoke / folders.FINAL_ADAPTER, "that is one adapter; --checkpoints takes the run "
+                                                                "folder that holds it"),
+                        (tmp_path, "not a run folder train.py wrote")]:
+        assert evaluate.main(["--checkpoints", str(given), "--out", str(tmp_path / "results")]) == 2
+        assert said in capsys.readouterr().err

@@ -79,3 +79,45 @@ def test_a_tokenizer_llama_cpp_does_not_know_is_refused_in_one_line(families, tm
     with pytest.raises(cli.StageError, match="does not know this tokenizer's pre-tokenizer"):
         gguf_export.convert(folder, "q8_0")
     assert not (folder / "model-q8_0.gguf").exists()
+
+
+def test_a_gguf_file_becomes_a_model_folder_every_stage_can_use(families, tmp_path, capsys):
+    """download_model.py --model-id FILE.gguf, as a user with a GGUF from Ollama or LM Studio starts: the weights
+    dequantised (bfloat16), the tokenizer and its chat template rebuilt from the file's metadata."""
+    import torch
+    from safetensors.torch import load_file
+
+    root = families["qwen2-instruct"]
+    exported = tmp_path / "export"
+    assert export.main(["--model", str(root / "model"), "--adapter", str(root / "run" / "checkpoint-3"), "--data",
+                        str(root / "prepared"), "--out", str(exported), "--gguf", "f32"]) == 0
+    gguf_file = exported / "model-f32.gguf"
+    out = tmp_path / "model"
+    assert download_model.main(["--model-id", str(gguf_file), "--out", str(out)]) == 0
+    info = folders.download_info(out)
+    assert info["source"] == "gguf" and info["model_id"] == str(gguf_file.resolve()) and info["chat_template"]
+    assert models.model_folder_problem(out) is None and models.parameter_count(out) == models.parameter_count(exported)
+    # every weight as the export holds it, to bfloat16's rounding
+    converted, original = load_file(str(out / "model.safetensors")), load_file(str(exported / "model.safetensors"))
+    for name, tensor in original.items():
+        assert converted[name].dtype == torch.bfloat16
+        torch.testing.assert_close(converted[name].float(), tensor.float(), rtol=2 ** -8, atol=1e-6)
+    # the same tokens, special tokens and chat template
+    before, after = models.load_tokenizer(exported), models.load_tokenizer(out)
+    text = demo_problems()[3]["code"] + "<|im_end|>"
+    assert after(text)["input_ids"] == before(text)["input_ids"] and after.eos_token_id == before.eos_token_id
+    assert prompts.render_chat(after, "Reverse a string.") == prompts.render_chat(before, "Reverse a string.")
+    # a second run skips; a folder holding the file is taken as the file
+    capsys.readouterr()
+    assert download_model.main(["--model-id", str(gguf_file), "--out", str(out)]) == 0
+    assert "skipping" in capsys.readouterr().out
+    downloads = tmp_path / "Downloads"  # a folder holding the file, as Ollama's or LM Studio's
+    downloads.mkdir()
+    shutil.copy2(gguf_file, downloads / "my-coder.gguf")
+    assert download_model.main(["--model-id", str(downloads), "--out", str(tmp_path / "again")]) == 0
+    assert folders.download_info(tmp_path / "again")["source"] == "gguf"
+    (downloads / "copy.gguf").write_bytes(b"GGUF")  # two files: which one is the user's to say
+    assert download_model.main(["--model-id", str(downloads), "--out", str(tmp_path / "third")]) == 2
+    assert "holds 2 GGUF files (copy.gguf, my-coder.gguf)" in capsys.readouterr().err
+    assert download_model.main(["--model-id", str(downloads / "copy.gguf"), "--out", str(tmp_path / "third")]) == 1
+    assert "transformers cannot read" in capsys.readouterr().err and not (tmp_path / "third").exists()

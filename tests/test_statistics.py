@@ -75,7 +75,7 @@ def summary(per_problem: dict[str, float]) -> dict:
     scores = list(per_problem.values())
     return {"pass@1": sum(scores) / len(scores),
             "per_problem": {task: {"pass@1": score} for task, score in per_problem.items()},
-            "intervals": {"pass@1": stats.mean_interval(scores)}, "problems": len(scores),
+            "intervals": {"pass@1": stats.mean_interval(scores)}, "problems": len(scores), "candidates": len(scores),
             "counts": {"passed": int(sum(scores)), "failed": 0, "timeout": 0, "error": len(scores) - int(sum(scores))}}
 
 
@@ -95,3 +95,13 @@ def test_every_model_is_compared_with_the_reference_problem_by_problem():
     table = scoring.markdown_table(models)
     low, high = (100 * value for value in models["base"]["intervals"]["pass@1"])
     assert f"| base | 4 | 25.0% [{low:.1f}, {high:.1f}] |" in table and math.isclose(low, 0.63, abs_tol=0.01)
+
+
+def test_several_samples_per_problem_are_never_taken_for_solved_or_not():
+    # Three samples per problem that happen to agree give 0/1 pass@1 estimates, still estimates: the signed-rank
+    # test and a bootstrap interval, as for any other run with several samples, and the verdict names the test.
+    first, second = solved(7, 0, both=3, neither=5)
+    found = stats.compare(first, second, solved_or_not=False)
+    assert found["test"] == "Wilcoxon signed-rank"
+    assert "by the signed-rank test" in stats.verdict(found, "r8", "base")
+    assert stats.mean_interval([1] * 5 + [0] * 5, solved_or_not=False) != stats.mean_interval([1] * 5 + [0] * 5)

@@ -31,7 +31,7 @@ def test_dashboard_without_metrics_says_what_to_do(tmp_path, capsys):
 def test_checkpoint_manager_list_best_test_cleanup_delete(trained_smoke, demo_model, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_smoke, run)
-    assert checkpoint_manager.main(["--run", str(run), "list"]) == 0
+    assert checkpoint_manager.main(["list", "--run", str(run)]) == 0  # --run after the command, as typed
     listing = capsys.readouterr().out
     assert "checkpoint-4" in listing and "<- final adapter" in listing and "MB" in listing
     assert checkpoint_manager.main(["--run", str(run), "best"]) == 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -117,15 +118,17 @@ def best_by_evaluation(run: Path, results: Path) -> int:
         raise StageError(f"{results}/ holds no scores of the checkpoints of {run}/: run python evaluate.py "
                          f"--checkpoints {run} --out {results} first")
     best, scores = found["best"], summary["models"]
+    where = {label: Path(os.path.relpath(scores[label]["identity"]["adapter"])) for label in found["steps"]}
     for label, step in sorted(found["steps"].items(), key=lambda item: item[1]):
         low, high = scores[label]["intervals"]["pass@1"]
-        print(f"{label:28s} step {step:>6} pass@1 {100 * scores[label]['pass@1']:5.1f}% [{100 * low:.1f}, "
+        print(f"{str(where[label]):28s} step {step:>6} pass@1 {100 * scores[label]['pass@1']:5.1f}% [{100 * low:.1f}, "
               f"{100 * high:.1f}]" + ("  <- best" if label == best else ""))
     against = found.get("best_against_last")
-    tied = [label for label in found["steps"] if label != best and scores[label]["pass@1"] == scores[best]["pass@1"]]
+    tied = [str(where[label]) for label in found["steps"]
+            if label != best and scores[label]["pass@1"] == scores[best]["pass@1"]]
     sure = f"; against the last: {against['verdict'].split(': ', 1)[1]}" if against else " (the last one)"
     sure += f"; tied with {', '.join(tied)}: on these problems the choice makes no difference" if tied else ""
-    print(f"best by held-out pass@1: {best} (step {found['best_step']}){sure}")
+    print(f"best by held-out pass@1: {where[best]} (step {found['best_step']}){sure}")
     return 0
 
 
@@ -180,7 +183,12 @@ def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(__doc__)
     parser.add_argument("--run", default=folders.CHECKPOINTS_DIR, help="the run's folder (default: %(default)s)")
+    # --run after the command too (`list --run runs/r8`): the same flag, taken wherever it is typed
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--run", default=argparse.SUPPRESS, help="the run's folder (default: checkpoints)")
     commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser
+    commands.add_parser = lambda *args, **kwargs: add(*args, parents=[run], **kwargs)
     commands.add_parser("list", help="every checkpoint with its step, losses, size and date")
     best = commands.add_parser("best", help="the checkpoint with the highest held-out pass@1 where checkpoints were "
                                             "scored, else the lowest eval loss")
