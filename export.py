@@ -16,7 +16,9 @@ Before: verify_model.py
 Next:   python generate.py --model export --prompt "..."  ·  vllm serve export/  ·  ollama create -f export/Modelfile
 
 The model exported is the model evaluate.py scored: QLoRA trained the adapter against the base's 4-bit NF4 weights,
-so by default it is added to those weights, dequantised, and kept in --dtype (the base's own by default)
+so by default it is added to those weights, dequantised, and kept in --dtype (by default the dtype the scored model
+computes in here: float32 on a CPU, else the base's own; the adapter's small additions do not survive rounding to
+bfloat16 everywhere, and on a real model a few answers change)
 (pipeline/merging.py). --merge-into original adds it to the unquantised original weights instead: a model nobody
 trained or scored, close on a small model and not on a real one. Before anything is written the merged model checks
 itself against base + adapter as evaluate.py loads it: its greedy completions of a few held-out prompts must be
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prepared data whose held-out prompts the self-check uses (default: %(default)s)")
     parser.add_argument("--out", default=folders.EXPORT_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="dtype of the saved weights (default: the base model's own)")
+                        help="dtype of the saved weights (default: float32 on a CPU, where evaluate.py computes in "
+                             "float32; else the base model's own)")
     parser.add_argument("--merge-into", choices=merging.MERGE_INTO, default="quantized",
                         help="quantized: the 4-bit weights the adapter was trained and scored on, dequantised "
                              "(default); original: the unquantised original weights")
@@ -92,7 +95,7 @@ def check(args) -> dict:
 
 def run(args, settings: dict) -> int:
     model_dir, adapter, out = Path(args.model), Path(args.adapter), Path(args.out)
-    dtype = args.dtype or base_dtype(model_dir)
+    dtype = args.dtype or default_dtype(model_dir)
     template = prompts.get(settings.get("template", prompts.DEFAULT.name))
     models.quiet_libraries()
     tokenizer = models.load_tokenizer(model_dir)
@@ -139,6 +142,12 @@ def shard_size(text: str) -> str:
     return text
 
 
+def default_dtype(model_dir: Path) -> str:
+    """The dtype that keeps the model evaluate.py scored on this machine: it computes in float32 on a CPU (a merge
+    rounded to bfloat16 answers differently on a real model), in the base's own dtype on a GPU."""
+    return "float32" if models.pick_device().device == "cpu" else base_dtype(model_dir)
+
+
 def base_dtype(model_dir: Path) -> str:
     """The dtype the base model's weights are stored in (config.json), float32 when it does not say."""
     config = folders.read_json(model_dir / "config.json")
@@ -165,13 +174,17 @@ def compare_answers(expected_model, model, tokenizer, texts: list[str], template
                     what: str) -> None:
     """The greedy completions of `model` must equal those of `expected_model`; the largest difference of their
     next-token logits over the prompts is printed. Nothing is written on a mismatch."""
+    import torch
+
     expected = inference.generate(expected_model, tokenizer, texts, CHECK_TOKENS, template=template)
     got = inference.generate(model, tokenizer, texts, CHECK_TOKENS, template=template)
     for text, before, after in zip(texts, expected, got):
         if before[0]["completion"] != after[0]["completion"]:
+            rounded = next(iter(model.parameters())).dtype != torch.float32
             raise StageError(f"the export answers differently from {what} (prompt {text[:60]!r}: "
                              f"{before[0]['completion'][:60]!r} vs {after[0]['completion'][:60]!r}): nothing was "
-                             f"written", cli.EXIT_FAILED)
+                             f"written" + ("; --dtype float32 keeps the merged weights unrounded" if rounded else ""),
+                             cli.EXIT_FAILED)
     gap = largest_logit_difference(expected_model, model, tokenizer, texts)
     print(f"✓ self-check: greedy completions of {len(texts)} held-out prompts equal those of {what} (largest "
           f"next-token logit difference {gap:.2g})")

@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss", choices=["chunked", "standard"], default="chunked",
                         help="chunked: project only labelled positions, in chunks (default); standard: the model's "
                              "own loss")
+    parser.add_argument("--cpu-dtype", choices=models.CPU_DTYPES, default="auto",
+                        help="compute dtype on the CPU; auto: bf16 where the CPU multiplies bf16 natively "
+                             "(AVX512-BF16, AMX), else fp32 (default: %(default)s)")
+    parser.add_argument("--cpu-memory", choices=memory.CPU_MEMORY_MODES, default="auto",
+                        help="on the CPU: fast (the C allocator as it is) or lean (freed memory given back: about half "
+                             "the memory, up to ~15 %% slower); auto: fast where the run fits in the memory available "
+                             "(default: %(default)s)")
     parser.add_argument("--auto-batch-size", action="store_true",
                         help="on CUDA, use the largest micro-batch that fits and keep the effective batch by raising "
                              "--grad-accum")
@@ -278,9 +285,9 @@ def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
 def run(args, stats: dict, checkpoint: Path | None, ranks: Ranks, argv) -> int:
     """Trains for checked arguments, with the run folder held."""
     say, out = ranks.say, Path(args.out)
-    memory.return_freed_memory()  # before the model is loaded: every large buffer from here on
     models.quiet_libraries()
     inputs = load_inputs(args, stats, say)
+    choose_cpu_memory(args, inputs, say)  # before the model is loaded: every large buffer from here on
     targets = models.find_lora_targets(args.model)
     model = build_model(args.model, inputs.choice, inputs.load_in_4bit, args.lora_r, lora_alpha(args),
                         args.lora_dropout, args.seed, targets)
@@ -340,7 +347,7 @@ class Inputs:
 def load_inputs(args, stats: dict, say) -> Inputs:
     from datasets import load_from_disk
 
-    choice = models.pick_device()
+    choice = models.training_choice(models.pick_device(), args.cpu_dtype)
     load_in_4bit = models.use_4bit(choice, args.no_4bit, say)
     prepared = load_from_disk(args.data)
     tokenizer = models.load_tokenizer(args.model)
@@ -356,6 +363,23 @@ def load_inputs(args, stats: dict, say) -> Inputs:
         train_rows = prepared["train"]
         longest = max(train_rows["length"])
     return Inputs(choice, load_in_4bit, tokenizer, train_rows, prepared["eval"], stream, longest)
+
+
+def choose_cpu_memory(args, inputs: Inputs, say) -> None:
+    """On the CPU, fast (glibc's allocator as it is) or lean (freed memory given back), by this run's memory
+    estimate against the memory available now; said in one line. Nothing to choose on a GPU."""
+    if inputs.choice.device != "cpu":
+        return
+    from transformers import AutoConfig
+
+    optimizer_bytes = 2 if "8bit" in (args.optim or default_optimizer("cpu", inputs.load_in_4bit)) else 8
+    estimate = memory.estimate_peak_memory(AutoConfig.from_pretrained(args.model), args.batch_size, inputs.longest,
+                                           args.lora_r, inputs.load_in_4bit, dtype_bytes=inputs.choice.dtype.itemsize,
+                                           optimizer_bytes=optimizer_bytes, chunked_loss=args.loss == "chunked")
+    mode, why = memory.cpu_memory_mode(args.cpu_memory, estimate["total"], memory.available_memory())
+    if mode == "lean" and not memory.return_freed_memory():
+        why += "; MALLOC_MMAP_THRESHOLD_ or PIPELINE_GLIBC_DEFAULTS is set: the allocator is left as that says"
+    say(f"CPU memory: {mode}: {why}")
 
 
 def streamed_blocks(stream: dict, tokenizer, block: int):
@@ -571,7 +595,8 @@ def build_trainer(settings: RunSettings, model, compute_loss, inputs: Inputs, ou
     say(describe_plan(settings, inputs, trainable, total))
     estimate = memory.estimate_peak_memory(
         model.config, settings.batch_size, inputs.longest, settings.lora_r, settings.load_in_4bit,
-        dtype_bytes=2 if settings.device == "cuda" else 4, optimizer_bytes=2 if "8bit" in settings.optim else 8,
+        dtype_bytes=2 if settings.compute_dtype != "float32" else 4,
+        optimizer_bytes=2 if "8bit" in settings.optim else 8,
         chunked_loss=settings.loss == "chunked")
     where = "" if settings.device == "cuda" else " (were this a GPU run)"
     say(f"estimated peak GPU memory{where} at micro-batch {settings.batch_size} x {inputs.longest} tokens: "
@@ -616,12 +641,19 @@ def held_out_scorer(args, stats: dict, inputs: Inputs):
     texts = [data.prompt_for(fmt, problem, template, inputs.tokenizer) for problem in problems]
     box = sandbox.Sandbox(sandbox.Limits())
 
+    import torch
+
+    # Generation runs outside the Trainer's autocast: in bf16 or fp16 it would meet fp32 layer norms' outputs.
+    compute = inputs.choice.dtype
+    autocast = (torch.autocast(inputs.choice.device, dtype=compute) if compute != torch.float32
+                else contextlib.nullcontext())
+
     def score(model) -> dict:
         training, use_cache = model.training, model.config.use_cache
         model.eval()
         model.config.use_cache = True
         try:
-            with loss.output_layer_restored(model):
+            with loss.output_layer_restored(model), autocast:
                 answers = inference.generate(model, inputs.tokenizer, texts, args.score_max_new_tokens,
                                              batch_size=SCORE_BATCH, template=template)
         finally:
@@ -672,7 +704,7 @@ def training_arguments(settings: RunSettings, out: Path, grouped: bool = True):
         lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of the total steps
         optim=settings.optim,
-        bf16=cuda and settings.compute_dtype == "bfloat16",
+        bf16=settings.compute_dtype == "bfloat16",  # autocast on a CPU too
         fp16=cuda and settings.compute_dtype == "float16",
         logging_steps=settings.logging_steps,
         eval_strategy="steps",

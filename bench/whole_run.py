@@ -13,21 +13,27 @@ accumulation 1, `--steps` optimiser steps, then an evaluation, a checkpoint and 
 with `--max-steps N --save-steps N`. The problems are MBPP-sized (420-512 tokens, the first 45 % a masked
 prompt), 4 per step, 4 held out.
 
-Variants:
-  project         train.py as a user runs it (chunked loss, and on CPU its own allocator settings)
+Variants (train.py's recipe is its parser's defaults, apart from the batch and the steps above):
+  project         train.py as a user runs it: every default (on a CPU: --cpu-memory auto, --cpu-dtype auto)
+  project-lean    train.py --cpu-memory lean: freed memory given back to the system (CPU)
+  project-fp32    train.py --cpu-dtype float32: fp32 compute on a CPU that has bf16 (CPU)
+  project-auto    train.py --auto-batch-size (CUDA): the largest micro-batch that fits, the effective batch kept
   standard        train.py --loss standard: the model's own loss, full-vocabulary logits
   trl             TRL's SFTTrainer on the same tokens (completion-only loss), the same model, 4-bit config, LoRA
-                  targets and rank, batch, optimiser and gradient checkpointing; its memory options that exist on
-                  this hardware enabled (on CUDA: activation offloading; padding-free and Liger need FlashAttention
-                  and Triton kernels, absent here)
-  project-plain   train.py with glibc's allocator defaults (what it did before it tuned them), for the comparison
-  trl-tuned       TRL with the same allocator settings as train.py, set before the interpreter starts
+                  targets and rank, batch, optimiser and gradient checkpointing, as its users run it (fp32 on a
+                  CPU); its memory options that exist on this hardware enabled (on CUDA: activation offloading;
+                  padding-free and Liger need FlashAttention and Triton kernels, absent here)
+  trl-lean        TRL with the allocator setting of train.py's lean mode, set before the interpreter starts
+
+On CUDA every process is capped at 6 GiB (torch.cuda.set_per_process_memory_fraction), the reference card's
+memory: a variant that needs more fails there as it would on the card.
 
 Reported per variant, from inside its process: the peak of each phase (model load and everything before the first
 step, the first step, the steady steps, evaluation, checkpoint save, final save) and of the whole process
 (resident memory on CPU, VmHWM reset at each phase boundary; on CUDA torch.cuda.max_memory_allocated and
 max_memory_reserved), trained tokens per second (labelled tokens, i.e. the loss's, over the training loop's wall
-time, evaluation and saves included), and the process's wall time. Prints a table and, last, one line of JSON.
+time, evaluation and saves included), and the whole process's wall time, start-up and imports included, measured
+from outside. Prints a table, the ratios to TRL, and last one line of JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +57,11 @@ from pipeline import cli, data, folders, memory, models, prompts  # noqa: E402
 
 from train_step import build_model_folder, read_status  # noqa: E402  (the same model, the same /proc reading)
 
-VARIANTS = ["project", "standard", "trl", "project-plain", "trl-tuned"]
+VARIANTS = ["project", "project-lean", "project-fp32", "project-auto", "standard", "trl", "trl-lean"]
+CPU_ONLY, CUDA_ONLY = {"project-lean", "project-fp32", "trl-lean"}, {"project-auto"}
+PROJECT_FLAGS = {"project": [], "project-lean": ["--cpu-memory", "lean"], "project-fp32": ["--cpu-dtype", "float32"],
+                 "project-auto": ["--auto-batch-size"], "standard": ["--loss", "standard"]}
+REFERENCE_GPU_GIB = 6  # the reference card: an RTX 3050 laptop GPU
 BATCH, MAX_LEN, EVAL_ROWS, PROMPT_SHARE = 4, 512, 4, 0.45
 PHASES = ["load", "first step", "steady steps", "evaluation", "checkpoint save", "final save"]
 
@@ -195,12 +205,12 @@ class Probe:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_project(model_dir: Path, data_dir: Path, out: Path, steps: int, loss: str) -> int:
+def run_project(model_dir: Path, data_dir: Path, out: Path, steps: int, flags: list[str]) -> int:
     import train
 
     return train.main(["--model", str(model_dir), "--data", str(data_dir), "--out", str(out), "--max-steps", str(steps),
-                       "--save-steps", str(steps), "--batch-size", str(BATCH), "--grad-accum", "1", "--loss", loss,
-                       "--logging-steps", "1", "--overwrite"])
+                       "--save-steps", str(steps), "--batch-size", str(BATCH), "--grad-accum", "1",
+                       "--logging-steps", "1", "--overwrite", *flags])
 
 
 def run_trl(model_dir: Path, data_dir: Path, out: Path, steps: int) -> int:
@@ -249,13 +259,18 @@ def run_trl(model_dir: Path, data_dir: Path, out: Path, steps: int) -> int:
 
 
 def child(variant: str, model_dir: Path, data_dir: Path, steps: int) -> int:
+    import torch
+
+    if torch.cuda.is_available():  # the reference card's memory, whatever this GPU has
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, REFERENCE_GPU_GIB * folders.GIB / total))
     probe = Probe()
     probe.install()
     out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
     try:
         if variant.startswith("trl"):
             return run_trl(model_dir, data_dir, out, steps)
-        return run_project(model_dir, data_dir, out, steps, "standard" if variant == "standard" else "chunked")
+        return run_project(model_dir, data_dir, out, steps, PROJECT_FLAGS[variant])
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -266,10 +281,8 @@ def child(variant: str, model_dir: Path, data_dir: Path, steps: int) -> int:
 
 def variant_env(variant: str) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-    if variant == "project-plain":
-        env["PIPELINE_GLIBC_DEFAULTS"] = "1"  # train.py leaves glibc's allocator settings alone
-    if variant == "trl-tuned":
-        # what train.py sets, given to TRL by its environment
+    if variant == "trl-lean":
+        # what train.py's lean mode sets, given to TRL by its environment
         env["MALLOC_MMAP_THRESHOLD_"] = str(memory.GLIBC_MMAP_THRESHOLD)
     return env
 
@@ -294,17 +307,23 @@ def main(argv=None) -> int:
     model_dir, data_dir = build_inputs(cache, args.steps)
     if args.child:
         return child(args.child, model_dir, data_dir, args.steps)
+    import torch
+
+    skipped = CUDA_ONLY if not torch.cuda.is_available() else CPU_ONLY
     results = {}
-    for variant in args.variants:
+    for variant in [variant for variant in args.variants if variant not in skipped]:
         print(f"running {variant} ...", flush=True)
         command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--cache", str(cache)]
+        started = time.time()
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                               env={**variant_env(variant), **dict(item.split("=", 1) for item in args.env)})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             print(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
             return 1
-        results[variant] = json.loads(lines[-1][len("RESULT "):])
+        results[variant] = {**json.loads(lines[-1][len("RESULT "):]), "process_s": round(time.time() - started, 1),
+                            "said": [line for line in done.stdout.splitlines()
+                                     if line.startswith(("CPU memory:", "device:", "micro-batch"))]}
     print_table(results)
     print(json.dumps(results))
     return 0
@@ -318,12 +337,15 @@ def print_table(results: dict[str, dict]) -> None:
           f"micro-batch {BATCH} x 420-512 tokens; {unit} by phase")
     second = "anonymous" if first["device"] == "cpu" else "reserved"  # what must fit / what the allocator holds
     print(f"{'variant':14s}" + "".join(f"{phase:>16s}" for phase in PHASES) + f"{'whole run':>11s}{second:>11s}"
-          f"{'trained tok/s':>15s}{'wall s':>8s}")
+          f"{'trained tok/s':>15s}{'process s':>11s}")
     for variant, r in results.items():
         cells = "".join(f"{r['phases'].get(phase, {}).get(key, float('nan')):16.2f}" for phase in PHASES)
         other = r.get("peak_anon_gib", r.get("peak_reserved_gib", float("nan")))
         print(f"{variant:14s}{cells}{r['peak_gib']:11.2f}{other:11.2f}{r['trained_tokens_per_s']:15.1f}"
-              f"{r['wall_s']:8.0f}")
+              f"{r['process_s']:11.0f}")
+    for variant, r in results.items():
+        for line in r.get("said", []):
+            print(f"{variant}: {line}")
     base = results.get("standard")
     if base:
         print("\nratios to the standard loss (peak, trained tok/s): " + ", ".join(
@@ -332,10 +354,12 @@ def print_table(results: dict[str, dict]) -> None:
             for v, r in results.items() if v != "standard"))
     peer = results.get("trl")
     if peer:
-        print("ratios to TRL (peak, trained tok/s): " + ", ".join(
-            f"{v} {r['peak_gib'] / peer['peak_gib']:.2f}x, "
-            f"{r['trained_tokens_per_s'] / peer['trained_tokens_per_s']:.2f}x"
-            for v, r in results.items() if v != "trl"))
+        print("ratios to TRL (whole-process peak, whole-process wall time, trained tok/s of the training loop):")
+        for v, r in results.items():
+            if v != "trl":
+                print(f"  {v:14s} {r['peak_gib'] / peer['peak_gib']:.2f}x memory, "
+                      f"{r['process_s'] / peer['process_s']:.2f}x time, "
+                      f"{r['trained_tokens_per_s'] / peer['trained_tokens_per_s']:.2f}x trained tok/s")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = (hidden[rows] @ weight.t()).float()  # the only [chunk, vocab] tensor alive
+            # in the output layer's dtype, as autocast would (on a CPU the loss runs outside the model's autocast)
+            logits = (hidden[rows].to(weight.dtype) @ weight.t()).float()  # the only [chunk, vocab] tensor alive
             target = targets[rows]
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
             # log-sum-exp and softmax in the logits' own memory: no second [chunk, vocab] buffer

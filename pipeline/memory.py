@@ -1,5 +1,5 @@
-"""Memory: the estimate train.py prints before training, the batch fit of --auto-batch-size (CUDA), and how the
-C allocator gives freed memory back on the CPU.
+"""Memory: the estimate train.py prints before training, the batch fit of --auto-batch-size (CUDA), and on the CPU
+whether the C allocator gives freed memory back (lean) or not (fast).
 
 Nothing heavy is imported at module level.
 """
@@ -106,6 +106,35 @@ def cuda_batch_fits(model, compute_loss, batch: int, seq_len: int) -> bool:
 # unmapped, and freed memory goes back: 2.3 GiB, for up to ~15 % of CPU speed (1 MiB: the same memory, slower;
 # 16 MiB: no gain). CUDA tensors are not concerned: they live in CUDA's caching allocator.
 GLIBC_MMAP_THRESHOLD = 4 << 20
+
+# On a CPU memory is rarely what stops a run (a laptop has 8-32 GB), speed is: train.py leaves glibc as it is
+# ("fast") unless the run would not fit that way, and then gives freed memory back ("lean"). The peak resident
+# memory of a CPU run, from estimate_peak_memory(), fitted to bench/whole_run.py (Qwen2.5-Coder-0.5B in 4-bit,
+# micro-batch 4 x 512): ~1 GiB of libraries and file pages, plus 3.1x the estimate fast (bf16: 3.46 GiB measured
+# for 3.5 expected; fp32: 4.26 for 4.9) or 1.6x lean (bf16: 2.26 for 2.3; fp32: 2.3 for 3.0).
+CPU_MEMORY_MODES = ("auto", "fast", "lean")
+RESIDENT_BASE = 1.0 * GIB
+RESIDENT_PER_ESTIMATE = {"fast": 3.1, "lean": 1.6}
+ROOM = 0.75  # share of the available memory a run may plan to take
+
+
+def cpu_memory_mode(requested: str, estimate_bytes: float, available_bytes: float) -> tuple[str, str]:
+    """"fast" or "lean" for a CPU run, and why, in words: fast (glibc as it is, up to ~15 % faster) when the run is
+    expected to fit in the memory available that way, else lean; or what --cpu-memory asked for."""
+    fast, lean = (RESIDENT_BASE + RESIDENT_PER_ESTIMATE[mode] * estimate_bytes for mode in ("fast", "lean"))
+    expected = f"~{fast / GIB:.1f} GiB expected fast, ~{lean / GIB:.1f} GiB lean, {available_bytes / GIB:.1f} available"
+    if requested != "auto":
+        return requested, f"--cpu-memory {requested} ({expected})"
+    if fast <= ROOM * available_bytes:
+        return "fast", f"it fits ({expected}); --cpu-memory lean holds half the memory for up to ~15 % more time"
+    return "lean", f"giving freed memory back, up to ~15 % slower ({expected}); --cpu-memory fast to force"
+
+
+def available_memory() -> float:
+    """Bytes of memory the system can give this process now (psutil's estimate of available memory)."""
+    import psutil
+
+    return float(psutil.virtual_memory().available)
 
 
 def return_freed_memory() -> bool:

@@ -124,6 +124,33 @@ def pick_device() -> DeviceChoice:
                         "no CUDA or MPS device found: CPU with fp32 compute (slow, fine for the demo)")
 
 
+CPU_DTYPES = ("auto", "bfloat16", "float32")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def training_choice(choice: DeviceChoice, requested: str) -> DeviceChoice:
+    """The compute dtype to train in: on a CPU, bf16 where it multiplies bf16 natively (auto) or where asked, else
+    fp32; a GPU's choice as it is. Inference on a CPU stays fp32 (the scored model does not depend on the CPU)."""
+    if choice.device != "cpu":
+        return choice
+    native = cpu_has_bf16()
+    if requested == "bfloat16" or (requested == "auto" and native):
+        how = "native bf16 (AVX512-BF16 or AMX)" if native else "no native bf16: emulated, likely slower"
+        return DeviceChoice("cpu", "bfloat16", f"no CUDA or MPS device found: CPU, {how}: bf16 compute "
+                                               f"(--cpu-dtype float32 for fp32)")
+    why = "--cpu-dtype float32" if requested == "float32" else "no native bf16 on this CPU"
+    return DeviceChoice("cpu", "float32", f"no CUDA or MPS device found: CPU with fp32 compute ({why})")
+
+
 def use_4bit(choice: DeviceChoice, no_4bit: bool, say=print) -> bool:
     """Whether to load the base model in 4-bit: unless --no-4bit, wherever bitsandbytes runs (CUDA and CPU)."""
     if no_4bit:

@@ -212,6 +212,20 @@ def is_python(text: str) -> bool:
     return True
 
 
+def complete_part(code: str, prefix: str = "") -> str:
+    """`code` without an unfinished last statement: an answer cut off by the token limit in the middle of a second,
+    repeated function keeps the functions it finished (as EvalPlus's sanitiser keeps the code that parses). Cut only
+    at top-level statements, and only when the whole does not parse after `prefix` (the code it continues)."""
+    if is_python(prefix + code) or not code.strip():
+        return code
+    lines = code.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if i and line[:1] not in ("", " ", "\t", "\n", ")", "]", "}")]
+    for start in reversed(starts):
+        if is_python(prefix + "".join(lines[:start])):
+            return "".join(lines[:start])
+    return code
+
+
 def extract_code(completion: str) -> str:
     """The code to run from a completion: the first fenced block's content when the model answered in Markdown
     (```python ... ```, ``` ... ```, with prose around it or a fence left unclosed), else the completion as it is.

@@ -52,9 +52,10 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
     stopped by itself (None when not known: a completions file), came fenced, is empty, parses as Python."""
     from tqdm.auto import tqdm
 
-    # A model that answers in Markdown is scored on the code of its fenced block, as evaluation harnesses do.
-    jobs = [(p, index, text, prompts.extract_code(text)) for p in problems
-            for index, text in enumerate(completions.get(p["task_id"], []))]
+    # A model that answers in Markdown is scored on the code of its fenced block, as evaluation harnesses do; an
+    # answer the token limit cut off keeps the statements it finished.
+    jobs = [(p, index, text, prompts.complete_part(prompts.extract_code(text), p.get("code_prefix", "")))
+            for p in problems for index, text in enumerate(completions.get(p["task_id"], []))]
     programs = [sandbox.build_program(*data.program(p, code)) for p, _, _, code in jobs]
     with tqdm(total=len(programs), desc=f"testing {label}", unit="candidate", disable=not progress) as bar:
         verdicts = box.run_many(programs, progress=bar.update)

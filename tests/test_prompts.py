@@ -108,3 +108,12 @@ def test_an_instruct_model_is_told_apart_by_its_end_of_turn(tmp_path, monkeypatc
     assert not models.is_instruct(tmp_path / "m", tokenizer)
     tokenizer.eos_token = "<|im_end|>"  # SmolLM2-Instruct's, Qwen2.5-Instruct's: its texts end a chat turn
     assert models.is_instruct(tmp_path / "m", tokenizer)
+
+
+def test_an_answer_cut_off_by_the_token_limit_keeps_the_statements_it_finished():
+    cut = "def f(x):\n    return x\n\ndef f_again(x):\n    return sorted(x, key=lamb"  # a chat model repeating itself
+    assert prompts.complete_part(cut) == "def f(x):\n    return x\n\n"
+    # a continued function body (HumanEval) is judged after the code it continues
+    assert prompts.complete_part("    return x + 1\n\ndef helper(", "def f(x):\n") == "    return x + 1\n\n"
+    broken = "def f(:\n    pass\n"  # nothing finished: left as it is, to fail as it is
+    assert prompts.complete_part(broken) == broken and prompts.complete_part("x = 1\n") == "x = 1\n"
