@@ -375,16 +375,10 @@ def score_candidates(args, source: Source, candidates: list[Candidate], box) -> 
             refuse_trained_problems(*trained_settings(candidate.adapter, candidate.model_dir), source.problems,
                                     source.data_dir)
     choice = models.pick_device()
-    base, results = None, {}
+    results = {}
     print(f"{len(source.problems)} problems from {source.where} · {len(candidates)} model(s) · {choice.reason}")
-    for candidate in candidates:
+    for candidate, model, tokenizer in each_model(args, candidates, choice):
         template = templates[candidate.label]
-        tokenizer = models.load_tokenizer(candidate.model_dir)
-        if candidate.model_dir == args.model:
-            base = base or inference.load_for_inference(args.model, None, choice, models.use_4bit(choice, args.no_4bit))
-            model = inference.attach_adapter(base, candidate.adapter, args.model) if candidate.adapter else base
-        else:
-            model = inference.load_for_inference(candidate.model_dir, None, choice, True)
         problems = [data.as_chat(p) for p in source.problems] if template.chat else source.problems
         print(f"{candidate.label}: template '{template.name}'")
         started = time.time()
@@ -393,9 +387,23 @@ def score_candidates(args, source: Source, candidates: list[Candidate], box) -> 
         results[candidate.label] = scored(candidate.label, problems, completions, box, num_samples,
                                           identity_of(candidate), time.time() - started, stopped=stopped)
         results[candidate.label][0]["template"] = template.name
+    return num_samples, results
+
+
+def each_model(args, candidates: list[Candidate], choice):
+    """(candidate, model, tokenizer) for each candidate in turn: the base loaded once, each adapter put on it and
+    taken off again after its turn; a merged model loaded as it was saved."""
+    base = None
+    for candidate in candidates:
+        tokenizer = models.load_tokenizer(candidate.model_dir)
+        if candidate.model_dir == args.model:
+            base = base or inference.load_for_inference(args.model, None, choice, models.use_4bit(choice, args.no_4bit))
+            model = inference.attach_adapter(base, candidate.adapter, args.model) if candidate.adapter else base
+        else:
+            model = inference.load_for_inference(candidate.model_dir, None, choice, True)
+        yield candidate, model, tokenizer
         if candidate.adapter and candidate.model_dir == args.model:
             base = model.unload()  # the adapter's layers taken off: the base as it was loaded
-    return num_samples, results
 
 
 def template_for(args, source: Source, candidate: Candidate, candidates: list[Candidate]) -> prompts.Template:
@@ -563,19 +571,11 @@ def evaluate_by_loss(args, source: Source, candidates: list[Candidate]) -> int:
     choice = models.pick_device()
     shown = [dict(row) for row in rows.select(range(min(SAMPLES_SHOWN, len(rows))))] if source.fmt == "instruction" \
         else []
-    summaries, all_rows, base = {}, {}, None
-    for candidate in candidates:
+    summaries, all_rows = {}, {}
+    for candidate, model, tokenizer in each_model(args, candidates, choice):
         template = template_for(args, source, candidate, candidates)
-        tokenizer = models.load_tokenizer(candidate.model_dir)
-        if candidate.model_dir == args.model:
-            base = base or inference.load_for_inference(args.model, None, choice, models.use_4bit(choice, args.no_4bit))
-            model = inference.attach_adapter(base, candidate.adapter, args.model) if candidate.adapter else base
-        else:
-            model = inference.load_for_inference(candidate.model_dir, None, choice, True)
         summaries[candidate.label], all_rows[candidate.label] = loss_and_answers(
             model, tokenizer, rows, shown, source.fmt, template, args, identity_of(candidate))
-        if candidate.adapter and candidate.model_dir == args.model:
-            base = model.unload()
     lines = ["| model | held-out examples | eval loss | perplexity |", "|---|---|---|---|"]
     lines += [f"| {label} | {m['examples']} | {m['eval_loss']:.4f} | {m['perplexity']:.2f} |"
               for label, m in summaries.items()]

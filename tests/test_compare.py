@@ -24,7 +24,7 @@ def second_run(demo_trained, tmp_path_factory) -> Path:
     assert train.main(train_argv(demo_trained["model"], demo_trained["prepared"], out, "--score-checkpoints",
                                  "--cpu-dtype", "float32",
                                  max_steps=20, save_steps=10, keep_last=3, batch_size=8, lora_r=8, lr="3e-3",
-                                 score_max_new_tokens=128)) == 0
+                                 score_max_new_tokens=64)) == 0
     return out
 
 
@@ -34,7 +34,7 @@ def test_one_command_compares_the_base_two_adapters_and_an_export(demo_trained, 
     assert evaluate.main(["--model", str(demo_trained["model"]), "--data", str(demo_trained["prepared"]),
                           "--compare-base", "--adapter", str(demo_trained["adapter"]), "--adapter",
                           str(second_run / folders.FINAL_ADAPTER), "--merged", str(exported),
-                          "--max-new-tokens", "128", "--out", str(out)]) == 0
+                          "--max-new-tokens", "64", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / folders.SUMMARY).read_text())
     first = demo_trained["adapter"].parent.parent.name  # two final/ folders: named by the folder that tells them apart
@@ -66,7 +66,7 @@ def test_every_checkpoint_is_scored_beside_the_loss_and_the_best_named(second_ru
 
     out = tmp_path / "scores"
     assert evaluate.main(["--checkpoints", str(second_run), "--model", str(demo_trained["model"]), "--data",
-                          str(demo_trained["prepared"]), "--max-new-tokens", "128", "--out", str(out)]) == 0
+                          str(demo_trained["prepared"]), "--max-new-tokens", "64", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / folders.SUMMARY).read_text())
     # checkpoint-20 holds final/'s weights: scored once, as the fine-tuned model
