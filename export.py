@@ -252,10 +252,11 @@ def check_tokens_chosen_alike(merged, loaded, tokenizer, texts: list[str], templ
                  f"leads by {decided[0][0]:.3g}") if decided else ""
         raise StageError(f"the GGUF, read back, does not answer as the merged model does (largest logit difference "
                          f"{gap:.3g}, the logits' spread {spread:.3g}{where}): nothing was written", cli.EXIT_FAILED)
-    print(f"✓ GGUF self-check: read back, it chooses {tokens - ties} of the {tokens} answer tokens of {len(texts)} "
-          f"held-out prompts as the merged model does, the other {ties} at near-ties (largest logit difference "
-          f"{gap:.2g}, the logits' spread {spread:.2g}); its special tokens, chat template and tokenizer are the "
-          f"model's")
+    chosen = "every one" if not ties else f"{tokens - ties}"
+    others = f", the other {ties} at near-ties" if ties else ""
+    print(f"✓ GGUF self-check: read back, it chooses {chosen} of the {tokens} answer tokens of {len(texts)} held-out "
+          f"prompts as the merged model does{others} (largest logit difference {gap:.2g}, the logits' spread "
+          f"{spread:.2g}); its special tokens, chat template and tokenizer are the model's")
 
 
 def check_in_llama_cpp(gguf_file: Path, merged, tokenizer, texts: list[str], template: prompts.Template) -> None:

