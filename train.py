@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "own loss")
     parser.add_argument("--cpu-dtype", choices=models.CPU_DTYPES, default="auto",
                         help="compute dtype on the CPU; auto: bf16 where the CPU multiplies bf16 natively "
-                             "(AVX512-BF16, AMX), else fp32 (default: %(default)s)")
+                             "(AVX512-BF16, AMX) and the model is at least 512 wide, else fp32 (default: "
+                             "%(default)s)")
     parser.add_argument("--cpu-memory", choices=memory.CPU_MEMORY_MODES, default="auto",
                         help="on the CPU: fast (the C allocator as it is) or lean (freed memory given back: about half "
                              "the memory, up to ~15 %% slower); auto: fast where the run fits in the memory available "
@@ -346,8 +347,10 @@ class Inputs:
 
 def load_inputs(args, stats: dict, say) -> Inputs:
     from datasets import load_from_disk
+    from transformers import AutoConfig
 
-    choice = models.training_choice(models.pick_device(), args.cpu_dtype)
+    width = AutoConfig.from_pretrained(args.model).hidden_size
+    choice = models.training_choice(models.pick_device(), args.cpu_dtype, width)
     load_in_4bit = models.use_4bit(choice, args.no_4bit, say)
     prepared = load_from_disk(args.data)
     tokenizer = models.load_tokenizer(args.model)

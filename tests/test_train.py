@@ -208,3 +208,14 @@ def test_the_cpu_memory_mode_follows_the_estimate_and_the_memory_available():
     assert mode == "lean" and "--cpu-memory fast to force" in why
     mode, why = memory.cpu_memory_mode("lean", 0.1 * gib, 22 * gib)  # asked for: what was asked
     assert mode == "lean" and why.startswith("--cpu-memory lean")
+
+
+def test_a_cpu_trains_in_bf16_only_where_the_model_is_wide_enough_to_gain(monkeypatch):
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    cpu = models.DeviceChoice("cpu", "float32", "no CUDA or MPS device found")
+    assert models.training_choice(cpu, "auto", 896).dtype_name == "bfloat16"  # Qwen2.5-Coder-0.5B: 2x per step
+    tiny = models.training_choice(cpu, "auto", 128)  # the demo model: no faster, twice the memory
+    assert tiny.dtype_name == "float32" and "--cpu-dtype bfloat16 to force" in tiny.reason
+    assert models.training_choice(cpu, "bfloat16", 128).dtype_name == "bfloat16"  # asked for
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert models.training_choice(cpu, "auto", 896).dtype_name == "float32"
