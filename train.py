@@ -330,8 +330,9 @@ def run(args, stats: dict, checkpoint: Path | None, ranks: Ranks, argv) -> int:
 
 @dataclasses.dataclass
 class Inputs:
-    """What the run trains on and where: the device, the tokenizer, the two splits."""
+    """What the run trains on and where: the model's config, the device, the tokenizer, the two splits."""
 
+    config: object  # the base model's transformers config
     choice: models.DeviceChoice
     load_in_4bit: bool
     tokenizer: object
@@ -349,8 +350,8 @@ def load_inputs(args, stats: dict, say) -> Inputs:
     from datasets import load_from_disk
     from transformers import AutoConfig
 
-    width = AutoConfig.from_pretrained(args.model).hidden_size
-    choice = models.training_choice(models.pick_device(), args.cpu_dtype, width)
+    config = AutoConfig.from_pretrained(args.model)
+    choice = models.training_choice(models.pick_device(), args.cpu_dtype, config.hidden_size)
     load_in_4bit = models.use_4bit(choice, args.no_4bit, say)
     prepared = load_from_disk(args.data)
     tokenizer = models.load_tokenizer(args.model)
@@ -365,7 +366,7 @@ def load_inputs(args, stats: dict, say) -> Inputs:
     else:
         train_rows = prepared["train"]
         longest = max(train_rows["length"])
-    return Inputs(choice, load_in_4bit, tokenizer, train_rows, prepared["eval"], stream, longest)
+    return Inputs(config, choice, load_in_4bit, tokenizer, train_rows, prepared["eval"], stream, longest)
 
 
 def choose_cpu_memory(args, inputs: Inputs, say) -> None:
@@ -373,10 +374,8 @@ def choose_cpu_memory(args, inputs: Inputs, say) -> None:
     estimate against the memory available now; said in one line. Nothing to choose on a GPU."""
     if inputs.choice.device != "cpu":
         return
-    from transformers import AutoConfig
-
     optimizer_bytes = 2 if "8bit" in (args.optim or default_optimizer("cpu", inputs.load_in_4bit)) else 8
-    estimate = memory.estimate_peak_memory(AutoConfig.from_pretrained(args.model), args.batch_size, inputs.longest,
+    estimate = memory.estimate_peak_memory(inputs.config, args.batch_size, inputs.longest,
                                            args.lora_r, inputs.load_in_4bit, dtype_bytes=inputs.choice.dtype.itemsize,
                                            optimizer_bytes=optimizer_bytes, chunked_loss=args.loss == "chunked")
     mode, why = memory.cpu_memory_mode(args.cpu_memory, estimate["total"], memory.available_memory())

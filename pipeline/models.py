@@ -158,7 +158,7 @@ def training_choice(choice: DeviceChoice, requested: str, hidden_size: int) -> D
     if requested == "float32":
         why = "--cpu-dtype float32"
     elif native:
-        why = f"a model {hidden_size} wide gains nothing from bf16 on a CPU; --cpu-dtype bfloat16 to force"
+        why = f"a model {hidden_size} wide is too narrow to gain from bf16 on a CPU; --cpu-dtype bfloat16 to force"
     else:
         why = "no native bf16 on this CPU"
     return DeviceChoice("cpu", "float32", f"no CUDA or MPS device found: CPU with fp32 compute ({why})")
