@@ -120,7 +120,7 @@ def run(args, identity: dict) -> int:
         folders.write_json(tmp / folders.DOWNLOAD_INFO, identity)
     print(describe(dataset))
     print(f"✓ saved in {out}/")
-    print("next: python prepare_data.py")
+    print("next: " + cli.command("prepare_data.py", ("--data", out, folders.DATA_DIR)))
     return 0
 
 
@@ -220,7 +220,8 @@ def record_stream(out: Path, identity: dict) -> int:
           f"needs them)")
     print(f"columns: {', '.join(first)}")
     print(f"✓ saved in {out}/")
-    print("next: python prepare_data.py (it holds out the first rows for evaluation)")
+    print("next: " + cli.command("prepare_data.py", ("--data", out, folders.DATA_DIR))
+          + " (it holds out the first rows for evaluation)")
     return 0
 
 

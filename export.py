@@ -125,7 +125,7 @@ def run(args, settings: dict) -> int:
             raise StageError(f"the export is incomplete ({problem}): nothing was written", cli.EXIT_FAILED)
         if args.gguf:
             write_gguf(tmp, args.gguf, merged, tokenizer, check_texts, template)
-    report(out, dtype, args.gguf)
+    report(args, out, dtype)
     return 0
 
 
@@ -274,18 +274,23 @@ def check_in_llama_cpp(gguf_file: Path, merged, tokenizer, texts: list[str], tem
     print(f"✓ llama.cpp itself answers the {len(texts)} prompts as the merged model does")
 
 
-def report(out: Path, dtype: str, gguf: str | None) -> None:
+def report(args, out: Path, dtype: str) -> None:
     shards = list(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in shards) / 1e6
     print(f"✓ merged model saved in {out}/ ({size:,.1f} MB of {dtype} safetensors, {len(shards)} file(s))")
-    if gguf:
-        gguf_file = out / gguf_export.file_name(gguf)
+    if args.gguf:
+        gguf_file = out / gguf_export.file_name(args.gguf)
         print(f"✓ {gguf_file} ({gguf_file.stat().st_size / 1e6:,.1f} MB) and {out / gguf_export.MODELFILE}")
         print(f"next: ollama create my-coder -f {out / gguf_export.MODELFILE} && ollama run my-coder  ·  "
               f"llama-cli -m {gguf_file} -p \"...\"  ·  python generate.py --model {out} --prompt \"...\"")
         return
+    # the same adapter and folders again, so that the GGUF is made from this export and not from the defaults
+    defaults = build_parser()
+    gguf_command = cli.command("export.py", *((f"--{name.replace('_', '-')}", getattr(args, name),
+                                               defaults.get_default(name))
+                                              for name in ("model", "adapter", "data", "out", "dtype", "merge_into")))
     print(f"next: python generate.py --model {out} --prompt \"Write a function to ...\"  ·  vllm serve {out}/  ·  "
-          f"for llama.cpp and Ollama: python export.py --gguf q8_0 --overwrite")
+          f"for llama.cpp and Ollama: {gguf_command} --gguf q8_0 --overwrite")
 
 
 if __name__ == "__main__":

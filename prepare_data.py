@@ -315,7 +315,7 @@ def report(args, fmt: str, summary: dict) -> None:
         print(f"note: {dropped} of {problems} problems are longer than --max-length {args.max_length}; raise it to "
               f"keep them (memory grows with it)")
     print(f"✓ saved in {args.out}/ (stats in {args.out}/{folders.PREPARED_STATS})")
-    print("next: python train.py")
+    print("next: " + next_training(args))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,8 +351,15 @@ def prepare_stream(args, source: dict, tokenizer) -> int:
     print(f"streamed text: the first {len(held_out)} files held out -> eval {len(blocks)} blocks of up to "
           f"{args.max_length} tokens; the rest is read lazily by train.py (run it with --max-steps)")
     print(f"✓ saved in {args.out}/ (stats in {args.out}/{folders.PREPARED_STATS})")
-    print("next: python train.py --max-steps 1000")
+    print("next: " + next_training(args) + " --max-steps 1000")
     return 0
+
+
+
+def next_training(args) -> str:
+    """train.py on what this stage wrote and the model it tokenised for."""
+    return cli.command("train.py", ("--model", args.model, folders.MODEL_DIR),
+                       ("--data", args.out, folders.PREPARED_DIR))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
 
+def command(script: str, *flags: tuple[str, object, object]) -> str:
+    """`python SCRIPT` and each (flag, value, default) whose value is not the default: a "next:" line that reads
+    what this stage wrote, where the user put it."""
+    import shlex
+
+    given = [f"{flag} {shlex.quote(str(value))}" for flag, value, default in flags if str(value) != str(default)]
+    return " ".join([f"python {script}", *given])
+
+
 def report_errors(stage_main):
     """Decorator for `main`: turns StageError, Ctrl-C and SIGTERM into one line on stderr and an exit code."""
 

@@ -121,7 +121,7 @@ def pick_device() -> DeviceChoice:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return DeviceChoice("mps", "float16", "Apple MPS: fp16 (bitsandbytes 4-bit is not available on MPS)")
     return DeviceChoice("cpu", "float32",
-                        "no CUDA or MPS device found: CPU with fp32 compute (slow, fine for the demo)")
+                        "no CUDA or MPS device found: CPU with fp32 compute (slow: fine for the demo and small models)")
 
 
 CPU_DTYPES = ("auto", "bfloat16", "float32")

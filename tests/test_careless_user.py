@@ -4,6 +4,7 @@ Each case as the user meets it, asserting the exit code, one `error:` line, and 
 import gzip
 import json
 import os
+import shlex
 import shutil
 import signal
 
@@ -365,3 +366,32 @@ def test_limits_too_tight_for_python_itself_are_named(demo_prepared, tmp_path, c
     assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--split", "train",
                           "--memory-mb", "1", "--out", str(tmp_path / "r")]) == 2
     assert "--memory-mb 1" in one_error_line(capsys.readouterr()) and not (tmp_path / "r").exists()
+
+
+def next_line(captured) -> str:
+    return next(line for line in captured.readouterr().out.splitlines() if line.startswith("next: "))[len("next: "):]
+
+
+def test_every_next_line_reads_what_the_stage_wrote_where_the_user_put_it(demo_model, demo_trained, tmp_path,
+                                                                          capsys):
+    """A "next:" line run as printed must read this stage's output, not the default folders, which may hold another
+    run (the GGUF hint once re-exported the default adapter over the default export/)."""
+    data, prepared = tmp_path / "my data", tmp_path / "prepared"
+    assert download_dataset.main(["--demo", "--out", str(data)]) == 0
+    argv = shlex.split(next_line(capsys))
+    assert argv[:2] == ["python", "prepare_data.py"]
+    assert prepare_data.main([*argv[2:], "--model", str(demo_model), "--out", str(prepared), "--check-tests",
+                              "off"]) == 0
+    argv = shlex.split(next_line(capsys))
+    assert argv[:2] == ["python", "train.py"]
+    args = train.build_parser().parse_args(argv[2:])
+    assert (args.model, args.data) == (str(demo_model), str(prepared))
+    out = tmp_path / "my export"
+    assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--data",
+                        str(demo_trained["prepared"]), "--out", str(out), "--dtype", "float32"]) == 0
+    argv = shlex.split(next_line(capsys).split("for llama.cpp and Ollama: ")[1])
+    assert argv[:2] == ["python", "export.py"]
+    args = export.build_parser().parse_args(argv[2:])
+    assert (args.model, args.adapter, args.data, args.out, args.dtype, args.gguf, args.overwrite) == (
+        str(demo_trained["model"]), str(demo_trained["adapter"]), str(demo_trained["prepared"]), str(out), "float32",
+        "q8_0", True)
