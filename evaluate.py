@@ -501,7 +501,8 @@ def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]],
     lines += [comparison["verdict"] for comparison in summary["comparisons"].values()]
     if len(models_) == 2:  # the problems gained and lost by name; with more models, the matrix below says it
         label, comparison = next(iter(summary["comparisons"].items()))
-        lines.append(scoring.describe_changes(comparison["changes"], summary["reference"], label).rstrip())
+        if comparison["changes"]["gained"] or comparison["changes"]["lost"]:  # else the verdict said it: alike
+            lines.append(scoring.describe_changes(comparison["changes"], summary["reference"], label).rstrip())
     if "checkpoints" in summary:
         found = summary["checkpoints"]
         scores = {models_[label]["pass@1"] for label in found["steps"]}

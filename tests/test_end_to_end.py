@@ -80,3 +80,13 @@ def test_the_command_the_demo_suggests_shows_the_fine_tune_at_work(demo_trained,
             *shlex.split(run_pipeline.DEMO_TRY)]
     assert generate.main(argv) == 0
     assert capsys.readouterr().out.strip() == "def lower_title(s):\n    return s.lower()"
+
+
+def test_models_that_score_alike_get_the_verdict_and_no_empty_list_of_gains(demo_trained, tmp_path, capsys):
+    # the first held-out problems are unrelated ones, which neither the base nor the demo fine-tune solves
+    assert evaluate.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]),
+                          "--data", str(demo_trained["prepared"]), "--compare-base", "--limit", "2",
+                          "--max-new-tokens", "16", "--out", str(tmp_path / "results")]) == 0
+    said = capsys.readouterr().out
+    assert "every one of the 2 problems scored alike: no difference" in said
+    assert "solves 0 problem(s)" not in said
