@@ -6,8 +6,8 @@ Run:
     python train.py --resume                 # continue from the newest checkpoint in checkpoints/
 
 Reads:  model/ (download_model.py), prepared_data/ (prepare_data.py)
-Stop:   Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and says how to resume; a second
-        Ctrl-C stops at once. Checkpoints are written atomically (see pipeline/trainer.py).
+Stop:   Ctrl-C (or SIGTERM; Ctrl-Break on Windows) finishes the current step, saves a checkpoint and says how
+        to resume; a second Ctrl-C stops at once. Checkpoints are written atomically (see pipeline/trainer.py).
 Writes: checkpoints/run_settings.json, checkpoints/checkpoint-<step>/ (every --save-steps, the last --keep-last
         kept), checkpoints/final/ (adapter_config.json, adapter_model.safetensors, tokenizer,
         training_settings.json), metrics.json, training_curves.png, logs/ (TensorBoard)
@@ -34,14 +34,13 @@ import contextlib
 import dataclasses
 import math
 import os
-import shlex
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-from pipeline import cli, data, folders, memory, models, monitoring, prompts, run_folder
+from pipeline import cli, data, folders, memory, models, monitoring, platforms, prompts, run_folder
 from pipeline.cli import StageError
 
 # Flags a resumed run must share with the run it continues: a checkpoint trained with another rank, batch, rate
@@ -373,6 +372,9 @@ def choose_cpu_memory(args, inputs: Inputs, say) -> None:
     """On the CPU, fast (glibc's allocator as it is) or lean (freed memory given back), by this run's memory
     estimate against the memory available now; said in one line. Nothing to choose on a GPU."""
     if inputs.choice.device != "cpu":
+        return
+    if platforms.glibc_function("mallopt") is None:
+        say("CPU memory: this system's allocator, as it is (fast or lean is a setting of glibc, Linux's C library)")
         return
     optimizer_bytes = 2 if "8bit" in (args.optim or default_optimizer("cpu", inputs.load_in_4bit)) else 8
     estimate = memory.estimate_peak_memory(inputs.config, args.batch_size, inputs.longest,
@@ -706,8 +708,7 @@ def training_arguments(settings: RunSettings, out: Path, grouped: bool = True):
         lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of the total steps
         optim=settings.optim,
-        bf16=settings.compute_dtype == "bfloat16",  # autocast on a CPU too
-        fp16=cuda and settings.compute_dtype == "float16",
+        **models.half_precision_training(settings.device, settings.compute_dtype),  # autocast on a CPU too
         logging_steps=settings.logging_steps,
         eval_strategy="steps",
         eval_steps=settings.save_steps,
@@ -753,12 +754,12 @@ def fit(trainer, model, checkpoint: Path | None, settings: RunSettings, say) -> 
 
 
 def stopped(trainer, settings: RunSettings, out: Path, argv, say) -> int:
-    """A Ctrl-C or SIGTERM: the Trainer saved a checkpoint; say how to resume, exit as the signal would."""
+    """A Ctrl-C, SIGTERM or Ctrl-Break: the Trainer saved a checkpoint; say how to resume, exit as the signal would."""
     command = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--resume"]
     say(f"stopped by {trainer.stop.signal_name} at step {trainer.state.global_step}/{settings.total_steps}; "
         f"checkpoint saved in {run_folder.find_checkpoints(out)[-1]}/\n"
-        f"resume with: python train.py {shlex.join(command + ['--resume'])}")
-    return 128 + getattr(signal, trainer.stop.signal_name)
+        f"resume with: python train.py {platforms.shell_join(command + ['--resume'])}")
+    return platforms.exit_code_for(getattr(signal, trainer.stop.signal_name))
 
 
 def describe_scores(trainer, out: Path) -> str:

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
         model_dir = str(Path(tempfile.mkdtemp()) / "model")
         download_model.main(["--demo", "--out", model_dir])
-    problems = [json.loads(line) for line in folders.DEMO_PROBLEMS.read_text().splitlines()]
+    problems = [json.loads(line) for line in folders.DEMO_PROBLEMS.read_text(encoding="utf-8").splitlines()]
     problems = (problems * (args.problems // len(problems) + 1))[: args.problems]
     texts = [prompts.DEFAULT.prompt(p["text"], p["test_list"]) for p in problems]
     choice = models.pick_device()

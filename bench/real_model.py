@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     report["stages"]["download_model"] = stage(work, "download_model", "--model-id", str(gguf), "--out", str(model))
     for task in args.tasks:
         report["tasks"][task] = run_task(args, task, work / task, model)
-        (work / "report.json").write_text(json.dumps(report, indent=2))
+        (work / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     print("\n" + table(report))
     print(json.dumps(report))
     return 0
@@ -93,7 +93,7 @@ def stage(work: Path, name: str, *argv: str, log: Path | None = None) -> dict:
     started = time.time()
     with open(log, "w", encoding="utf-8") as out:
         done = subprocess.run([sys.executable, str(ROOT / f"{name}.py"), *argv], cwd=work, stdout=out,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
     seconds = round(time.time() - started, 1)
     print(f"{name} {' '.join(argv)}: exit {done.returncode} in {seconds}s (log: {log})", flush=True)
     if done.returncode != 0:
@@ -133,10 +133,10 @@ def run_task(args, task: str, folder: Path, model: Path) -> dict:
 
 def figures(folder: Path, model: Path) -> dict:
     """What the run shows: held-out and training-split pass@1, the verdict, the held-out loss, the answers."""
-    held_out = json.loads((folder / "results" / "summary.json").read_text())
-    trained = json.loads((folder / "train_results" / "summary.json").read_text())
-    run = json.loads((folder / "run" / "final" / "training_settings.json").read_text())
-    metrics = json.loads((folder / "run" / "metrics.json").read_text())["totals"]
+    held_out = json.loads((folder / "results" / "summary.json").read_text(encoding="utf-8"))
+    trained = json.loads((folder / "train_results" / "summary.json").read_text(encoding="utf-8"))
+    run = json.loads((folder / "run" / "final" / "training_settings.json").read_text(encoding="utf-8"))
+    metrics = json.loads((folder / "run" / "metrics.json").read_text(encoding="utf-8"))["totals"]
     comparison = held_out["comparisons"]["fine-tuned"]
     return {
         "template": held_out["models"]["fine-tuned"]["template"],

@@ -115,7 +115,7 @@ def build_model_folder(folder: Path) -> None:
 
 
 def read_status(field: str) -> int:
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
@@ -158,7 +158,7 @@ def run_variant(variant: str, model_dir: str) -> dict:
 
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # what loading freed goes back: the baseline is the model
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")  # reset the peak resident set size (VmHWM) to the current one
         baseline = read_status("VmRSS")
     started = time.perf_counter()
@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         print(f"running {variant} ...", flush=True)
         done = subprocess.run([sys.executable, __file__, "--child", variant, "--cache", args.cache],
                               capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"})
+                              env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"},
+                              encoding="utf-8", errors="replace")
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             print(f"{variant} failed:\n{done.stderr[-2000:]}", file=sys.stderr)

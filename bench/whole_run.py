@@ -147,7 +147,7 @@ class Probe:
         else:
             peak = {"rss_gib": read_status("VmHWM") / folders.GIB,
                     "anon_gib": max(self.anon_peak, read_status("RssAnon")) / folders.GIB}
-            with open("/proc/self/clear_refs", "w") as f:
+            with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
                 f.write("5")  # VmHWM := the current resident size
             self.anon_peak = 0
         held = self.phases.setdefault(phase, {})
@@ -318,7 +318,8 @@ def main(argv=None) -> int:
         command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--cache", str(cache)]
         started = time.time()
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                              env={**variant_env(variant), **dict(item.split("=", 1) for item in args.env)})
+                              env={**variant_env(variant), **dict(item.split("=", 1) for item in args.env)},
+                              encoding="utf-8", errors="replace")
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             print(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)

@@ -12,7 +12,15 @@ lives here, one module per subject, so that a stage copied elsewhere needs only 
     run_folder.py   what a run folder holds, its lock, which checkpoint can be resumed from
     monitoring.py   metrics history, loss warnings, curves (read by the dashboard too)
     inference.py    an adapter's settings, loading base + adapter, batched generation
-    sandbox.py      hardened execution of candidate programs
+    scoring.py      pass@k, summaries, every model against a reference, which solved which, tables and charts
+    stats.py        is a difference real: paired bootstrap interval, exact McNemar, Clopper-Pearson (SciPy)
+    protocols.py    EvalPlus's and lm-evaluation-harness's prompts and stops, for published figures
+    benchmarks.py   HumanEval and MBPP's test split, offline
+    sandbox.py      hardened execution of candidate programs (sandbox_runner.py: the part copied beside each)
+    merging.py      the adapter merged into the weights it was trained against (export.py)
+    gguf_export.py  llama.cpp's converter run on an export, the GGUF checked, the Ollama Modelfile
+    platforms.py    what differs between Linux, macOS and Windows: processes, stop signals, console encodings,
+                    what the sandbox can enforce
 
 Nothing heavy (torch, transformers) is imported when a module is imported, except by loss.py and trainer.py,
 which the stages import only once they train: `python stage.py --help` stays instant.

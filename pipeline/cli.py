@@ -1,7 +1,7 @@
 """Command-line conventions of every stage: a user's mistake gets one clear line and a non-zero exit, never a
 traceback; flags are checked where they are parsed.
 
-Standard library only.
+Standard library, and pipeline/platforms.py for what differs between systems.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import threading
+
+from pipeline import platforms
 
 EXIT_FAILED = 1  # the run failed (network, training error)
 EXIT_USAGE = 2  # bad flags, missing or wrong input folders
@@ -26,12 +28,16 @@ class StageError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a `kill`, a scheduler's time limit), handled as Ctrl-C is: on the way out, what is half-written is
-    removed and a run folder's lock released."""
+    """SIGTERM (a `kill`, a scheduler's time limit) or, on Windows, Ctrl-Break, handled as Ctrl-C is: on the way
+    out, what is half-written is removed and a run folder's lock released."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def raise_terminated(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,18 +55,20 @@ class Parser(argparse.ArgumentParser):
 def command(script: str, *flags: tuple[str, object, object]) -> str:
     """`python SCRIPT` and each (flag, value, default) whose value is not the default: a "next:" line that reads
     what this stage wrote, where the user put it."""
-    import shlex
-
-    given = [f"{flag} {shlex.quote(str(value))}" for flag, value, default in flags if str(value) != str(default)]
+    given = [f"{flag} {platforms.shell_quote(str(value))}" for flag, value, default in flags
+             if str(value) != str(default)]
     return " ".join([f"python {script}", *given])
 
 
 def report_errors(stage_main):
-    """Decorator for `main`: turns StageError, Ctrl-C and SIGTERM into one line on stderr and an exit code."""
+    """Decorator for `main`: turns StageError, Ctrl-C and the other stop signals into one line on stderr and an
+    exit code; output on a console that cannot show ✓ gets ASCII instead of a UnicodeEncodeError."""
 
     def wrapper(argv=None) -> int:
+        platforms.make_output_safe()
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
+        stops = [sig for sig in platforms.stop_signals() if sig != signal.SIGINT] if in_main_thread else []
+        previous = {sig: signal.signal(sig, raise_terminated) for sig in stops}
         try:
             return stage_main(argv)
         except StageError as error:
@@ -68,7 +76,7 @@ def report_errors(stage_main):
             return error.exit_code
         except KeyboardInterrupt as stop:
             print("interrupted: anything half-written was discarded; earlier complete output is kept", file=sys.stderr)
-            return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
+            return platforms.exit_code_for(stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
         except BrokenPipeError:
             # Output piped into `head` or a closed pager: stop quietly, as command-line tools do.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -82,8 +90,8 @@ def report_errors(stage_main):
                   f"is kept", file=sys.stderr)
             return EXIT_FAILED
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     wrapper.__name__ = stage_main.__name__
     wrapper.__doc__ = stage_main.__doc__

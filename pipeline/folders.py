@@ -2,7 +2,7 @@
 (a temporary sibling renamed into place), so a crash leaves the previous output or the new one, never half; and
 each by the stage that owns it, so that a careless --out never replaces another stage's work.
 
-Standard library only.
+Standard library, and pipeline/platforms.py for whether a process is alive.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+from pipeline import platforms
 from pipeline.cli import EXIT_FAILED, StageError
 
 # Default folders, one per stage, in the order of the road.
@@ -44,7 +45,7 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's files in an adapter folder
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # any one of them
 OWNER = ".written_by.json"  # in every output folder: the stage that wrote it, {"stage": "train"}
-RUN_LOCK = ".lock"  # in a run folder while a train.py writes to it: "<pid> <host>"
+RUN_LOCK = ".lock"  # in a run folder while a train.py writes to it: "<pid> <host> <start time>"
 
 # What each stage's folder holds, for the line that refuses to write over it.
 HOLDS = {"download_model": "a base model", "download_dataset": "downloaded problems", "prepare_data": "prepared data",
@@ -96,18 +97,8 @@ def remove_leftovers(final: Path) -> None:
     pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-(\d+)$")
     for sibling in final.parent.iterdir():
         found = pattern.match(sibling.name)
-        if found and int(found.group(2)) != os.getpid() and not pid_alive(int(found.group(2))):
+        if found and int(found.group(2)) != os.getpid() and not platforms.pid_alive(int(found.group(2))):
             shutil.rmtree(sibling, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def replace_dir(new: Path, final: Path) -> None:

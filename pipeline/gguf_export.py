@@ -63,7 +63,8 @@ def ensure_converter(say=print) -> Path:
         f"offline")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-                           "--target", str(tmp), "-r", str(REQUIREMENTS)], capture_output=True, text=True)
+                           "--target", str(tmp), "-r", str(REQUIREMENTS)], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace")
     if done.returncode != 0:
         import shutil
 
@@ -111,7 +112,8 @@ def convert(model_dir: Path, outtype: str, say=print) -> Path:
     pre = llama_cpp_pre_tokenizer(model_dir) or "-"
     done = subprocess.run([sys.executable, "-c", DRIVER, pre, str(model_dir.resolve()), "--outtype", outtype,
                            "--outfile", str(outfile.resolve())],
-                          capture_output=True, text=True, cwd=converter, env={**os.environ, "PYTHONPATH": ""})
+                          capture_output=True, text=True, cwd=converter, env={**os.environ, "PYTHONPATH": ""},
+                          encoding="utf-8", errors="replace")
     if done.returncode != 0:
         if "pre-tokenizer was not recognized" in done.stderr:
             raise StageError("llama.cpp does not know this tokenizer's pre-tokenizer, and its split is not exactly "

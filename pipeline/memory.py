@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
+from pipeline import platforms
 from pipeline.folders import GIB
 
 
@@ -142,13 +142,7 @@ def available_memory() -> float:
 def return_freed_memory() -> bool:
     """Make glibc give large freed buffers back to the system (see GLIBC_MMAP_THRESHOLD). Not where the user set
     MALLOC_MMAP_THRESHOLD_ themselves, nor with PIPELINE_GLIBC_DEFAULTS=1 (the benchmark's baseline)."""
-    if (not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ
-            or os.environ.get("PIPELINE_GLIBC_DEFAULTS")):
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("PIPELINE_GLIBC_DEFAULTS"):
         return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-    return mallopt(-3, GLIBC_MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD; 1 means it took
+    mallopt = platforms.glibc_function("mallopt")
+    return mallopt is not None and mallopt(-3, GLIBC_MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD; 1 means it took

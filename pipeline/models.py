@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,19 +110,40 @@ class DeviceChoice:
 
 
 def pick_device() -> DeviceChoice:
-    """CUDA > MPS > CPU; bf16 where the GPU supports it, else fp16; fp32 on CPU."""
+    """The device this machine offers and the dtype to compute in there (see device_choice)."""
     import torch
 
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        major, minor = torch.cuda.get_device_capability(0)
-        if torch.cuda.is_bf16_supported():
+        return device_choice(cuda=(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0),
+                                   torch.cuda.is_bf16_supported()))
+    mps = getattr(torch.backends, "mps", None)
+    return device_choice(mps=mps is not None and mps.is_available())
+
+
+def device_choice(cuda: tuple[str, tuple[int, int], bool] | None = None, mps: bool = False) -> DeviceChoice:
+    """CUDA > MPS > CPU, from what was found: `cuda` is (name, compute capability, bf16 supported).
+
+    On a GPU with bf16, bf16; without, fp16 autocast with a loss scaler. On Apple's MPS, fp16 autocast with a loss
+    scaler too: the base weights in fp16, the LoRA weights in fp32 (peft keeps adapters in fp32, and the Trainer's
+    fp16 mode scales the loss), as on a CUDA GPU without bf16. Half-precision LoRA weights trained without a
+    scaler stop learning once their updates round away. On a CPU, fp32 (training_choice may pick bf16)."""
+    if cuda is not None:
+        name, (major, minor), bf16 = cuda
+        if bf16:
             return DeviceChoice("cuda", "bfloat16", f"CUDA {name}, compute capability {major}.{minor}: bf16")
-        return DeviceChoice("cuda", "float16", f"CUDA {name}, compute capability {major}.{minor}: no bf16, using fp16")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return DeviceChoice("mps", "float16", "Apple MPS: fp16 (bitsandbytes 4-bit is not available on MPS)")
-    return DeviceChoice("cpu", "float32",
-                        "no CUDA or MPS device found: CPU with fp32 compute (slow: fine for the demo and small models)")
+        return DeviceChoice("cuda", "float16", f"CUDA {name}, compute capability {major}.{minor}: no bf16, using fp16 "
+                                               f"autocast with a loss scaler")
+    if mps:
+        return DeviceChoice("mps", "float16", "Apple MPS: fp16 autocast with a loss scaler, LoRA weights in fp32 "
+                                              "(bitsandbytes 4-bit does not run on MPS: the base model is loaded "
+                                              "unquantised, in fp16)")
+    return DeviceChoice("cpu", "float32", "no CUDA or MPS device found: CPU with fp32 compute")
+
+
+def half_precision_training(device: str, compute_dtype: str) -> dict[str, bool]:
+    """The Trainer's mixed-precision flags: bf16 autocast (CUDA, CPU), or fp16 autocast with a loss scaler (a CUDA
+    GPU without bf16, and MPS), else none (fp32)."""
+    return {"bf16": compute_dtype == "bfloat16", "fp16": compute_dtype == "float16" and device in ("cuda", "mps")}
 
 
 CPU_DTYPES = ("auto", "bfloat16", "float32")
@@ -177,7 +199,7 @@ def use_4bit(choice: DeviceChoice, no_4bit: bool, say=print) -> bool:
 def quiet_libraries() -> None:
     """Silence library chatter that is not actionable for a user of this pipeline."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MPLCONFIGDIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "mplconfig"))
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(tempfile.gettempdir()) / "mplconfig"))
     import logging
 
     # bitsandbytes looks for optional CPU kernels on the Hub and logs when it cannot fetch them.

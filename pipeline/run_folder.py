@@ -22,7 +22,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from pipeline import folders
+from pipeline import folders, platforms
 from pipeline.cli import StageError
 from pipeline.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -35,19 +35,19 @@ REQUIRED_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, "optimizer.pt"
 @contextlib.contextmanager
 def run_lock(out: str | Path):
     """Hold the run folder for one train.py at a time. A second run into the same folder is refused with the
-    first one's pid; the lock of a run that was killed (its pid is gone) is recognised and taken over."""
+    first one's pid; the lock of a run that was killed (its process is gone, or its pid now names another process)
+    is recognised and taken over. Whether the owner lives is asked of the process table, never by a signal."""
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock, me = out / folders.RUN_LOCK, f"{os.getpid()} {socket.gethostname()}"
+    lock, me = out / folders.RUN_LOCK, lock_text(os.getpid())
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            owner = lock.read_text().split() if lock.is_file() else []
-            mine = owner[1:] == [socket.gethostname()]
-            if owner and owner[0].isdigit() and mine and folders.pid_alive(int(owner[0])):
+            owner = lock.read_text(encoding="utf-8").split() if lock.is_file() else []
+            if lock_held(owner):
                 raise StageError(f"{out}/ is in use by another train.py (pid {owner[0]}): wait for it to finish, "
                                  f"stop it, or choose another --out") from None
             print(f"note: removing the stale lock of a run that no longer exists ({' '.join(owner) or 'empty'})",
@@ -55,15 +55,36 @@ def run_lock(out: str | Path):
             lock.unlink(missing_ok=True)
     else:
         raise StageError(f"cannot take the lock {lock}: another train.py is starting in {out}/; choose another --out")
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(me)
     try:
         yield
     finally:
-        if lock.is_file() and lock.read_text() == me:
+        if lock.is_file() and lock.read_text(encoding="utf-8") == me:
             lock.unlink()
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that stopped before writing anything leaves no empty folder behind
+
+
+def lock_text(pid: int) -> str:
+    """What a run lock holds: "<pid> <host> <start time>", the start time telling the process from a later one
+    that reuses its pid."""
+    return f"{pid} {socket.gethostname()} {platforms.started_at(pid) or 0:.2f}"
+
+
+def lock_held(owner: list[str]) -> bool:
+    """Whether the train.py a lock names still runs: on this host, alive, and (where the lock says when it
+    started, as locks since this version do) the same process, not a later one with its pid."""
+    if len(owner) < 2 or not owner[0].isdigit() or owner[1] != socket.gethostname():
+        return False
+    pid = int(owner[0])
+    if not platforms.pid_alive(pid):
+        return False
+    started = platforms.started_at(pid)
+    try:
+        return started is None or len(owner) < 3 or abs(started - float(owner[2])) < 1
+    except ValueError:  # a damaged start time: the pid alone decides
+        return True
 
 
 def step_of(path: Path) -> int:
@@ -77,7 +98,7 @@ def written_by_train(path: Path) -> bool:
 
 def checkpoint_step(path: Path) -> int:
     """The optimiser steps a checkpoint holds, from its trainer state (whatever the folder is called)."""
-    return json.loads((Path(path) / TRAINER_STATE).read_text())["global_step"]
+    return json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
 
 
 def find_checkpoints(out: str | Path) -> list[Path]:
@@ -119,7 +140,7 @@ def zip_problem(file: Path) -> str | None:
 
 
 def read_json_file(file: Path) -> None:
-    json.loads(file.read_text())
+    json.loads(file.read_text(encoding="utf-8"))
 
 
 def latest_valid_checkpoint(out: str | Path) -> Path | None:

@@ -35,7 +35,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from pipeline import folders, monitoring, run_folder
+from pipeline import folders, monitoring, platforms, run_folder
 from pipeline.loss import trained_positions
 
 
@@ -179,7 +179,8 @@ class PipelineTrainer(Trainer):
 
 
 class GracefulStop(TrainerCallback):
-    """First SIGINT/SIGTERM: finish the optimiser step, save a checkpoint, stop. Second SIGINT: stop now."""
+    """First Ctrl-C, SIGTERM or (Windows) Ctrl-Break: finish the optimiser step, save a checkpoint, stop. Second
+    Ctrl-C: stop now."""
 
     def __init__(self):
         self.signal_name = None
@@ -193,7 +194,7 @@ class GracefulStop(TrainerCallback):
               f"(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in platforms.stop_signals():
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):

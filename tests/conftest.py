@@ -41,7 +41,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def stage(*argv, cwd=ROOT) -> subprocess.CompletedProcess:
     """A script run as a user runs it: its own process, its output captured."""
-    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          encoding="utf-8")
 
 
 def single_error(done: subprocess.CompletedProcess, code: int = 2) -> str:

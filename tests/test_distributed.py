@@ -29,11 +29,13 @@ def runs(demo_model, demo_prepared, tmp_path_factory):
                           "29533",
                           str(ROOT / "tests" / "ddp_probe.py"), str(root), *common_flags, "--batch-size", "2",
                           "--save-steps", "6",
-                          "--out", str(root / "two")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                          "--out", str(root / "two")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+                          encoding="utf-8")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one = subprocess.run([sys.executable, str(ROOT / "train.py"), *common_flags, "--batch-size", "4", "--out",
                           str(root / "one")],
-                         capture_output=True, text=True, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "2"}, timeout=600)
+                         capture_output=True, text=True, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "2"}, timeout=600,
+                         encoding="utf-8")
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     return {"root": root, "two": root / "two", "one": root / "one", "stdout": two.stdout}
 
@@ -52,8 +54,8 @@ def test_one_final_adapter_and_one_metrics_history(runs, demo_model):
 
 
 def test_both_processes_end_with_identical_lora_weights(runs):
-    rank0 = json.loads((runs["root"] / "rank0.json").read_text())["weights"]
-    rank1 = json.loads((runs["root"] / "rank1.json").read_text())["weights"]
+    rank0 = json.loads((runs["root"] / "rank0.json").read_text(encoding="utf-8"))["weights"]
+    rank1 = json.loads((runs["root"] / "rank1.json").read_text(encoding="utf-8"))["weights"]
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     assert rank0 == rank1
 
@@ -63,8 +65,8 @@ def test_each_process_saw_a_different_half_of_the_data(runs, demo_prepared):
 
     train_ids = set(load_from_disk(str(demo_prepared))["train"]["task_id"])
     # The recording also holds the final evaluation's batches: keep the training examples.
-    seen0 = [t for t in json.loads((runs["root"] / "rank0.json").read_text())["seen"] if t in train_ids]
-    seen1 = [t for t in json.loads((runs["root"] / "rank1.json").read_text())["seen"] if t in train_ids]
+    seen0 = [t for t in json.loads((runs["root"] / "rank0.json").read_text(encoding="utf-8"))["seen"] if t in train_ids]
+    seen1 = [t for t in json.loads((runs["root"] / "rank1.json").read_text(encoding="utf-8"))["seen"] if t in train_ids]
     # 36 steps of 2 examples each, together more than an epoch (the loader may fetch one batch ahead)
     assert len(seen0) == len(seen1) and 36 * 2 <= len(seen0) <= 37 * 2
     first_epoch0, first_epoch1 = set(seen0[: len(train_ids) // 2]), set(seen1[: len(train_ids) // 2])
@@ -74,7 +76,7 @@ def test_each_process_saw_a_different_half_of_the_data(runs, demo_prepared):
 
 def test_loss_falls_as_in_a_single_process_run_with_the_same_effective_batch(runs):
     def train_losses(out):
-        history = json.loads((out / monitoring.METRICS).read_text())["history"]
+        history = json.loads((out / monitoring.METRICS).read_text(encoding="utf-8"))["history"]
         return [row["loss"] for row in history if "loss" in row]
 
     two, one = train_losses(runs["two"]), train_losses(runs["one"])
@@ -91,12 +93,12 @@ def saved_sums(adapter_dir: Path) -> dict[str, float]:
 
 
 def test_mid_run_checkpoints_and_evaluations_under_two_processes(runs):
-    history = json.loads((runs["two"] / monitoring.METRICS).read_text())["history"]
+    history = json.loads((runs["two"] / monitoring.METRICS).read_text(encoding="utf-8"))["history"]
     assert [row["step"] for row in history if "eval_loss" in row] == [6, 12, 18, 24, 30, 36]
     assert sorted(p.name for p in runs["two"].glob("checkpoint-*")) == ["checkpoint-24", "checkpoint-30",
                                                                         "checkpoint-36"]
     # The final adapter is what rank 0 held at the end (the probe's sums of the same tensors).
-    rank0 = json.loads((runs["root"] / "rank0.json").read_text())["weights"]
+    rank0 = json.loads((runs["root"] / "rank0.json").read_text(encoding="utf-8"))["weights"]
     final = saved_sums(runs["two"] / folders.FINAL_ADAPTER)
     assert final.keys() == {name.replace(".default.", ".") for name in rank0}
     assert all(abs(final[name.replace(".default.", ".")] - value) < 1e-6 for name, value in rank0.items())
@@ -112,17 +114,18 @@ def test_resume_under_two_processes(demo_model, demo_prepared, tmp_path):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                                "29534",
                                str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path), *flags, *extra],
-                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+                          encoding="utf-8")
 
     first = torchrun("--max-steps", "2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = torchrun("--max-steps", "4", "--resume")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming from {tmp_path / 'run' / 'checkpoint-2'}" in second.stdout
-    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text(encoding="utf-8"))
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())["weights"]
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())["weights"]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text(encoding="utf-8"))["weights"]
+    rank1 = json.loads((tmp_path / "rank1.json").read_text(encoding="utf-8"))["weights"]
     final = saved_sums(tmp_path / "run" / folders.FINAL_ADAPTER)
     assert rank0 == rank1 and all(abs(final[name.replace(".default.", ".")] - value) < 1e-6 for name,
                                   value in rank0.items())

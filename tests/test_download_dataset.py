@@ -12,7 +12,7 @@ def test_demo_writes_a_saved_dataset_with_every_bundled_problem(demo_data, capsy
     dataset = load_from_disk(str(demo_data))
     assert list(dataset) == ["train"] and len(dataset["train"]) == len(demo_problems())
     assert {"task_id", "text", "code", "test_list", "test_setup_code"} <= set(dataset["train"].column_names)
-    assert json.loads((demo_data / folders.DOWNLOAD_INFO).read_text())["source"] == "demo"
+    assert json.loads((demo_data / folders.DOWNLOAD_INFO).read_text(encoding="utf-8"))["source"] == "demo"
 
 
 def test_local_jsonl_file_prints_rows_and_columns(tmp_path, capsys):
@@ -38,23 +38,23 @@ def test_an_edited_file_is_not_taken_for_the_copy_in_data(demo_data, tmp_path, c
     # The demo problems change with the code: a data/ made from an older version is replaced, no --force needed.
     old = tmp_path / "old-demo"
     shutil.copytree(demo_data, old)
-    info = json.loads((old / folders.DOWNLOAD_INFO).read_text())
-    (old / folders.DOWNLOAD_INFO).write_text(json.dumps({**info, "content": "older"}))
+    info = json.loads((old / folders.DOWNLOAD_INFO).read_text(encoding="utf-8"))
+    (old / folders.DOWNLOAD_INFO).write_text(json.dumps({**info, "content": "older"}), encoding="utf-8")
     assert download_dataset.main(["--demo", "--out", str(old)]) == 0
     assert "older version of the demo problems" in capsys.readouterr().out
-    assert json.loads((old / folders.DOWNLOAD_INFO).read_text()) == info
+    assert json.loads((old / folders.DOWNLOAD_INFO).read_text(encoding="utf-8")) == info
 
 
 def test_missing_file_empty_file_and_wrong_format_are_refused(tmp_path, capsys):
     assert download_dataset.main(["--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "d1")]) == 2
     assert "not found" in one_error_line(capsys.readouterr())
-    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     assert download_dataset.main(["--dataset", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "d2")]) == 2
     one_error_line(capsys.readouterr())
-    (tmp_path / "tasks.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "tasks.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     assert download_dataset.main(["--dataset", str(tmp_path / "tasks.csv"), "--out", str(tmp_path / "d3")]) == 2
     assert "unsupported file type" in one_error_line(capsys.readouterr())
-    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     assert download_dataset.main(["--dataset", str(tmp_path / "broken.json"), "--out", str(tmp_path / "d4")]) == 2
     one_error_line(capsys.readouterr())
     assert not any((tmp_path / name).exists() for name in ("d1", "d2", "d3", "d4"))

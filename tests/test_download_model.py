@@ -12,7 +12,7 @@ def test_demo_model_writes_the_model_folder_layout(demo_model):
     names = {p.name for p in demo_model.iterdir()}
     assert names == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                      "tokenizer_config.json", folders.DOWNLOAD_INFO, folders.OWNER}
-    config = json.loads((demo_model / "config.json").read_text())
+    config = json.loads((demo_model / "config.json").read_text(encoding="utf-8"))
     assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is True
     assert config.get("pad_token_id") is None  # a padding_idx would zero the EOS row of the tied embedding
 
@@ -48,12 +48,12 @@ def test_a_demo_model_of_an_older_recipe_is_built_again(demo_model, tmp_path, ca
 
     old = tmp_path / "model"
     shutil.copytree(demo_model, old)
-    info = json.loads((old / folders.DOWNLOAD_INFO).read_text())
+    info = json.loads((old / folders.DOWNLOAD_INFO).read_text(encoding="utf-8"))
     assert info["recipe"] == download_model.demo_recipe("qwen2")
-    (old / folders.DOWNLOAD_INFO).write_text(json.dumps({**info, "recipe": "older"}))
+    (old / folders.DOWNLOAD_INFO).write_text(json.dumps({**info, "recipe": "older"}), encoding="utf-8")
     assert download_model.main(["--demo", "--out", str(old)]) == 0
     assert "building it again" in capsys.readouterr().out
-    assert json.loads((old / folders.DOWNLOAD_INFO).read_text()) == info
+    assert json.loads((old / folders.DOWNLOAD_INFO).read_text(encoding="utf-8")) == info
     # seeded: the same model
     assert (old / "model.safetensors").read_bytes() == (demo_model / "model.safetensors").read_bytes()
 
@@ -71,7 +71,7 @@ def test_local_folder_is_copied(demo_model, tmp_path):
     out = tmp_path / "copy"
     assert download_model.main(["--model-id", str(demo_model), "--out", str(out)]) == 0
     assert (out / "model.safetensors").read_bytes() == (demo_model / "model.safetensors").read_bytes()
-    assert json.loads((out / folders.DOWNLOAD_INFO).read_text())["source"] == "local"
+    assert json.loads((out / folders.DOWNLOAD_INFO).read_text(encoding="utf-8"))["source"] == "local"
 
 
 @pytest.mark.parametrize("bad", ["./missing-folder", "/definitely/not/here"])

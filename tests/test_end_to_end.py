@@ -34,12 +34,12 @@ def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_
                           "--data", str(demo_trained["prepared"]), "--compare-base", "--max-new-tokens", "128", "--out",
                           str(out)])
     assert code == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     models = summary["models"]
     assert (models["base"]["pass@1"] == 0
             and models["fine-tuned"]["identity"]["adapter"] == str(demo_trained["adapter"].resolve()))
     family = [row["task_id"] for row in family_rows(demo_trained["prepared"], "eval")]
-    verdicts = [json.loads(line) for line in (out / "fine-tuned.jsonl").open()]
+    verdicts = [json.loads(line) for line in (out / "fine-tuned.jsonl").open(encoding="utf-8")]
     solved = {verdict["task_id"] for verdict in verdicts if verdict["status"] == "passed"}
     assert len(family) == 10 and len(solved & set(family)) >= 8, (family, solved)
     # The problems it gained are named, on the screen and in the files.
@@ -47,7 +47,7 @@ def test_the_demo_fine_tune_solves_held_out_problems_the_base_model_cannot(demo_
     table = capsys.readouterr().out
     assert ("| base |" in table and "| fine-tuned |" in table
             and f"fine-tuned solves {len(solved)} problem(s) that base does not" in table)
-    assert summary["changes"]["gained"][0] in (out / evaluate.TABLE_NAME).read_text()
+    assert summary["changes"]["gained"][0] in (out / evaluate.TABLE_NAME).read_text(encoding="utf-8")
     assert {p.name for p in out.iterdir()} == {"base.jsonl", "fine-tuned.jsonl", "summary.json", "comparison.md",
                                                "pass_at_k.png", folders.OWNER}
     # A quarter held out lets the demo's lift show as more than luck: 8 or more gained, none lost, p <= 2 / 2**8.
@@ -66,7 +66,7 @@ def test_answers_and_verdicts_do_not_depend_on_the_batch_size(demo_trained, tmp_
         assert evaluate.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]),
                               "--data", str(demo_trained["prepared"]), "--max-new-tokens", "64", "--batch-size", batch,
                               "--out", str(out)]) == 0
-        rows[batch] = [json.loads(line) for line in (out / "fine-tuned.jsonl").open()]
+        rows[batch] = [json.loads(line) for line in (out / "fine-tuned.jsonl").open(encoding="utf-8")]
     assert [(r["task_id"], r["completion"], r["status"]) for r in rows["1"]] == [
         (r["task_id"], r["completion"], r["status"]) for r in rows["16"]]
 

@@ -18,7 +18,7 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
     monkeypatch.setattr(models, "load_model", no_model)
     rows = load_from_disk(str(demo_prepared))["train"].select(range(4))
     completions = tmp_path / "completions.jsonl"
-    with open(completions, "w") as f:
+    with open(completions, "w", encoding="utf-8") as f:
         for i, row in enumerate(rows):
             f.write(json.dumps({"task_id": row["task_id"],
                                 "completion": row["code"] if i < 3 else "def nothing(): pass"}) + "\n")
@@ -28,10 +28,10 @@ def test_completions_file_is_scored_without_loading_a_model(demo_prepared, tmp_p
                           "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"completions.jsonl", "summary.json", "comparison.md", "pass_at_k.png",
                                                folders.OWNER}
-    summary = json.loads((out / "summary.json").read_text())["models"]["completions"]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))["models"]["completions"]
     assert summary["counts"] == {"passed": 3, "failed": 0, "timeout": 0, "error": 1}
     assert summary["problems"] == 4 and summary["pass@1"] == pytest.approx(3 / 4)  # the problems the file covers
-    verdicts = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    verdicts = [json.loads(line) for line in (out / "completions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [v["status"] for v in verdicts] == ["passed", "passed", "passed", "error"]
     assert "| completions |" in capsys.readouterr().out
 
@@ -48,13 +48,13 @@ def test_pass_at_k_is_only_reported_for_k_up_to_the_samples_of_every_problem(dem
 
     rows = load_from_disk(str(demo_prepared))["train"].select(range(3))
     completions = tmp_path / "one_each.jsonl"
-    completions.write_text("".join(json.dumps({"task_id": row["task_id"],
-                                               "completion": "def wrong(): pass"}) + "\n" for row in rows))
+    completions.write_text("".join(json.dumps({"task_id": row["task_id"], "completion": "def wrong(): pass"}) + "\n"
+                                   for row in rows), encoding="utf-8")
     flags = ["--completions", str(completions), "--data", str(demo_prepared), "--split", "train", "--limit", "3"]
     assert evaluate.main([*flags, "--num-samples", "5", "--out", str(tmp_path / "r")]) == 2
     assert "only 1 completion(s)" in one_error_line(capsys.readouterr()) and not (tmp_path / "r").exists()
     assert evaluate.main([*flags, "--out", str(tmp_path / "r")]) == 0
-    scored = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
+    scored = json.loads((tmp_path / "r" / "summary.json").read_text(encoding="utf-8"))["models"]["completions"]
     assert scored["pass@1"] == 0.0 and "pass@5" not in scored
 
 
@@ -63,12 +63,13 @@ def test_problems_missing_from_a_completions_file_count_as_unsolved(demo_prepare
 
     rows = load_from_disk(str(demo_prepared))["eval"]
     completions = tmp_path / "partial.jsonl"
-    completions.write_text(json.dumps({"task_id": rows[0]["task_id"], "completion": rows[0]["code"]}) + "\n")
+    completions.write_text(json.dumps({"task_id": rows[0]["task_id"], "completion": rows[0]["code"]}) + "\n",
+                           encoding="utf-8")
     assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out",
                           str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
     assert f"{len(rows) - 1} of {len(rows)} problems of {demo_prepared}/ (eval split) have no completion" in err
-    scored = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]
+    scored = json.loads((tmp_path / "r" / "summary.json").read_text(encoding="utf-8"))["models"]["completions"]
     assert scored["problems"] == len(rows) and scored["pass@1"] == pytest.approx(1 / len(rows))
     assert len(scored["missing"]) == len(rows) - 1
 
@@ -78,24 +79,24 @@ def test_an_earlier_evaluation_is_kept_unless_overwrite(demo_prepared, tmp_path,
 
     row = load_from_disk(str(demo_prepared))["eval"][0]
     completions = tmp_path / "c.jsonl"
-    completions.write_text(json.dumps({"task_id": row["task_id"], "completion": row["code"]}) + "\n")
+    completions.write_text(json.dumps({"task_id": row["task_id"], "completion": row["code"]}) + "\n", encoding="utf-8")
     flags = ["--completions", str(completions), "--data", str(demo_prepared), "--limit", "1", "--out",
              str(tmp_path / "r")]
     assert evaluate.main(flags) == 0
-    before = (tmp_path / "r" / "summary.json").read_text()
+    before = (tmp_path / "r" / "summary.json").read_text(encoding="utf-8")
     capsys.readouterr()
     assert evaluate.main(flags) == 2
     assert ("--overwrite" in one_error_line(capsys.readouterr())
-            and (tmp_path / "r" / "summary.json").read_text() == before)
+            and (tmp_path / "r" / "summary.json").read_text(encoding="utf-8") == before)
     assert evaluate.main(flags + ["--overwrite"]) == 0
 
 
 def test_bad_completions_and_flags_are_refused(demo_prepared, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"task_id": "no-such-task", "completion": "x"}\n')
+    bad.write_text('{"task_id": "no-such-task", "completion": "x"}\n', encoding="utf-8")
     assert evaluate.main(["--completions", str(bad), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 2
     assert "no-such-task" in one_error_line(capsys.readouterr())
-    bad.write_text("not json\n")
+    bad.write_text("not json\n", encoding="utf-8")
     assert evaluate.main(["--completions", str(bad), "--data", str(demo_prepared), "--out", str(tmp_path / "r")]) == 2
     assert "line 1" in one_error_line(capsys.readouterr())
     assert evaluate.main(["--num-samples", "5", "--data", str(demo_prepared)]) == 2
@@ -160,11 +161,13 @@ def test_a_fenced_correct_solution_passes_evaluation(demo_prepared, tmp_path):
     completions = tmp_path / "fenced.jsonl"
     fenced = [{"task_id": row["task_id"], "completion": f"Here you go:\n```python\n{row['code']}\n```\nDone."}
               for row in rows]
-    completions.write_text("".join(json.dumps(row) + "\n" for row in fenced))
+    completions.write_text("".join(json.dumps(row) + "\n" for row in fenced), encoding="utf-8")
     assert evaluate.main(["--completions", str(completions), "--data", str(demo_prepared), "--out",
                           str(tmp_path / "r")]) == 0
-    assert json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["completions"]["pass@1"] == 1.0
-    scored = [json.loads(line) for line in (tmp_path / "r" / "completions.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["models"]["completions"]["pass@1"] == 1.0
+    scored = [json.loads(line)
+              for line in (tmp_path / "r" / "completions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert all(row["completion"].startswith("Here you go:") and row["code"].startswith("def ") for row in scored)
 
 

@@ -22,7 +22,7 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter_doe
             "model.safetensors.index.json"} <= names
     # sharded, no peft files
     assert len(list(exported.glob("model-*.safetensors"))) > 1 and not any("adapter" in name for name in names)
-    settings = json.loads((exported / folders.EXPORT_SETTINGS).read_text())
+    settings = json.loads((exported / folders.EXPORT_SETTINGS).read_text(encoding="utf-8"))
     assert (settings["template"] == prompts.DEFAULT.name
             and settings["base_model_id"] == models.model_id(demo_trained["model"]))
     merged = AutoModelForCausalLM.from_pretrained(str(exported)).eval()
@@ -48,7 +48,7 @@ def test_generate_and_evaluate_take_the_export_as_a_model(demo_trained, exported
     # Held-out problems, as the adapter solves them (the demo's evaluation: at least half of the family's).
     assert evaluate.main(["--model", str(exported), "--data", str(demo_trained["prepared"]), "--no-4bit",
                           "--max-new-tokens", "64", "--out", str(tmp_path / "r")]) == 0
-    models = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]
+    models = json.loads((tmp_path / "r" / "summary.json").read_text(encoding="utf-8"))["models"]
     held_out = len(family_rows(demo_trained["prepared"], "eval"))
     assert list(models) == ["merged"] and models["merged"]["counts"]["passed"] >= held_out / 2
 

@@ -54,7 +54,7 @@ def test_a_q8_0_gguf_of_each_family_checks_itself_and_carries_a_modelfile(famili
     template = prompts.get(settings["template"])
     problem = demo_problems()[60]
     typed = problem["text"] + "\n" + prompts.TESTS_HEADER + "\n" + "\n".join(problem["test_list"])  # in Ollama
-    rendered = gguf_export.render_modelfile_template((out / gguf_export.MODELFILE).read_text(), typed)
+    rendered = gguf_export.render_modelfile_template((out / gguf_export.MODELFILE).read_text(encoding="utf-8"), typed)
     # byte for byte the prompt the model was trained on, the task shown with its tests
     assert rendered == template.prompt(problem["text"], problem["test_list"], tokenizer)
 
@@ -70,11 +70,12 @@ def test_the_modelfile_stops_where_generate_py_stops(families):
 def test_a_tokenizer_llama_cpp_does_not_know_is_refused_in_one_line(families, tmp_path):
     folder = tmp_path / "merged"
     shutil.copytree(families["qwen2"] / "model", folder)
-    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     spec["pre_tokenizer"] = {"type": "Whitespace"}  # a split no llama.cpp family has
-    (folder / "tokenizer.json").write_text(json.dumps(spec))
-    (folder / "tokenizer_config.json").write_text(json.dumps({**json.loads(
-        (folder / "tokenizer_config.json").read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}),
+                                                  encoding="utf-8")
     assert gguf_export.llama_cpp_pre_tokenizer(folder) is None
     with pytest.raises(cli.StageError, match="does not know this tokenizer's pre-tokenizer"):
         gguf_export.convert(folder, "q8_0")

@@ -61,7 +61,7 @@ def test_train_py_has_glibc_give_large_freed_buffers_back():
 
     def run(extra: dict) -> str:
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=folders.REPO_ROOT,
-                              env={**env, **extra})
+                              env={**env, **extra}, encoding="utf-8")
         return done.stdout.strip()
 
     assert run({}) == "True" and memory.GLIBC_MMAP_THRESHOLD == 4 * 2**20

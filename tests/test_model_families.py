@@ -51,8 +51,8 @@ def test_labels_mask_the_prompt_train_the_eos_and_never_double_the_bos(family):
 
 def test_lora_targets_are_found_from_the_model_and_saved_with_the_adapter(family):
     assert models.find_lora_targets(str(family["model"])) == TARGETS[family["name"]]
-    settings = json.loads((family["adapter"] / folders.TRAINING_SETTINGS).read_text())
-    adapter = json.loads((family["adapter"] / folders.ADAPTER_CONFIG).read_text())
+    settings = json.loads((family["adapter"] / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))
+    adapter = json.loads((family["adapter"] / folders.ADAPTER_CONFIG).read_text(encoding="utf-8"))
     assert (settings["lora_target_modules"] == TARGETS[family["name"]]
             and set(adapter["target_modules"]) == set(TARGETS[family["name"]]))
     assert settings["base_model_id"] == f"demo/tiny-{family['name']}"
@@ -86,5 +86,5 @@ def test_verify_and_evaluate_take_the_family(family, tmp_path, capsys):
     assert evaluate.main(["--model", str(family["model"]), "--adapter", str(family["adapter"]), "--data",
                           str(family["prepared"]),
                           "--limit", "2", "--max-new-tokens", "16", "--compare-base", "--out", str(out)]) == 0
-    models = json.loads((out / "summary.json").read_text())["models"]
+    models = json.loads((out / "summary.json").read_text(encoding="utf-8"))["models"]
     assert models["base"]["problems"] == models["fine-tuned"]["problems"] == 2

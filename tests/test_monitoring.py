@@ -16,7 +16,7 @@ def test_loss_warnings_for_nan_and_a_rising_loss():
 
 
 def test_metrics_json_history_matches_the_trained_steps(trained_smoke):
-    metrics = json.loads((trained_smoke / monitoring.METRICS).read_text())
+    metrics = json.loads((trained_smoke / monitoring.METRICS).read_text(encoding="utf-8"))
     train = [row for row in metrics["history"] if "loss" in row]
     assert [row["step"] for row in train] == [1, 2, 3, 4]
     assert metrics["totals"]["step"] == 4 and metrics["totals"]["finished"] is True
@@ -63,7 +63,7 @@ def test_trained_tokens_are_the_labelled_ones_and_speeds_divide_totals_by_time(d
     assert len(rows) == 65
     trained_per_epoch = sum(sum(label != prompts.IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
     all_per_epoch = sum(len(row["input_ids"]) for row in rows)
-    metrics = json.loads((demo_trained["adapter"].parent / monitoring.METRICS).read_text())
+    metrics = json.loads((demo_trained["adapter"].parent / monitoring.METRICS).read_text(encoding="utf-8"))
     train = [row for row in metrics["history"] if "loss" in row]
     assert len(train) == 20 and all(row["trained_tokens"] == row["step"] // 9 * trained_per_epoch for row in train)
     # prompts too, no padding

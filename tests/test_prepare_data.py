@@ -123,6 +123,6 @@ def test_rows_without_a_task_id_get_one_each(demo_model, tmp_path):
     assert prepare_data.main(["--data", str(tmp_path / "data"), "--model", str(demo_model), "--out",
                               str(tmp_path / "p"),
                               "--eval-fraction", "0.34"]) == 0
-    stats = json.loads((tmp_path / "p" / folders.PREPARED_STATS).read_text())
+    stats = json.loads((tmp_path / "p" / folders.PREPARED_STATS).read_text(encoding="utf-8"))
     assert stats["problems"] == 6 and stats["duplicates_skipped"] == 0
     assert sorted(stats["task_ids"]["train"] + stats["task_ids"]["eval"]) == [f"row-{i}" for i in range(6)]

@@ -118,7 +118,7 @@ def test_evaluate_prompts_the_mbpp_benchmark_as_evalplus_does(demo_model, tmp_pa
     assert evaluate.main(["--benchmark", "mbpp", "--data", str(tmp_path / "data"), "--protocol", "evalplus",
                           "--model", str(demo_model), "--base-only", "--max-new-tokens", "8", "--out", str(out)]) == 0
     assert seen == [protocols.EVALPLUS_MBPP.prompt(*MBPP_2), protocols.EVALPLUS_MBPP.prompt(*MBPP_11)]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["settings"]["protocol"] == "evalplus" and summary["models"]["base"]["template"] == "evalplus"
     # lm-eval is MBPP's alone: HumanEval is refused in one line
     assert evaluate.main(["--benchmark", "humaneval", "--protocol", "lm-eval", "--model", str(demo_model),

@@ -25,7 +25,7 @@ def run_args(model, prepared, out, *extra):
 
 def logged(checkpoint: Path) -> dict[int, tuple[float, float]]:
     """step -> (loss, learning rate) from a checkpoint's trainer_state.json."""
-    history = json.loads((checkpoint / run_folder.TRAINER_STATE).read_text())["log_history"]
+    history = json.loads((checkpoint / run_folder.TRAINER_STATE).read_text(encoding="utf-8"))["log_history"]
     return {entry["step"]: (entry["loss"], entry["learning_rate"]) for entry in history if "loss" in entry}
 
 
@@ -110,7 +110,7 @@ def test_resume_with_other_key_settings_is_refused_unless_forced(demo_model, dem
 def start_training(model, prepared, out, *extra) -> subprocess.Popen:
     command = [sys.executable, str(ROOT / "train.py"), *run_args(model, prepared, out, *extra)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, encoding="utf-8")
 
 
 def wait_for_line(process, text: str, limit: float = 120) -> None:
@@ -156,7 +156,7 @@ def test_kill_9_at_any_moment_leaves_a_run_that_resume_completes(demo_model, dem
         assert good is not None, f"no resumable checkpoint after kill -9 (delay {delay})"
     assert train.main(run_args(demo_model, demo_prepared, out, *args, "--resume")) == 0
     final = out / folders.FINAL_ADAPTER
-    assert json.loads((final / folders.TRAINING_SETTINGS).read_text())["result"]["global_step"] == 8
+    assert json.loads((final / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))["result"]["global_step"] == 8
     model = inference.load_for_inference(demo_model, final, models.pick_device(), load_in_4bit=True)
     assert_adapter_loaded(model, final)
     assert not list(out.glob(run_folder.STAGING + "*"))

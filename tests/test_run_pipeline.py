@@ -45,7 +45,8 @@ def test_demo_pipeline_runs_every_stage_offline(tmp_path, monkeypatch, capsys):
     # the last lines carry evaluate.py's verdict (3 steps change nothing: "no difference"; the demo's own run, with
     # its interval and p-value, is in tests/test_end_to_end.py)
     finished = out[out.index("✓ pipeline finished"):]
-    verdict = json.loads((tmp_path / folders.RESULTS_DIR / folders.SUMMARY).read_text())["comparisons"]["fine-tuned"]
+    summary = json.loads((tmp_path / folders.RESULTS_DIR / folders.SUMMARY).read_text(encoding="utf-8"))
+    verdict = summary["comparisons"]["fine-tuned"]
     assert verdict["verdict"] in finished
     for folder in (folders.MODEL_DIR, folders.DATA_DIR, folders.PREPARED_DIR,
                    f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}", folders.RESULTS_DIR,

@@ -19,7 +19,7 @@ def test_dashboard_on_a_finished_run(trained_smoke, capsys):
     assert training_dashboard.main([str(trained_smoke)]) == 0
     out = capsys.readouterr().out
     assert "(finished)" in out and "4/4 steps (100%)" in out and "eval loss: best" in out and "trend:" in out
-    metrics = json.loads((trained_smoke / "metrics.json").read_text())["totals"]
+    metrics = json.loads((trained_smoke / "metrics.json").read_text(encoding="utf-8"))["totals"]
     assert f"{metrics['trained_tokens'] / metrics['elapsed_s']:,.0f} trained tok/s" in out  # totals over time
 
 

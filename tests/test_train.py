@@ -45,15 +45,15 @@ def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_
     assert {p.name for p in (trained_smoke / "checkpoint-4").iterdir()} == {
         folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md", folders.TRAINING_SETTINGS, "optimizer.pt",
         "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
-    settings = json.loads((final / folders.TRAINING_SETTINGS).read_text())
+    settings = json.loads((final / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))
     assert settings["template"] == prompts.DEFAULT.name and settings["load_in_4bit"] is True
     assert settings["base_model_id"] == "demo/tiny-qwen2" and settings["result"]["global_step"] == 4
     assert settings["loss"] == "chunked" and 0 <= settings["result"]["padding_share"] < 0.5
     # The checkpoint carries the same settings, so an adapter taken from it is prompted the same way.
-    in_checkpoint = json.loads((trained_smoke / "checkpoint-4" / folders.TRAINING_SETTINGS).read_text())
+    in_checkpoint = json.loads((trained_smoke / "checkpoint-4" / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))
     assert in_checkpoint == {key: value for key, value in settings.items() if key != "result"}
-    assert json.loads((trained_smoke / folders.RUN_SETTINGS).read_text()) == in_checkpoint
-    adapter = json.loads((final / folders.ADAPTER_CONFIG).read_text())
+    assert json.loads((trained_smoke / folders.RUN_SETTINGS).read_text(encoding="utf-8")) == in_checkpoint
+    adapter = json.loads((final / folders.ADAPTER_CONFIG).read_text(encoding="utf-8"))
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"} and adapter["r"] == 16
 
@@ -80,7 +80,7 @@ def test_rerun_with_same_settings_skips_and_an_earlier_run_is_not_overwritten(tr
 def test_a_base_model_downloaded_again_is_not_taken_as_already_trained(trained_smoke, demo_model, demo_prepared,
                                                                        monkeypatch, capsys):
     """Same id, same tokenizer, so the same prepared data, but other weights (another revision, a newer demo recipe)."""
-    source = json.loads((demo_model / folders.DOWNLOAD_INFO).read_text())
+    source = json.loads((demo_model / folders.DOWNLOAD_INFO).read_text(encoding="utf-8"))
     monkeypatch.setattr(folders, "download_info", lambda folder: {**source, "recipe": "another"})
     assert train.main(train_argv(demo_model, demo_prepared, trained_smoke)) == 2
     assert "holds an earlier run" in one_error_line(capsys.readouterr())
@@ -132,7 +132,7 @@ def test_auto_batch_size_settles_the_plan_before_it_is_recorded(demo_prepared):
     command line as given, and the steps that follow from the fitted batch, so the recorded settings agree."""
     args = train.build_parser().parse_args(["--data", str(demo_prepared), "--batch-size", "4", "--grad-accum", "4",
                                             "--auto-batch-size"])
-    stats = json.loads((demo_prepared / folders.PREPARED_STATS).read_text())
+    stats = json.loads((demo_prepared / folders.PREPARED_STATS).read_text(encoding="utf-8"))
     choice = models.DeviceChoice("cuda", "bfloat16", "a 6 GB GPU (planned only)")
     asked = train.plan_run(args, stats, choice, True, n_train=100, processes=1, lora_targets=["q_proj"])
     fitted = train.plan_run(args, stats, choice, True, n_train=100, processes=1, lora_targets=["q_proj"], batch=(8, 2))
@@ -147,7 +147,7 @@ def test_a_streamed_source_is_planned_by_max_steps_whatever_batch_was_fitted(dem
     """A stream's length is unknown: its steps come from --max-steps, with the asked batch or a fitted one (the
     plan never takes len() of the stream)."""
     args = train.build_parser().parse_args(["--data", str(demo_prepared), "--max-steps", "30", "--auto-batch-size"])
-    stats = json.loads((demo_prepared / folders.PREPARED_STATS).read_text())
+    stats = json.loads((demo_prepared / folders.PREPARED_STATS).read_text(encoding="utf-8"))
     choice = models.DeviceChoice("cuda", "bfloat16", "a 6 GB GPU (planned only)")
     for batch in (None, (8, 2), (1, 16)):
         settings = train.plan_run(args, stats, choice, True, n_train=None, processes=2, lora_targets=["q_proj"],
@@ -169,10 +169,11 @@ def test_help_imports_no_torch():
              "    module.build_parser() if hasattr(module, 'build_parser') else None\n"
              "heavy = ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes')\n"
              "print(sorted(m for m in heavy if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=folders.REPO_ROOT)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=folders.REPO_ROOT,
+                          encoding="utf-8")
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
     helped = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True,
-                            cwd=folders.REPO_ROOT)
+                            cwd=folders.REPO_ROOT, encoding="utf-8")
     assert helped.returncode == 0 and "Needs:" in helped.stdout
 
 
@@ -188,7 +189,7 @@ def test_bf16_compute_on_a_cpu_trains_to_the_loss_of_fp32(demo_model, demo_prepa
         out = tmp_path / dtype
         assert train.main(train_argv(demo_model, demo_prepared, out, "--cpu-dtype", dtype, max_steps=40, save_steps=40,
                                      batch_size=8, lr="3e-3", logging_steps=10)) == 0
-        settings = json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text())
+        settings = json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))
         assert settings["compute_dtype"] == dtype
         results[dtype] = settings["result"]
     said = capsys.readouterr().out

@@ -19,6 +19,6 @@ def test_wrong_folders_fail_with_crosses_and_exit_1(demo_data, tmp_path, capsys)
 
 
 def test_checkpoint_folder_without_adapter_weights_fails(demo_model, tmp_path, capsys):
-    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
     assert verify_model.main(["--model", str(demo_model), "--adapter", str(tmp_path)]) == 1
     assert "✗ adapter files" in capsys.readouterr().out

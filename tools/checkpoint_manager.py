@@ -35,7 +35,7 @@ def figures_at(folder: Path, step: int) -> dict:
     """The last train loss logged up to `step`, and the eval loss and held-out pass@1 (train.py
     --score-checkpoints) at `step`, from a checkpoint's trainer state."""
     state_path = folder / run_folder.TRAINER_STATE
-    history = json.loads(state_path.read_text()).get("log_history", []) if state_path.is_file() else []
+    history = json.loads(state_path.read_text(encoding="utf-8")).get("log_history", []) if state_path.is_file() else []
     train = [entry["loss"] for entry in history if "loss" in entry and entry["step"] <= step]
     evals = [entry for entry in history if "eval_loss" in entry and entry["step"] == step]
     return {"train_loss": train[-1] if train else None, "eval_loss": evals[-1]["eval_loss"] if evals else None,
@@ -51,7 +51,8 @@ def describe(run: Path) -> list[dict]:
     final = run / folders.FINAL_ADAPTER
     if (final / folders.ADAPTER_CONFIG).is_file():
         settings_path = final / folders.TRAINING_SETTINGS
-        result = json.loads(settings_path.read_text()).get("result", {}) if settings_path.is_file() else {}
+        settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
+        result = settings.get("result", {})
         rows.append({"path": final, "step": result.get("global_step"), "train_loss": result.get("last_train_loss"),
                      "eval_loss": result.get("eval_loss"), "pass@1": result.get("eval_pass@1"), "final": True,
                      "problem": None})
@@ -111,7 +112,7 @@ def command_best(run: Path, scores: str | None) -> int:
 def best_by_evaluation(run: Path, results: Path) -> int:
     """The best checkpoint as evaluate.py --checkpoints found it, with how sure that is."""
     summary_path = results / folders.SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     found = summary.get("checkpoints")
     adapters = [model["identity"].get("adapter", "") for model in summary.get("models", {}).values()]
     if not found or not any(Path(adapter).parent == run.resolve() for adapter in adapters):

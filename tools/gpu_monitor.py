@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.report_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.once:

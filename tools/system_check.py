@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return cli.Parser(__doc__)
 
 
+@cli.report_errors
 def main(argv=None) -> int:
     build_parser().parse_args(argv)
     problems = 0
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
         print(f"✓ CUDA {torch.version.cuda}: {properties.name}, compute capability {properties.major}."
               f"{properties.minor}, {vram:.1f} GiB VRAM, bf16 {'yes' if bf16 else 'no'}")
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        print("- Apple MPS available (no bitsandbytes 4-bit there; the demo runs on the CPU)")
+        print("- Apple MPS available: train.py trains there unquantised (no bitsandbytes 4-bit on MPS), in fp16 "
+              "autocast with fp32 LoRA weights")
     else:
         print("- no CUDA GPU: CPU only (fine for the demo and the tests)")
     memory = psutil.virtual_memory()

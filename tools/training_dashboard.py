@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     path = source if source.suffix == ".json" else source / monitoring.METRICS
     while True:
         try:
-            metrics = json.loads(path.read_text())
+            metrics = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise cli.StageError(f"{path} not found: train.py writes it at the first log of a run") from None
         except json.JSONDecodeError:
