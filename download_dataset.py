@@ -12,7 +12,7 @@ Run:
 Reads:  the Hugging Face Hub, a local file, or assets/demo_problems.jsonl
 Writes: data/ (a datasets DatasetDict written with save_to_disk, plus download_info.json); with --streaming only
         download_info.json: prepare_data.py and train.py then read the rows lazily from the source
-Needs:  pipeline/
+Needs:  pipeline/ (cli, data, folders, models, platforms, prompts); assets/demo_problems.jsonl (--demo)
 Next:   prepare_data.py
 """
 

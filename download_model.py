@@ -8,7 +8,8 @@ Run:
 
 Reads:  the Hugging Face Hub, a local model folder, a GGUF file, or (with --demo) assets/demo_problems.jsonl
 Writes: model/ (config.json, *.safetensors, tokenizer files, download_info.json)
-Needs:  pipeline/
+Needs:  pipeline/ (cli, folders, models, platforms, prompts); assets/demo_problems.jsonl (--demo: the demo tokenizer
+        is trained on it)
 Next:   download_dataset.py
 
 Only .safetensors weights are fetched (no pickled .bin files), and no remote code is trusted: Qwen2 is native
@@ -94,12 +95,17 @@ def check(args) -> tuple[str, Path | None] | None:
     model_id = DEMO_MODEL_IDS[args.demo_family] if args.demo else args.model_id
     local_source = None if args.demo else Path(args.model_id).expanduser()
     if local_source is not None and not local_source.exists():
-        if args.model_id.startswith((".", "/", "~")) or args.model_id.count("/") > 1 or args.model_id.endswith(GGUF):
+        if args.model_id.startswith((".", "/", "~")) or args.model_id.count("/") > 1 \
+                or args.model_id.lower().endswith(GGUF):
             raise StageError(f"local model {args.model_id} not found")
         local_source = None
     if local_source is not None:
         local_source = gguf_file(local_source) or local_source
         model_id = str(local_source.resolve())
+        if is_gguf(local_source):
+            problem = gguf_problem(local_source)
+            if problem:
+                raise StageError(problem)
 
     if folders.out_problem(out, "download_model"):
         raise StageError(folders.out_problem(out, "download_model"))
@@ -107,7 +113,7 @@ def check(args) -> tuple[str, Path | None] | None:
     held = folders.download_info(out) if complete else {}
     same = held.get("model_id") == model_id
     same_revision = args.demo or local_source is not None or held.get("revision") == args.revision
-    if same and local_source is not None and local_source.suffix == GGUF:
+    if same and local_source is not None and is_gguf(local_source):
         same = held.get("file_fingerprint") == folders.file_fingerprint(local_source)  # the same path, another file
     force = args.force
     if args.demo and same and held.get("recipe") != demo_recipe(args.demo_family):
@@ -120,18 +126,43 @@ def check(args) -> tuple[str, Path | None] | None:
 
 def gguf_file(source: Path) -> Path | None:
     """The GGUF file to convert: `source` itself, or the only .gguf in a folder without a config.json; None for
-    a model folder. A folder with several GGUF files is refused, naming them."""
+    a model folder (or a folder that is neither: the model-folder check names what it lacks). A folder with several
+    GGUF files is refused, naming them."""
     if source.is_file():
-        if source.suffix != GGUF:
+        if not is_gguf(source):
             raise StageError(f"--model-id {source}: a file must be a .gguf model; otherwise give a model folder")
         return source
     if (source / "config.json").is_file():
         return None
-    found = sorted(source.glob(f"*{GGUF}"))
+    found = sorted(path for path in source.iterdir() if is_gguf(path))
     if len(found) > 1:
         raise StageError(f"{source}/ holds {len(found)} GGUF files ({', '.join(f.name for f in found[:4])}): pass "
                          f"the one to use with --model-id {source}/<file>.gguf")
     return found[0] if found else None
+
+
+def is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == GGUF  # .gguf or .GGUF, a file and not a folder so named
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why a .gguf file cannot be converted, when the file itself is at fault (not a GGUF, damaged, cut short by
+    an interrupted download), or None; read with the gguf package before transformers is asked."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        return f"{path} is not a GGUF file (it does not start with GGUF's magic bytes): give a .gguf model file"
+    from gguf import GGUFReader
+
+    size = path.stat().st_size
+    try:
+        end = max((tensor.data_offset + int(tensor.n_bytes) for tensor in GGUFReader(str(path)).tensors), default=0)
+    except Exception as error:  # a header or tensor table the reader cannot parse: the file is damaged or short
+        return (f"{path} is damaged or incomplete ({size:,} bytes; {cli.short_error(error, 80)}): an interrupted "
+                f"download or copy? Get the file again")
+    if end > size:
+        return f"{path} is cut short ({size:,} of {end:,} bytes): an interrupted download? Get the file again"
+    return None
 
 
 def run(args, model_id: str, local_source: Path | None) -> int:
@@ -141,7 +172,7 @@ def run(args, model_id: str, local_source: Path | None) -> int:
         tokenizer = build_demo_tokenizer(args.demo_family)  # before the output folder exists: Ctrl-C leaves nothing
         with folders.atomic_output_dir(out, "download_model") as tmp:
             build_demo_model(tmp, tokenizer, args.demo_family)
-    elif local_source is not None and local_source.suffix == GGUF:
+    elif local_source is not None and is_gguf(local_source):
         with folders.atomic_output_dir(out, "download_model") as tmp:
             convert_gguf(local_source, tmp)
     elif local_source is not None:

@@ -17,7 +17,8 @@ Reads:  model/, the adapters (checkpoints/final/ by default), merged exports, pr
         package; MBPP's test split from data/ (download_dataset.py --dataset mbpp)
 Writes: results/ (<model>.jsonl: one row per candidate; summary.json; comparison.md; pass_at_k.png; with
         --checkpoints also checkpoint_scores.png)
-Needs:  pipeline/
+Needs:  pipeline/ (benchmarks, cli, data, folders, inference, loss, models, monitoring, platforms, prompts,
+        protocols, run_folder, sandbox, sandbox_runner, scoring, stats)
 Before: train.py
 
 Each completion runs with its problem's tests in a hardened subprocess (see pipeline/sandbox.py): it passes only
@@ -141,13 +142,22 @@ def check(args) -> None:
             inference.adapter_settings(adapter)
         except StageError as error:
             problems.append(str(error))
-    problems += [models.model_folder_problem(path) for path in [*args.merged, *([] if args.completions else
-                                                                               [args.model])]]
+    problems += [merged_problem(Path(path)) for path in args.merged]
+    problems.append(None if args.completions else models.model_folder_problem(args.model))
     problems.append(folders.out_problem(args.out, "evaluate"))
     if (Path(args.out) / folders.SUMMARY).is_file() and not args.overwrite:
         problems.append(f"{args.out}/ holds an earlier evaluation: pass --overwrite to replace it, or --out for a new "
                         f"folder")
     cli.fail_on_problems([problem for problem in problems if problem])
+
+
+def merged_problem(path: Path) -> str | None:
+    """Why --merged cannot score this folder, or None: it must be a model folder (export.py writes one)."""
+    if (path / folders.ADAPTER_CONFIG).is_file():
+        return (f"--merged {path}: that is an adapter, not a merged model: score it with --adapter {path} (export.py "
+                f"merges an adapter into its base)")
+    problem = models.model_folder_problem(path, remedy=False)
+    return f"--merged {path}: {problem}: pass a folder export.py wrote" if problem else None
 
 
 def checkpoints_problem(run: Path) -> str | None:
@@ -172,7 +182,10 @@ def run(args) -> int:
     if not data.HAS_TESTS[source.fmt]:
         return evaluate_by_loss(args, source, candidates)
     box = sandbox.Sandbox(sandbox.Limits(timeout=args.timeout, memory_mb=args.memory_mb), workers=args.workers)
-    check_sandbox(box, args)
+    broken = box.self_test()
+    if broken:
+        raise StageError(f"{broken}: every answer would score as an error; raise --timeout or --memory-mb if they are "
+                         f"below what Python needs (the defaults are 5 seconds and 1024 MB)")
     if args.completions:
         num_samples, scored = score_completions(args, source, box)
     else:
@@ -195,16 +208,6 @@ def run(args) -> int:
         summary["checkpoints"] = best_checkpoint(steps, summaries, comparisons, source.problems)
     report(args, source, summary, all_rows, steps)
     return 0
-
-
-def check_sandbox(box, args) -> None:
-    """A one-line program that must pass, run under the limits given: limits too tight for Python itself would
-    otherwise score every answer, right or wrong, as an error."""
-    verdict = box.run(sandbox.build_program("x = 1", ["assert x == 1"]))
-    if verdict.status != "passed":
-        raise StageError(f"the sandbox cannot run even a one-line program under --timeout {args.timeout:g} and "
-                         f"--memory-mb {args.memory_mb} ({verdict.status}: {verdict.message[:80]}): raise them (the "
-                         f"defaults are 5 seconds and 1024 MB)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,12 +272,20 @@ def protocol(args, fmt: str) -> prompts.Template:
 
 @dataclass
 class Candidate:
-    """One model to score: the base (model_dir alone), an adapter on it, or a merged model."""
+    """One model to score: the base (model_dir alone), an adapter on it, or a merged model; and how it is loaded
+    (inference.loading: the device choice and whether in 4-bit), settled before any model is."""
 
     label: str
     model_dir: str
     adapter: Path | None = None
     step: int | None = None  # for --checkpoints: the optimiser steps the adapter was trained for
+    merged: bool = False  # given with --merged: loaded as saved
+    load: tuple = ()  # (models.DeviceChoice, load_in_4bit)
+
+    @property
+    def trained(self) -> bool:
+        """A fine-tune (an adapter, or a merged model), not a base model alone."""
+        return self.adapter is not None or self.merged or bool(inference.export_settings(self.model_dir))
 
 
 def candidates_of(args) -> list[Candidate]:
@@ -292,8 +303,22 @@ def candidates_of(args) -> list[Candidate]:
     found = [Candidate(base_label(args.model), args.model)] if args.compare_base or not labels else []
     found += [Candidate(label, args.model, adapter, step_of(adapter) if args.checkpoints else None)
               for label, adapter in zip(labels, adapters)]
-    found += [Candidate(label, merged) for label, merged in zip(labels[len(adapters):], args.merged)]
-    return found
+    found += [Candidate(label, merged, merged=True) for label, merged in zip(labels[len(adapters):], args.merged)]
+    return settle_loading(args, found, adapters[0] if adapters else None)
+
+
+def settle_loading(args, candidates: list[Candidate], first_adapter: Path | None) -> list[Candidate]:
+    """How each model is loaded, by the one rule (inference.loading), before hours of generation: an adapter on
+    the base and weights it was trained on, a merged model as saved; the base as the first fine-tune's base, so
+    that the two differ by the adapter only. A model that cannot be what was trained is refused here."""
+    choice, notes = models.pick_device(), {}
+    for candidate in candidates:
+        adapter = candidate.adapter or (first_adapter if not candidate.trained else None)
+        candidate.load = inference.loading(candidate.model_dir, adapter, choice, args.no_4bit, candidate.merged,
+                                           say=lambda note: notes.setdefault(note))
+    for note in notes:
+        print(note, file=sys.stderr)
+    return candidates
 
 
 def run_adapters(run: Path) -> list[Path]:
@@ -370,14 +395,13 @@ def score_candidates(args, source: Source, candidates: list[Candidate], box) -> 
     num_samples = args.num_samples or 1
     templates = {c.label: template_for(args, source, c, candidates) for c in candidates}
     for candidate in candidates:
-        if (args.benchmark or args.split != "train") and not args.allow_trained_problems and \
-                (candidate.adapter or candidate.model_dir != args.model or inference.export_settings(args.model)):
+        if (args.benchmark or args.split != "train") and not args.allow_trained_problems and candidate.trained:
             refuse_trained_problems(*trained_settings(candidate.adapter, candidate.model_dir), source.problems,
                                     source.data_dir)
-    choice = models.pick_device()
     results = {}
-    print(f"{len(source.problems)} problems from {source.where} · {len(candidates)} model(s) · {choice.reason}")
-    for candidate, model, tokenizer in each_model(args, candidates, choice):
+    print(f"{len(source.problems)} problems from {source.where} · {len(candidates)} model(s) · "
+          f"{models.pick_device().reason}")
+    for candidate, model, tokenizer in each_model(candidates):
         template = templates[candidate.label]
         problems = [data.as_chat(p) for p in source.problems] if template.chat else source.problems
         print(f"{candidate.label}: template '{template.name}'")
@@ -390,27 +414,33 @@ def score_candidates(args, source: Source, candidates: list[Candidate], box) -> 
     return num_samples, results
 
 
-def each_model(args, candidates: list[Candidate], choice):
-    """(candidate, model, tokenizer) for each candidate in turn: the base loaded once, each adapter put on it and
-    taken off again after its turn; a merged model loaded as it was saved."""
-    base = None
+def each_model(candidates: list[Candidate]):
+    """(candidate, model, tokenizer) for each candidate in turn, loaded as settle_loading said: a base loaded once
+    for every adapter that shares its precision, each adapter put on it and taken off again after its turn; a
+    merged model loaded as it was saved."""
+    bases: dict = {}  # (model folder, dtype, 4-bit) -> the base as loaded
     for candidate in candidates:
         tokenizer = models.load_tokenizer(candidate.model_dir)
-        if candidate.model_dir == args.model:
-            base = base or inference.load_for_inference(args.model, None, choice, models.use_4bit(choice, args.no_4bit))
-            model = inference.attach_adapter(base, candidate.adapter, args.model) if candidate.adapter else base
-        else:
-            model = inference.load_for_inference(candidate.model_dir, None, choice, True)
+        choice, load_in_4bit = candidate.load
+        if candidate.trained and candidate.adapter is None:  # a merged model
+            yield candidate, inference.load_model_as(candidate.model_dir, None, choice, load_in_4bit), tokenizer
+            continue
+        key = (candidate.model_dir, choice.dtype_name, load_in_4bit)
+        if key not in bases:
+            bases.clear()  # one base in memory at a time
+            bases[key] = inference.load_model_as(candidate.model_dir, None, choice, load_in_4bit)
+        base = bases[key]
+        model = inference.attach_adapter(base, candidate.adapter, candidate.model_dir) if candidate.adapter else base
         yield candidate, model, tokenizer
-        if candidate.adapter and candidate.model_dir == args.model:
-            base = model.unload()  # the adapter's layers taken off: the base as it was loaded
+        if candidate.adapter:
+            bases[key] = model.unload()  # the adapter's layers taken off: the base as it was loaded
 
 
 def template_for(args, source: Source, candidate: Candidate, candidates: list[Candidate]) -> prompts.Template:
     """The prompt a model answers: the one given or the benchmark's for all; else the template it was trained
     with; the base answers the first fine-tune's prompts, so that both answer the same ones."""
     trained = [inference.adapter_template(c.adapter, default=source.template, model_dir=c.model_dir)
-               for c in candidates if c.adapter or c.model_dir != args.model]
+               for c in candidates if c.trained]
     own = inference.adapter_template(candidate.adapter, default=source.template, model_dir=candidate.model_dir)
     if source.fixed:
         if args.benchmark and args.protocol == "project" and not args.template and own != source.template:
@@ -418,7 +448,7 @@ def template_for(args, source: Source, candidate: Candidate, candidates: list[Ca
                   f"benchmark prompts its own way ('{source.template.name}'); pass --template {own.name} to prompt "
                   f"as trained")
         return source.template
-    if candidate.adapter or candidate.model_dir != args.model:
+    if candidate.trained:
         return own
     return trained[0] if trained else own
 
@@ -563,17 +593,16 @@ def evaluate_by_loss(args, source: Source, candidates: list[Candidate]) -> int:
     if args.split != "train" and not args.allow_trained_problems:
         held_out = [{"task_id": task} for task in data.prepared_stats(source.data_dir)["task_ids"][args.split]]
         for candidate in candidates:
-            if candidate.adapter or candidate.model_dir != args.model:
+            if candidate.trained:
                 refuse_trained_problems(*trained_settings(candidate.adapter, candidate.model_dir), held_out,
                                         source.data_dir)
     why = (f"no pass@k: {source.fmt} data has no tests to run; reporting the held-out loss (lower is better)"
            + (" and sample answers" if source.fmt == "instruction" else ""))
     print(why)
-    choice = models.pick_device()
     shown = [dict(row) for row in rows.select(range(min(SAMPLES_SHOWN, len(rows))))] if source.fmt == "instruction" \
         else []
     summaries, all_rows = {}, {}
-    for candidate, model, tokenizer in each_model(args, candidates, choice):
+    for candidate, model, tokenizer in each_model(candidates):
         template = template_for(args, source, candidate, candidates)
         summaries[candidate.label], all_rows[candidate.label] = loss_and_answers(
             model, tokenizer, rows, shown, source.fmt, template, args, identity_of(candidate))

@@ -11,7 +11,9 @@ Reads:  model/, the adapter (checkpoints/final/ by default), prepared_data/ (a f
 Writes: export/ (model.safetensors, or model-0000N-of-0000M.safetensors above --max-shard-size; config.json,
         generation_config.json, the tokenizer files and chat template, export_settings.json; with --gguf also
         model-<type>.gguf and Modelfile)
-Needs:  pipeline/
+Needs:  pipeline/ (cli, data, folders, gguf_export, inference, merging, models, platforms, prompts);
+        requirements-gguf.txt (--gguf); assets/demo_problems.jsonl and assets/examples/ (the self-check's prompts
+        when --data holds no prepared data)
 Before: verify_model.py
 Next:   python generate.py --model export --prompt "..."  ·  vllm serve export/  ·  ollama create -f export/Modelfile
 
@@ -33,12 +35,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline import cli, data, folders, gguf_export, inference, merging, models, prompts
+from pipeline import cli, data, folders, gguf_export, inference, merging, models, platforms, prompts
 from pipeline.cli import StageError
 
 CHECK_PROMPTS = 3
 CHECK_TOKENS = 32
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=folders.PREPARED_DIR,
                         help="prepared data whose held-out prompts the self-check uses (default: %(default)s)")
     parser.add_argument("--out", default=folders.EXPORT_DIR, help="output folder (default: %(default)s)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
+    parser.add_argument("--dtype", choices=models.DTYPES, default=None,
                         help="dtype of the saved weights (default: float32 on a CPU, where evaluate.py computes in "
                              "float32; else the base model's own)")
-    parser.add_argument("--merge-into", choices=merging.MERGE_INTO, default="quantized",
-                        help="quantized: the 4-bit weights the adapter was trained and scored on, dequantised "
-                             "(default); original: the unquantised original weights")
+    parser.add_argument("--merge-into", choices=merging.MERGE_INTO, default=None,
+                        help="quantized: the 4-bit weights the adapter was trained and scored on, dequantised; "
+                             "original: the unquantised original weights (default: those it was trained against: "
+                             "quantized, or original for a train.py --no-4bit adapter)")
     parser.add_argument("--gguf", choices=gguf_export.TYPES, default=None,
                         help="also write model-<type>.gguf for llama.cpp, Ollama and LM Studio, and a Modelfile "
                              "(q8_0: 1 byte per weight; f16/bf16: 2; f32: 4)")
@@ -82,6 +84,10 @@ def check(args) -> dict:
         mismatch = None if model_problem else inference.base_model_problem(settings, args.model)
         if mismatch:
             problems.append(f"the adapter in {args.adapter}/ does not belong on this base: {mismatch}")
+        if not model_problem and inference.export_settings(args.model):
+            problems.append(f"{args.model}/ is a merged model already (export.py wrote it): pass the base model the "
+                            f"adapter was trained on with --model")
+        args.merge_into = merging.merge_target(settings, args.merge_into)
     except StageError as error:
         problems.append(str(error))
     out = Path(args.out)
@@ -125,7 +131,7 @@ def run(args, settings: dict) -> int:
             raise StageError(f"the export is incomplete ({problem}): nothing was written", cli.EXIT_FAILED)
         if args.gguf:
             write_gguf(tmp, args.gguf, merged, tokenizer, check_texts, template)
-    report(args, out, dtype)
+    report(args, out, dtype, settings)
     return 0
 
 
@@ -145,21 +151,14 @@ def shard_size(text: str) -> str:
 def default_dtype(model_dir: Path) -> str:
     """The dtype that keeps the model evaluate.py scored on this machine: it computes in float32 on a CPU (a merge
     rounded to bfloat16 answers differently on a real model), in the base's own dtype on a GPU."""
-    return "float32" if models.pick_device().device == "cpu" else base_dtype(model_dir)
-
-
-def base_dtype(model_dir: Path) -> str:
-    """The dtype the base model's weights are stored in (config.json), float32 when it does not say."""
-    config = folders.read_json(model_dir / "config.json")
-    named = config.get("dtype") or config.get("torch_dtype")
-    return named if named in DTYPES else "float32"
+    return "float32" if models.pick_device().device == "cpu" else models.stored_dtype(model_dir)
 
 
 def check_prompts(data_dir: Path, template: prompts.Template, tokenizer) -> list[str]:
     """A few held-out prompts in the adapter's template; the bundled demo problems where there is no prepared
     data."""
     if not data.is_prepared(data_dir):
-        return [prompt for _, prompt in inference.bundled_prompts(template, tokenizer, CHECK_PROMPTS)]
+        return [prompt for _, prompt in merging.bundled_prompts(template, tokenizer, CHECK_PROMPTS)]
     from datasets import load_from_disk
 
     fmt = data.prepared_format(data.prepared_settings(data_dir))
@@ -274,23 +273,24 @@ def check_in_llama_cpp(gguf_file: Path, merged, tokenizer, texts: list[str], tem
     print(f"✓ llama.cpp itself answers the {len(texts)} prompts as the merged model does")
 
 
-def report(args, out: Path, dtype: str) -> None:
+def report(args, out: Path, dtype: str, settings: dict) -> None:
     shards = list(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in shards) / 1e6
     print(f"✓ merged model saved in {out}/ ({size:,.1f} MB of {dtype} safetensors, {len(shards)} file(s))")
+    quote = platforms.shell_quote
+    generate = f"python generate.py --model {quote(str(out))} --prompt \"Write a function to ...\""
     if args.gguf:
         gguf_file = out / gguf_export.file_name(args.gguf)
         print(f"✓ {gguf_file} ({gguf_file.stat().st_size / 1e6:,.1f} MB) and {out / gguf_export.MODELFILE}")
-        print(f"next: ollama create my-coder -f {out / gguf_export.MODELFILE} && ollama run my-coder  ·  "
-              f"llama-cli -m {gguf_file} -p \"...\"  ·  python generate.py --model {out} --prompt \"...\"")
+        print(f"next: ollama create my-coder -f {quote(str(out / gguf_export.MODELFILE))}, then ollama run "
+              f"my-coder  ·  {generate}")
         return
     # the same adapter and folders again, so that the GGUF is made from this export and not from the defaults
-    defaults = build_parser()
-    gguf_command = cli.command("export.py", *((f"--{name.replace('_', '-')}", getattr(args, name),
-                                               defaults.get_default(name))
+    defaults = {**vars(build_parser().parse_args([])), "merge_into": merging.merge_target(settings, None)}
+    gguf_command = cli.command("export.py", *((f"--{name.replace('_', '-')}", getattr(args, name), defaults[name])
                                               for name in ("model", "adapter", "data", "out", "dtype", "merge_into")))
-    print(f"next: python generate.py --model {out} --prompt \"Write a function to ...\"  ·  vllm serve {out}/  ·  "
-          f"for llama.cpp and Ollama: {gguf_command} --gguf q8_0 --overwrite")
+    print(f"next: {generate}  ·  vllm serve {quote(str(out))}  ·  for llama.cpp and Ollama: {gguf_command} --gguf q8_0 "
+          f"--overwrite")
 
 
 if __name__ == "__main__":

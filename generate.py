@@ -8,7 +8,7 @@ Run:
 
 Reads:  model/, the adapter (checkpoints/final/ by default, if it exists)
 Writes: nothing; prints each completion
-Needs:  pipeline/
+Needs:  pipeline/ (cli, folders, inference, models, platforms, prompts)
 Before: train.py
 
 The prompt is built with the template the adapter was trained with (training_settings.json), exactly as in
@@ -67,7 +67,7 @@ def run(args) -> int:
     choice = models.pick_device()
     tokenizer = models.load_tokenizer(args.model)
     note = lambda message: print(message, file=sys.stderr)  # noqa: E731  (standard output holds the answers only)
-    model = inference.load_for_inference(args.model, adapter, choice, models.use_4bit(choice, args.no_4bit, say=note))
+    model = inference.load_for_inference(args.model, adapter, choice, args.no_4bit, say=note)
     which = f" + {adapter}/" if adapter else (" (merged)" if inference.export_settings(args.model) else " (base)")
     note(f"model: {args.model}/{which} · template '{template.name}' · {choice.device}")
 

@@ -9,7 +9,7 @@ Run:
 
 Reads:  data/ (from download_dataset.py), model/ (its tokenizer, from download_model.py)
 Writes: prepared_data/ (DatasetDict with `train` and `eval` splits, stats.json)
-Needs:  pipeline/
+Needs:  pipeline/ (cli, data, folders, models, platforms, prompts, sandbox, sandbox_runner)
 Next:   train.py
 
 The data shape (mbpp, humaneval, instruction or raw text; see pipeline/data.py) is detected from the columns.
@@ -182,7 +182,12 @@ def check_tests(problems: list[dict], mode: str, seed: int) -> dict[str, str]:
         stub = stub_of(code)
         if stub is not None:
             jobs.append((problem["task_id"], "stub", sandbox.build_program(stub, tests, setup)))
-    verdicts = sandbox.Sandbox().run_many([program for _, _, program in jobs])
+    box = sandbox.Sandbox()
+    broken = box.self_test()
+    if broken:  # else every reference would "fail" and every problem be dropped
+        raise StageError(f"{broken}: the dataset check cannot tell good tests from broken ones; fix that, or pass "
+                         f"--check-tests off")
+    verdicts = box.run_many([program for _, _, program in jobs])
     flagged: dict[str, str] = {}
     for (task_id, what, _), verdict in zip(jobs, verdicts):
         if what == "reference" and verdict.status != "passed":

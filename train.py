@@ -11,7 +11,8 @@ Stop:   Ctrl-C (or SIGTERM; Ctrl-Break on Windows) finishes the current step, sa
 Writes: checkpoints/run_settings.json, checkpoints/checkpoint-<step>/ (every --save-steps, the last --keep-last
         kept), checkpoints/final/ (adapter_config.json, adapter_model.safetensors, tokenizer,
         training_settings.json), metrics.json, training_curves.png, logs/ (TensorBoard)
-Needs:  pipeline/
+Needs:  pipeline/ (cli, data, folders, inference, loss, memory, models, monitoring, platforms, prompts, run_folder,
+        sandbox, sandbox_runner, scoring, stats, trainer)
 Next:   verify_model.py --adapter checkpoints/final
 
 The recipe is QLoRA (Dettmers et al. 2023): the base weights frozen in 4-bit NF4 with double quantisation,
@@ -42,12 +43,6 @@ from pathlib import Path
 
 from pipeline import cli, data, folders, memory, models, monitoring, platforms, prompts, run_folder
 from pipeline.cli import StageError
-
-# Flags a resumed run must share with the run it continues: a checkpoint trained with another rank, batch, rate
-# or precision is another run. How long to train, how often to log and save may change.
-SCORE_BATCH = 16  # prompts generated together when scoring checkpoints (evaluate.py's default batch)
-RESUME_FLAGS = ("lora_r", "lora_dropout", "batch_size", "grad_accum", "lr", "warmup_ratio", "optim", "no_4bit",
-                "loss", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,10 +174,10 @@ def check(args) -> tuple[dict, bool, Path | None]:
     if stats and not model_problem:
         problems += data_problems(args, stats)
     out = Path(args.out)
-    finished = finished_before(out, vars(args), stats)
+    finished = run_folder.finished_before(out, vars(args), stats)
     problems += run_folder_problems(args, out, finished)
     if args.resume and stats and not model_problem and not problems:
-        checkpoint, problem = resume_from(args, stats, out)
+        checkpoint, problem = run_folder.resume_from(args, stats, out, lora_alpha(args))
         problems += [problem] if problem else []
     cli.fail_on_problems(problems)
     return stats, finished and not args.overwrite, checkpoint
@@ -229,55 +224,6 @@ def run_folder_problems(args, out: Path, finished: bool) -> list[str]:
     return []
 
 
-def resume_from(args, stats: dict, out: Path) -> tuple[Path | None, str | None]:
-    """The checkpoint --resume continues from (None: no usable one yet) and why it may not, if it may not: a
-    resumed run keeps the settings its run recorded (the checkpoint's own, else the run folder's), model and data."""
-    if args.resume != "latest":
-        checkpoint = Path(args.resume)
-        problem = "no such checkpoint folder" if not checkpoint.is_dir() else run_folder.checkpoint_problem(checkpoint)
-        if problem:
-            return None, (f"cannot resume from {checkpoint}: {problem}; try --resume without a path to pick the "
-                          f"newest good one")
-    else:
-        checkpoint = run_folder.latest_valid_checkpoint(out)
-    candidates = ([checkpoint / folders.TRAINING_SETTINGS] if checkpoint else []) + [
-        out / folders.RUN_SETTINGS, out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS]
-    recorded = next((folders.read_json(path) for path in candidates if path.is_file()), None)
-    differing = [] if recorded is None or args.force_resume else changed_settings(recorded, args, stats)
-    if not differing:
-        return checkpoint, None
-    return checkpoint, (f"cannot resume {checkpoint or out}: it was trained with other settings or data "
-                        f"({'; '.join(differing)}); use the same settings, --overwrite to start over, --out for a new "
-                        f"run, or --force-resume")
-
-
-def changed_settings(recorded: dict, args, stats: dict) -> list[str]:
-    """What differs between the settings a run recorded and these flags, model and data."""
-    before, now = recorded.get("arguments", {}), vars(args)
-    differing = [f"--{key.replace('_', '-')} {before[key]!r} -> {now[key]!r}" for key in RESUME_FLAGS
-                 if key in before and before[key] != now[key]]
-    if recorded.get("lora_alpha") not in (None, lora_alpha(args)):
-        differing.append(f"LoRA alpha {recorded['lora_alpha']:g} -> {lora_alpha(args):g}")
-    if (recorded.get("base_model_id"), recorded.get("base_model_source")) != (
-            models.model_id(args.model), folders.download_info(args.model)):
-        differing.append(f"the base model ({recorded.get('base_model_id')} -> {models.model_id(args.model)}, or "
-                         f"another download of it)")
-    if recorded.get("prepared_fingerprint") != stats.get("fingerprint"):
-        differing.append(f"the prepared data ({args.data}/ was prepared again, or is other data)")
-    return differing
-
-
-def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
-    """Whether out/final already holds an adapter trained with this very command line and prepared data, on the
-    same download of the base model (a model/ downloaded again at another revision keeps its id and tokenizer)."""
-    saved = out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS
-    if not saved.is_file():
-        return False
-    previous = folders.read_json(saved)
-    return (previous.get("arguments") == arguments and previous.get("prepared_stats") == stats
-            and previous.get("base_model_source") == folders.download_info(arguments["model"]))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Run: load -> build -> plan -> train -> save.
 
@@ -302,9 +248,9 @@ def run(args, stats: dict, checkpoint: Path | None, ranks: Ranks, argv) -> int:
             return 0
         if args.resume and checkpoint is None:
             say(f"--resume: no usable checkpoint in {out}/ yet: starting from step 0")
+        scorer = held_out_scorer(args, stats, inputs) if args.score_checkpoints else None
         if ranks.is_main:
             prepare_run_folder(out, args.overwrite, settings)
-        scorer = held_out_scorer(args, stats, inputs) if args.score_checkpoints else None
         trainer, padding = build_trainer(settings, model, compute_loss, inputs, out, say, scorer)
         started = time.time()
         train_loss = fit(trainer, model, checkpoint, settings, say)
@@ -323,7 +269,8 @@ def run(args, stats: dict, checkpoint: Path | None, ranks: Ranks, argv) -> int:
         save(model, inputs.tokenizer, settings, result, out, say)
         if scorer is not None:
             say(describe_scores(trainer, out))
-        say(f"next: python verify_model.py --model {args.model} --adapter {out / folders.FINAL_ADAPTER}")
+        say("next: " + cli.command("verify_model.py", ("--model", args.model, None),
+                                   ("--adapter", out / folders.FINAL_ADAPTER, None)))
     return 0
 
 
@@ -376,10 +323,9 @@ def choose_cpu_memory(args, inputs: Inputs, say) -> None:
     if platforms.glibc_function("mallopt") is None:
         say("CPU memory: this system's allocator, as it is (fast or lean is a setting of glibc, Linux's C library)")
         return
-    optimizer_bytes = 2 if "8bit" in (args.optim or default_optimizer("cpu", inputs.load_in_4bit)) else 8
-    estimate = memory.estimate_peak_memory(inputs.config, args.batch_size, inputs.longest,
-                                           args.lora_r, inputs.load_in_4bit, dtype_bytes=inputs.choice.dtype.itemsize,
-                                           optimizer_bytes=optimizer_bytes, chunked_loss=args.loss == "chunked")
+    estimate = memory.estimate_for_run(inputs.config, args.batch_size, inputs.longest, args.lora_r, inputs.load_in_4bit,
+                                       inputs.choice.dtype_name,
+                                       args.optim or default_optimizer("cpu", inputs.load_in_4bit), args.loss)
     mode, why = memory.cpu_memory_mode(args.cpu_memory, estimate["total"], memory.available_memory())
     if mode == "lean" and not memory.return_freed_memory():
         why += "; MALLOC_MMAP_THRESHOLD_ or PIPELINE_GLIBC_DEFAULTS is set: the allocator is left as that says"
@@ -597,11 +543,8 @@ def build_trainer(settings: RunSettings, model, compute_loss, inputs: Inputs, ou
 
     trainable, total = model.get_nb_trainable_parameters()
     say(describe_plan(settings, inputs, trainable, total))
-    estimate = memory.estimate_peak_memory(
-        model.config, settings.batch_size, inputs.longest, settings.lora_r, settings.load_in_4bit,
-        dtype_bytes=2 if settings.compute_dtype != "float32" else 4,
-        optimizer_bytes=2 if "8bit" in settings.optim else 8,
-        chunked_loss=settings.loss == "chunked")
+    estimate = memory.estimate_for_run(model.config, settings.batch_size, inputs.longest, settings.lora_r,
+                                       settings.load_in_4bit, settings.compute_dtype, settings.optim, settings.loss)
     where = "" if settings.device == "cuda" else " (were this a GPU run)"
     say(f"estimated peak GPU memory{where} at micro-batch {settings.batch_size} x {inputs.longest} tokens: "
         f"{memory.describe_estimate(estimate)}")
@@ -634,41 +577,10 @@ def build_trainer(settings: RunSettings, model, compute_loss, inputs: Inputs, ou
 
 
 def held_out_scorer(args, stats: dict, inputs: Inputs):
-    """model -> its greedy pass@1 on the held-out problems, their tests run in the sandbox as evaluate.py runs them
-    (--score-checkpoints). Mid-training the model is in train mode, its cache off and, with the chunked loss, its
-    output layer stood in for: all put back as they were after generating."""
-    from pipeline import inference, loss, sandbox, scoring
+    """--score-checkpoints: the held-out problems' tests run at every evaluation (pipeline/scoring.py)."""
+    from pipeline import scoring
 
-    fmt, template = data.prepared_format(stats["settings"]), prompts.get(stats["settings"]["template"])
-    problems = data.held_out_problems(args.data)
-    problems = [data.as_chat(problem) for problem in problems] if template.chat else problems
-    texts = [data.prompt_for(fmt, problem, template, inputs.tokenizer) for problem in problems]
-    box = sandbox.Sandbox(sandbox.Limits())
-
-    import torch
-
-    # Generation runs outside the Trainer's autocast: in bf16 or fp16 it would meet fp32 layer norms' outputs.
-    compute = inputs.choice.dtype
-    autocast = (torch.autocast(inputs.choice.device, dtype=compute) if compute != torch.float32
-                else contextlib.nullcontext())
-
-    def score(model) -> dict:
-        training, use_cache = model.training, model.config.use_cache
-        model.eval()
-        model.config.use_cache = True
-        try:
-            with loss.output_layer_restored(model), autocast:
-                answers = inference.generate(model, inputs.tokenizer, texts, args.score_max_new_tokens,
-                                             batch_size=SCORE_BATCH, template=template)
-        finally:
-            model.train(training)
-            model.config.use_cache = use_cache
-        completions = {problem["task_id"]: [answer[0]["completion"]] for problem, answer in zip(problems, answers)}
-        rows = scoring.score("held-out", problems, completions, box, progress=False)
-        solved = sum(row["status"] == "passed" for row in rows)
-        return {"eval_pass@1": round(solved / len(problems), 4), "eval_solved": solved}
-
-    return score
+    return scoring.held_out_scorer(args.data, stats, inputs.tokenizer, inputs.choice, args.score_max_new_tokens)
 
 
 def describe_plan(settings: RunSettings, inputs: Inputs, trainable: int, total: int) -> str:
@@ -768,7 +680,7 @@ def describe_scores(trainer, out: Path) -> str:
     best = trainer.best_scored()
     kept = (f"the best kept checkpoint by score: {best}/" if best else "no scored checkpoint kept")
     return (f"held-out pass@1 by step: {', '.join(f'{step}: {100 * score:.1f}%' for step, score in scored)}; {kept}; "
-            f"how sure each difference is: python evaluate.py --checkpoints {out}")
+            f"how sure each difference is: {cli.command('evaluate.py', ('--checkpoints', out, None))}")
 
 
 # ----------------------------------------------------------------------------------------------------------

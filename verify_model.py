@@ -6,7 +6,7 @@ Run:
 
 Reads:  model/ (download_model.py), optionally an adapter folder (train.py)
 Writes: nothing; prints one ✓ or ✗ line per check and exits 0 only when every check passes
-Needs:  pipeline/
+Needs:  pipeline/ (cli, folders, inference, models, platforms, prompts)
 Next:   evaluate.py (does the fine-tune write better code?), export.py (one merged model to use anywhere)
 """
 
@@ -47,10 +47,12 @@ def run(args) -> int:
     report = Report()
     models.quiet_libraries()
     print(f"base model: {model_dir}/")
-    folder_ok, tokenizer, model = check_base(report, model_dir, args.no_4bit)
+    folder_ok, tokenizer = check_folder(report, model_dir)
     template, settings = prompts.DEFAULT, None
     if adapter_dir is not None:
         template, settings = check_adapter_settings(report, adapter_dir, model_dir, folder_ok)
+    # Loaded as the adapter was trained (4-bit, or unquantised for a --no-4bit run), by the rule every stage uses.
+    model = folder_ok and check_loads(report, model_dir, adapter_dir if settings else None, args.no_4bit)
 
     def generates(which):
         return smoke_generation(which, tokenizer, template, args.max_new_tokens)
@@ -98,18 +100,21 @@ def require(condition: bool, message: str) -> str:
     return ""
 
 
-def check_base(report: Report, model_dir: Path, no_4bit: bool):
-    """The base model's folder, tokenizer and loading; (folder complete, tokenizer, model), None where one failed."""
+def check_folder(report: Report, model_dir: Path):
+    """The base model's folder and tokenizer: (folder complete, tokenizer), None where one failed."""
     folder_problem = models.model_folder_problem(model_dir)
     folder_ok = report.check("model folder complete (config.json, .safetensors weights, tokenizer files)",
                              lambda: require(folder_problem is None, folder_problem))
     tokenizer = folder_ok and report.check("tokenizer loads", lambda: models.load_tokenizer(model_dir))
-    choice = models.pick_device()
-    load_in_4bit = models.use_4bit(choice, no_4bit)
+    return folder_ok, tokenizer
+
+
+def check_loads(report: Report, model_dir: Path, adapter_dir: Path | None, no_4bit: bool):
+    """The model loads, in the precision the adapter (if any) was trained in; the model, or None."""
+    choice, load_in_4bit = inference.loading(model_dir, adapter_dir, models.pick_device(), no_4bit)
     how = "4-bit NF4" if load_in_4bit else choice.dtype_name
-    model = folder_ok and report.check(f"model loads ({how} on {choice.device})",
-                                       lambda: inference.load_for_inference(model_dir, None, choice, load_in_4bit))
-    return folder_ok, tokenizer, model
+    return report.check(f"model loads ({how} on {choice.device})",
+                        lambda: inference.load_model_as(model_dir, None, choice, load_in_4bit))
 
 
 def check_adapter_settings(report: Report, adapter_dir: Path, model_dir: Path, folder_ok: bool):
@@ -126,6 +131,9 @@ def check_adapter_settings(report: Report, adapter_dir: Path, model_dir: Path, f
     if not finite:
         return template, None
     base_problem = inference.base_model_problem(settings, model_dir) if folder_ok else None
+    if folder_ok and inference.export_settings(model_dir):
+        base_problem = (f"{model_dir}/ is a merged model (export.py): its adapter is in its weights already; pass "
+                        f"the base model it was trained on with --model")
     base_ok = folder_ok and report.check("adapter was trained on this base model",
                                          lambda: require(base_problem is None, base_problem))
     return template, settings if base_ok else None

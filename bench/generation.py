@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     texts = [prompts.DEFAULT.prompt(p["text"], p["test_list"]) for p in problems]
     choice = models.pick_device()
     tokenizer = models.load_tokenizer(model_dir)
-    model = inference.load_for_inference(model_dir, None, choice, models.use_4bit(choice, no_4bit=False))
+    model = inference.load_for_inference(model_dir, None, choice)
     inference.generate(model, tokenizer, texts[:2], 4)  # warm-up
 
     # A random model rarely emits EOS, so both runs generate max_new_tokens for every prompt: equal work.

@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    gguf = Path(args.gguf) if args.gguf else packaged_gguf()
+    # Resolved here: every stage runs in the work folder, where a path relative to this one means nothing.
+    gguf = Path(args.gguf).expanduser().resolve() if args.gguf else packaged_gguf()
+    if not gguf.is_file():
+        sys.exit(f"--gguf {args.gguf}: no such file")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model = work / "model"
@@ -163,7 +166,7 @@ def base_loss(folder: Path, model: Path) -> float:
     import evaluate
 
     choice = models.pick_device()
-    base = inference.load_for_inference(model, None, choice, models.use_4bit(choice, False))
+    base = inference.load_for_inference(model, None, choice)
     rows = load_from_disk(str(folder / "prepared"))["eval"]
     return round(evaluate.mean_loss(base, rows, models.load_tokenizer(model).pad_token_id, 8), 4)
 

@@ -6,8 +6,6 @@ Nothing heavy is imported at module level.
 
 from __future__ import annotations
 
-import gzip
-import json
 import sys
 from pathlib import Path
 
@@ -90,14 +88,55 @@ def resolve_adapter(requested: str | None, base_only: bool = False, model_dir: s
     return None
 
 
-def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, choice, load_in_4bit: bool):
-    """Base model (plus the LoRA adapter, if given) in eval mode with the KV cache on. A merged model (export.py)
-    is loaded as it was saved, in its own dtype, never quantised again: it is the model that was scored."""
-    merged = export_settings(model_dir)
-    if merged and (load_in_4bit or merged.get("dtype", choice.dtype_name) != choice.dtype_name):
-        dtype = merged.get("dtype", choice.dtype_name)
-        print(f"note: {model_dir}/ is a merged model: loaded as saved ({dtype}), not quantised again", file=sys.stderr)
-        choice, load_in_4bit = models.DeviceChoice(choice.device, dtype, choice.reason), False
+def loading(model_dir: str | Path, adapter_dir: str | Path | None, choice, no_4bit: bool = False,
+            merged: bool = False, say=print) -> tuple[models.DeviceChoice, bool]:
+    """How to load a model so that it is the model that was trained and scored: the one rule evaluate.py,
+    generate.py, verify_model.py, export.py and checkpoint_manager.py apply. Returns the device choice (its dtype
+    a merged model's own) and whether to load the base in 4-bit; refuses, in one line, what cannot be that model.
+
+      * A merged model (export.py's export_settings.json in `model_dir`, or a folder given as one): loaded as
+        saved, in its own dtype, never quantised again. An adapter on top would be applied twice: refused.
+      * An adapter: only on the base it was trained on (its recorded model id and tokenizer), and on the weights
+        it was trained against: 4-bit NF4, or unquantised for a run trained with --no-4bit (train.py records
+        which). --no-4bit for a 4-bit adapter is followed, with a note that it changes the answers.
+      * A base model alone: 4-bit NF4 unless --no-4bit (or the device has no bitsandbytes)."""
+    recorded = export_settings(model_dir)
+    if recorded or merged:
+        if adapter_dir is not None:
+            holds = f" (it holds {recorded['adapter']})" if recorded.get("adapter") else ""
+            raise StageError(f"{model_dir}/ is a merged model{holds}: an adapter on top would be applied twice; "
+                             f"use it without --adapter, or pass the base model it was merged from with --model")
+        dtype = recorded.get("dtype") or models.stored_dtype(model_dir)
+        if dtype != choice.dtype_name or not no_4bit:
+            say(f"note: {model_dir}/ is a merged model: loaded as saved ({dtype}), not quantised again")
+        return models.DeviceChoice(choice.device, dtype, choice.reason), False
+    if adapter_dir is None:
+        return choice, models.use_4bit(choice, no_4bit, say)
+    settings = adapter_settings(adapter_dir)
+    mismatch = base_model_problem(settings, model_dir)
+    if mismatch:
+        raise StageError(f"the adapter in {adapter_dir}/ does not belong on {model_dir}/: {mismatch}")
+    if settings.get("load_in_4bit") is False:
+        if not no_4bit:
+            say(f"note: {adapter_dir}/ was trained on unquantised weights (train.py --no-4bit): loading the base "
+                f"unquantised, as it was trained")
+        return choice, False
+    if no_4bit:
+        say(f"note: --no-4bit: {adapter_dir}/ was trained on 4-bit weights; on unquantised ones its answers differ "
+            f"from those it was trained and scored with")
+    return choice, models.use_4bit(choice, no_4bit, say)
+
+
+def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None, choice, no_4bit: bool = False,
+                       merged: bool = False, say=print):
+    """Base model (plus the LoRA adapter, if given) in eval mode with the KV cache on, loaded by the one rule of
+    loading(): a merged model as saved, an adapter on the base and weights it was trained on."""
+    choice, load_in_4bit = loading(model_dir, adapter_dir, choice, no_4bit, merged, say)
+    return load_model_as(model_dir, adapter_dir, choice, load_in_4bit)
+
+
+def load_model_as(model_dir: str | Path, adapter_dir: str | Path | None, choice, load_in_4bit: bool):
+    """The model loaded as loading() said, in eval mode with the KV cache on and no gradients."""
     model = models.load_model(model_dir, choice, load_in_4bit)
     if adapter_dir is not None:
         model = attach_adapter(model, adapter_dir, model_dir)
@@ -214,16 +253,3 @@ def stop_criteria(tokenizer, template: Template, prompt_length: int):
             return torch.tensor([template.find_stop(text) is not None for text in texts], device=input_ids.device)
 
     return StoppingCriteriaList([StopInCompletion()])
-
-
-def bundled_prompts(template: Template, tokenizer, count: int) -> list[tuple[str, str]]:
-    """(title, prompt) of the first `count` bundled problems in the shape a model was trained on: task texts with
-    their asserts, or the same problems as code to complete (HumanEval-style, assets/examples/) for models trained
-    on HumanEval or raw code. For smoke tests where no prepared data is at hand."""
-    if template.continues_code:
-        with gzip.open(folders.EXAMPLES / "humaneval_style.jsonl.gz", "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f][:count]
-        return [(row["entry_point"], template.prompt(row["prompt"])) for row in rows]
-    lines = folders.DEMO_PROBLEMS.read_text(encoding="utf-8").splitlines()[:count]
-    problems = [json.loads(line) for line in lines]
-    return [(p["text"], template.prompt(p["text"], p["test_list"], tokenizer)) for p in problems]

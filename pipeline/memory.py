@@ -13,6 +13,15 @@ from pipeline import platforms
 from pipeline.folders import GIB
 
 
+def estimate_for_run(config, micro_batch: int, seq_len: int, lora_r: int, load_in_4bit: bool, compute_dtype: str,
+                     optim: str, loss: str) -> dict:
+    """estimate_peak_memory for a training run's settings: the bytes of its compute dtype and of its optimiser's
+    state per trainable parameter (8-bit AdamW: 2, else fp32 AdamW's 8), read off their names here only."""
+    return estimate_peak_memory(config, micro_batch, seq_len, lora_r, load_in_4bit,
+                                dtype_bytes=4 if compute_dtype == "float32" else 2,
+                                optimizer_bytes=2 if "8bit" in optim else 8, chunked_loss=loss == "chunked")
+
+
 def estimate_peak_memory(config, micro_batch: int, seq_len: int, lora_r: int, load_in_4bit: bool = True,
                          dtype_bytes: int = 2, optimizer_bytes: float = 2.0, chunked_loss: bool = True,
                          labelled_share: float = 0.5, chunk_size: int = 128) -> dict:

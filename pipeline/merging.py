@@ -11,21 +11,35 @@ Nothing heavy is imported at module level.
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
-from pipeline import inference, models
+from pipeline import folders, inference, models
+from pipeline.cli import StageError
 
 MERGE_INTO = ("quantized", "original")  # the weights the adapter is added to
+
+
+def merge_target(settings: dict, asked: str | None) -> str:
+    """The weights to merge into: those the adapter was trained against (its 4-bit ones, or the original ones for a
+    train.py --no-4bit run) unless --merge-into says otherwise; "quantized" for an adapter that never saw 4-bit
+    weights is refused."""
+    trained_quantized = settings.get("load_in_4bit") is not False
+    if asked == "quantized" and not trained_quantized:
+        raise StageError("--merge-into quantized: this adapter was trained on unquantised weights (train.py "
+                         "--no-4bit); merged into 4-bit ones it would be a model nobody trained: leave --merge-into "
+                         "out")
+    return asked or ("quantized" if trained_quantized else "original")
 
 
 def load_reference(model_dir: Path, adapter_dir: Path, merge_into: str):
     """The model the merged one must answer as: base + adapter as evaluate.py loads it (4-bit NF4, on the device
     evaluate.py picks), or unquantised in float32 on the CPU when merging into the original weights."""
     if merge_into == "quantized":
-        choice = models.pick_device()
-        return inference.load_for_inference(model_dir, adapter_dir, choice, models.use_4bit(choice, no_4bit=False))
+        return inference.load_for_inference(model_dir, adapter_dir, models.pick_device())
     choice = models.DeviceChoice("cpu", "float32", "merge on the CPU in float32")
-    return inference.load_for_inference(model_dir, adapter_dir, choice, load_in_4bit=False)
+    return inference.load_model_as(model_dir, adapter_dir, choice, load_in_4bit=False)
 
 
 def merged_model(reference, model_dir: Path, dtype: str):
@@ -91,3 +105,16 @@ def as_computed(weight):
 
         return dequantize_bnb_weight(weight)
     return weight
+
+
+def bundled_prompts(template, tokenizer, count: int) -> list[tuple[str, str]]:
+    """(title, prompt) of the first `count` bundled problems in the shape a model was trained on: task texts with
+    their asserts, or the same problems as code to complete (HumanEval-style, assets/examples/) for models trained
+    on HumanEval or raw code. For smoke tests where no prepared data is at hand."""
+    if template.continues_code:
+        with gzip.open(folders.EXAMPLES / "humaneval_style.jsonl.gz", "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f][:count]
+        return [(row["entry_point"], template.prompt(row["prompt"])) for row in rows]
+    lines = folders.DEMO_PROBLEMS.read_text(encoding="utf-8").splitlines()[:count]
+    problems = [json.loads(line) for line in lines]
+    return [(p["text"], template.prompt(p["text"], p["test_list"], tokenizer)) for p in problems]

@@ -147,6 +147,14 @@ def half_precision_training(device: str, compute_dtype: str) -> dict[str, bool]:
 
 
 CPU_DTYPES = ("auto", "bfloat16", "float32")
+DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model is stored and computed in
+
+
+def stored_dtype(model_dir: str | Path) -> str:
+    """The dtype a model folder's weights are stored in (its config.json), float32 when it does not say."""
+    config = folders.read_json(Path(model_dir) / "config.json")
+    named = config.get("dtype") or config.get("torch_dtype")
+    return named if named in DTYPES else "float32"
 
 
 def cpu_has_bf16() -> bool:

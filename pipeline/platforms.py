@@ -94,6 +94,24 @@ def give_to_user(path: str, uid: int) -> None:
         os.chown(path, uid, uid)
 
 
+def others_can_enter(folder: str) -> bool:
+    """Whether a user other than the owner can reach `folder`: it and every folder above it searchable by
+    others (POSIX permission bits)."""
+    import stat
+
+    path = os.path.abspath(folder)
+    while True:
+        try:
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+
+
 def user_processes(uid: int) -> list[psutil.Process]:
     """Every process of a user id, zombies included: they still count against its process limit until reaped."""
     found = []

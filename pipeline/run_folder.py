@@ -1,4 +1,5 @@
-"""What a run folder holds (checkpoints/ by default), its lock, and which of its checkpoints can be resumed from.
+"""What a run folder holds (checkpoints/ by default), its lock, which of its checkpoints can be resumed from, and
+whether a resume (or a rerun) belongs to the run the folder holds: the same settings, model and data.
 
 Used by train.py, pipeline/trainer.py (which writes the checkpoints) and tools/checkpoint_manager.py.
 Nothing heavy is imported at module level.
@@ -22,7 +23,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from pipeline import folders, platforms
+from pipeline import folders, models, platforms
 from pipeline.cli import StageError
 from pipeline.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -30,6 +31,10 @@ PREFIX = "checkpoint-"
 STAGING = ".staging-"  # checkpoints/.staging-<step>/checkpoint-<step>/ while being written
 TRAINER_STATE = "trainer_state.json"  # the Trainer's own record in each checkpoint: step, log history
 REQUIRED_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, "optimizer.pt", "scheduler.pt"]
+# Flags a resumed run must share with the run it continues: a checkpoint trained with another rank, batch, rate
+# or precision is another run. How long to train, how often to log and save may change.
+RESUME_FLAGS = ("lora_r", "lora_dropout", "batch_size", "grad_accum", "lr", "warmup_ratio", "optim", "no_4bit",
+                "loss", "seed")
 
 
 @contextlib.contextmanager
@@ -165,3 +170,56 @@ def checkpoint_size(path: Path | None, trainable_params: int) -> int:
     if path is not None and path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return trainable_params * 12 + 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resuming: which checkpoint, and whether it belongs to this run's settings, model and data.
+
+
+def resume_from(args, stats: dict, out: Path, alpha: float) -> tuple[Path | None, str | None]:
+    """The checkpoint --resume continues from (None: no usable one yet) and why it may not, if it may not: a
+    resumed run keeps the settings its run recorded (the checkpoint's own, else the run folder's), model and data."""
+    if args.resume != "latest":
+        checkpoint = Path(args.resume)
+        problem = "no such checkpoint folder" if not checkpoint.is_dir() else checkpoint_problem(checkpoint)
+        if problem:
+            return None, (f"cannot resume from {checkpoint}: {problem}; try --resume without a path to pick the "
+                          f"newest good one")
+    else:
+        checkpoint = latest_valid_checkpoint(out)
+    candidates = ([checkpoint / folders.TRAINING_SETTINGS] if checkpoint else []) + [
+        out / folders.RUN_SETTINGS, out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS]
+    recorded = next((folders.read_json(path) for path in candidates if path.is_file()), None)
+    differing = [] if recorded is None or args.force_resume else changed_settings(recorded, args, stats, alpha)
+    if not differing:
+        return checkpoint, None
+    return checkpoint, (f"cannot resume {checkpoint or out}: it was trained with other settings or data "
+                        f"({'; '.join(differing)}); use the same settings, --overwrite to start over, --out for a new "
+                        f"run, or --force-resume")
+
+
+def changed_settings(recorded: dict, args, stats: dict, alpha: float) -> list[str]:
+    """What differs between the settings a run recorded and these flags, model and data."""
+    before, now = recorded.get("arguments", {}), vars(args)
+    differing = [f"--{key.replace('_', '-')} {before[key]!r} -> {now[key]!r}" for key in RESUME_FLAGS
+                 if key in before and before[key] != now[key]]
+    if recorded.get("lora_alpha") not in (None, alpha):
+        differing.append(f"LoRA alpha {recorded['lora_alpha']:g} -> {alpha:g}")
+    if (recorded.get("base_model_id"), recorded.get("base_model_source")) != (
+            models.model_id(args.model), folders.download_info(args.model)):
+        differing.append(f"the base model ({recorded.get('base_model_id')} -> {models.model_id(args.model)}, or "
+                         f"another download of it)")
+    if recorded.get("prepared_fingerprint") != stats.get("fingerprint"):
+        differing.append(f"the prepared data ({args.data}/ was prepared again, or is other data)")
+    return differing
+
+
+def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
+    """Whether out/final already holds an adapter trained with this very command line and prepared data, on the
+    same download of the base model (a model/ downloaded again at another revision keeps its id and tokenizer)."""
+    saved = out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS
+    if not saved.is_file():
+        return False
+    previous = folders.read_json(saved)
+    return (previous.get("arguments") == arguments and previous.get("prepared_stats") == stats
+            and previous.get("base_model_source") == folders.download_info(arguments["model"]))

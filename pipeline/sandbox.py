@@ -97,6 +97,7 @@ class Sandbox:
         for slot in range(self.workers):
             self.slots.put(slot)
         self.python, self.drop_privileges = self._choose_interpreter()
+        self.workdir_root = self._reachable_root() if self.drop_privileges else tempfile.gettempdir()
         if self.drop_privileges:
             platforms.become_subreaper()
 
@@ -110,6 +111,30 @@ class Sandbox:
         print("warning: no Python interpreter runs as an unprivileged user here; candidates run as root",
               file=sys.stderr)
         return sys.executable, False
+
+    def _reachable_root(self) -> str | None:
+        """Where candidates' folders go when they run as other users: the temporary folder, unless those users
+        cannot reach it (TMPDIR under a private home, say), then a shared one. None of them: candidates run as
+        this user, said once."""
+        for root in dict.fromkeys([tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm"]):
+            if os.path.isdir(root) and platforms.others_can_enter(root):
+                return root
+        print(f"warning: no temporary folder here can be entered by other users ({tempfile.gettempdir()} is private):"
+              f" candidates run as this user", file=sys.stderr)
+        self.drop_privileges = False
+        return tempfile.gettempdir()
+
+    def self_test(self) -> str | None:
+        """Why this sandbox cannot run even a one-line program that passes, or None. Without this check a broken
+        sandbox (limits too tight for Python itself, a folder its users cannot enter, no interpreter) would score
+        every answer, right or wrong, as an error: 0 % that says nothing of the model."""
+        verdict = self.run(build_program("x = 1", ["assert x == 1"]))
+        if verdict.status == "passed":
+            return None
+        who = "unprivileged user ids" if self.drop_privileges else "this user"
+        return (f"the sandbox cannot run a one-line program ({verdict.status}: {verdict.message[:160]}; candidates "
+                f"run as {who} with {self.python} in {self.workdir_root}, under --timeout {self.limits.timeout:g} "
+                f"and --memory-mb {self.limits.memory_mb})")
 
     def _probe(self, python: str) -> bool:
         uid = self.uid_base
@@ -151,7 +176,7 @@ class Sandbox:
     def _run_in_slot(self, program: str, slot: int) -> Verdict:
         limits = self.limits
         uid = self.uid_base + slot if self.drop_privileges else None
-        workdir = tempfile.mkdtemp(prefix="sandbox-")
+        workdir = tempfile.mkdtemp(prefix="sandbox-", dir=self.workdir_root)
         started = time.monotonic()
         job = watch = None
         try:
@@ -165,9 +190,13 @@ class Sandbox:
                 ids = {"user": uid, "group": uid, "extra_groups": []}
             argv = [self.python, "-I", "-B", "runner.py", *self._rlimits(uid is not None)]
             token = secrets.token_hex(16)
-            process = subprocess.Popen(argv, cwd=workdir, env=platforms.sandbox_env(workdir), stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
-                                       **platforms.isolated_start(self.support), **ids)
+            try:
+                process = subprocess.Popen(argv, cwd=workdir, env=platforms.sandbox_env(workdir),
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           close_fds=True, **platforms.isolated_start(self.support), **ids)
+            except OSError as error:  # no interpreter there, a folder it may not enter
+                return Verdict("error", f"could not start {self.python}: {error.strerror or error}",
+                               time.monotonic() - started)
             # The runner waits for its token before running anything of the candidate's: the job and the watch
             # hold it from its first statement.
             if self.support.job_object:
@@ -232,7 +261,9 @@ class Sandbox:
             reason = {"SIGXFSZ": "file size limit exceeded", "SIGSEGV": "crashed (stack overflow?)"}.get(killed_by,
                                                                                                          "killed")
             return Verdict("error", f"{reason} ({killed_by})", seconds)
-        return Verdict("error", f"exited with code {returncode} before the tests finished", seconds)
+        said = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
+        return Verdict("error", f"exited with code {returncode} before the tests finished"
+                                + (f": {said[:200]}" if said else ""), seconds)
 
 
 class _CappedReader(threading.Thread):

@@ -69,6 +69,49 @@ def score(label: str, problems: list[dict], completions: dict[str, list[str]], b
 ANSWER_SHAPES = ("stopped", "hit_limit", "empty", "fenced", "parses")
 
 
+def held_out_scorer(data_dir: str, stats: dict, tokenizer, choice, max_new_tokens: int, batch_size: int = 16):
+    """model -> its greedy pass@1 on the held-out problems of prepared data, their tests run in the sandbox as
+    evaluate.py runs them (train.py --score-checkpoints). Mid-training the model is in train mode, its cache off
+    and, with the chunked loss, its output layer stood in for: all put back as they were after generating.
+    Refuses, before training, a sandbox that cannot run a passing program (it would score every checkpoint 0 %)."""
+    import contextlib
+
+    import torch
+
+    from pipeline import inference, loss
+
+    fmt, template = data.prepared_format(stats["settings"]), prompts.get(stats["settings"]["template"])
+    problems = data.held_out_problems(data_dir)
+    problems = [data.as_chat(problem) for problem in problems] if template.chat else problems
+    texts = [data.prompt_for(fmt, problem, template, tokenizer) for problem in problems]
+    box = sandbox.Sandbox(sandbox.Limits())
+    broken = box.self_test()
+    if broken:
+        raise StageError(f"--score-checkpoints: {broken}: every checkpoint would score 0 %; fix that, or train "
+                         f"without --score-checkpoints and score with evaluate.py --checkpoints")
+    # Generation runs outside the Trainer's autocast: in bf16 or fp16 it would meet fp32 layer norms' outputs.
+    autocast = (torch.autocast(choice.device, dtype=choice.dtype) if choice.dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def score_model(model) -> dict:
+        training, use_cache = model.training, model.config.use_cache
+        model.eval()
+        model.config.use_cache = True
+        try:
+            with loss.output_layer_restored(model), autocast:
+                answers = inference.generate(model, tokenizer, texts, max_new_tokens, batch_size=batch_size,
+                                             template=template)
+        finally:
+            model.train(training)
+            model.config.use_cache = use_cache
+        completions = {problem["task_id"]: [answer[0]["completion"]] for problem, answer in zip(problems, answers)}
+        rows = score("held-out", problems, completions, box, progress=False)
+        solved = sum(row["status"] == "passed" for row in rows)
+        return {"eval_pass@1": round(solved / len(problems), 4), "eval_solved": solved}
+
+    return score_model
+
+
 def answer_shapes(rows: list[dict]) -> dict[str, int | None]:
     """How a model's answers came out, counted: stopped by themselves or hit the token limit (None for completions
     made elsewhere), empty, fenced in Markdown, parsing as Python."""

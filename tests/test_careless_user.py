@@ -389,7 +389,9 @@ def test_every_next_line_reads_what_the_stage_wrote_where_the_user_put_it(demo_m
     out = tmp_path / "my export"
     assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--data",
                         str(demo_trained["prepared"]), "--out", str(out), "--dtype", "float32"]) == 0
-    argv = shlex.split(next_line(capsys).split("for llama.cpp and Ollama: ")[1])
+    printed = next_line(capsys)
+    assert shlex.split(printed.split("  ·  ")[0])[:4] == ["python", "generate.py", "--model", str(out)]
+    argv = shlex.split(printed.split("for llama.cpp and Ollama: ")[1])
     assert argv[:2] == ["python", "export.py"]
     args = export.build_parser().parse_args(argv[2:])
     assert (args.model, args.adapter, args.data, args.out, args.dtype, args.gguf, args.overwrite) == (

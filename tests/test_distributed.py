@@ -47,7 +47,7 @@ def test_one_final_adapter_and_one_metrics_history(runs, demo_model):
                                                                 ".final"))] == [folders.FINAL_ADAPTER]
     assert (len(list(out.rglob(monitoring.METRICS))) == 1
             and len(list((out / monitoring.LOGS).rglob("events.out.tfevents.*"))) == 1)
-    model = inference.load_for_inference(demo_model, out / folders.FINAL_ADAPTER, models.pick_device(), True)
+    model = inference.load_for_inference(demo_model, out / folders.FINAL_ADAPTER, models.pick_device())
     assert_adapter_loaded(model, out / folders.FINAL_ADAPTER)
     assert "x 2 processes = 4" in runs["stdout"]  # effective batch: micro-batch x accumulation x processes
     assert runs["stdout"].count("trainable parameters") == 1  # only the first process talks

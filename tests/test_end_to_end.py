@@ -16,8 +16,7 @@ pytestmark = pytest.mark.slow  # the demo's whole fine-tune, or several training
 
 def test_qlora_learns_solutions_and_to_stop(demo_trained):
     tokenizer = models.load_tokenizer(demo_trained["model"])
-    model = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], models.pick_device(),
-                                         load_in_4bit=True)
+    model = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], models.pick_device())
     rows = load_from_disk(str(demo_trained["prepared"]))["train"]
     assert len(rows) == 65
     texts = [prompts.DEFAULT.prompt(row["task"], row["tests"]) for row in rows]

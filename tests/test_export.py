@@ -28,7 +28,7 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter_doe
     merged = AutoModelForCausalLM.from_pretrained(str(exported)).eval()
     tokenizer = models.load_tokenizer(exported)
     choice = models.DeviceChoice("cpu", "float32", "test")
-    adapter = inference.load_for_inference(demo_trained["model"], demo_trained["adapter"], choice, load_in_4bit=False)
+    adapter = inference.load_model_as(demo_trained["model"], demo_trained["adapter"], choice, load_in_4bit=False)
     rows = family_rows(demo_trained["prepared"], "train")[:8]
     texts = [prompts.DEFAULT.prompt(row["task"], row["tests"]) for row in rows]
     ours = inference.generate(merged, tokenizer, texts, 48)

@@ -48,3 +48,66 @@ def test_lines_are_wrapped():
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
             if len(line) > LONGEST_LINE]
     assert not long, long
+
+
+# ---- what a copied stage needs -----------------------------------------------------------------------------
+
+# Files outside pipeline/ that a module reaches through these names (pipeline/folders.py, pipeline/gguf_export.py).
+FILES_BY_NAME = {"DEMO_PROBLEMS": "assets/demo_problems.jsonl", "EXAMPLES": "assets/examples/",
+                 "REQUIREMENTS": "requirements-gguf.txt"}
+
+
+def pipeline_imports(path: Path) -> tuple[set[str], set[str]]:
+    """The pipeline modules a file imports (at the top or inside a function) and the names it reads."""
+    modules, names = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            modules.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+    return modules, names
+
+
+def needed_by(path: Path) -> tuple[set[str], set[str]]:
+    """Every pipeline module a stage needs, following imports from module to module (the sandbox copies
+    sandbox_runner.py beside each candidate), and the files outside pipeline/ those modules read."""
+    modules, names = pipeline_imports(path)
+    found, waiting = set(), list(modules)
+    while waiting:
+        module = waiting.pop()
+        if module not in found:
+            found.add(module)
+            more, read = pipeline_imports(ROOT / "pipeline" / f"{module}.py")
+            waiting += [*more, *(["sandbox_runner"] if module == "sandbox" else [])]
+            names |= read
+    return found, {file for name, file in FILES_BY_NAME.items() if name in names}
+
+
+def needs_line(path: Path) -> str:
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")), clean=False)
+    lines = doc.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Needs:"))
+    following = [line.strip() for line in lines[start + 1:]]
+    continued = following[:next((i for i, line in enumerate(lines[start + 1:]) if not line.startswith(" " * 8)),
+                                len(following))]
+    return " ".join([lines[start], *continued])
+
+
+def test_each_stage_names_the_pipeline_modules_and_files_a_copy_of_it_needs():
+    """A stage copied into a course assignment with what its header names must run: the pipeline modules it
+    imports (and they import), and the files outside pipeline/ they read (assets/, requirements-gguf.txt)."""
+    every = set()
+    for stage in [stage for stage in STAGES if stage != "run_pipeline"]:
+        modules, files = needed_by(ROOT / f"{stage}.py")
+        every |= modules
+        line = needs_line(ROOT / f"{stage}.py")
+        named = set(line.split("pipeline/ (", 1)[1].split(")", 1)[0].replace(",", " ").split())
+        assert named == modules, f"{stage}.py: {line}\n  modules it needs: {', '.join(sorted(modules))}"
+        assert all(file in line for file in files), f"{stage}.py: {line}\n  files it reads: {sorted(files)}"
+    line = needs_line(ROOT / "run_pipeline.py")
+    assert "every stage file above" in line and "pipeline/" in line, line
+    assert every <= {p.stem for p in (ROOT / "pipeline").glob("*.py")}

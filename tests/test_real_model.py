@@ -55,3 +55,31 @@ def test_its_base_answers_come_through_its_chat_template_and_parse(smollm2, demo
     # finished).
     assert base["problems"] == 6 and answers["empty"] == 0, answers
     assert answers["fenced"] >= 4 and answers["parses"] >= 4, answers
+
+
+def test_a_damaged_or_misnamed_gguf_gets_a_line_that_names_what_is_wrong(tmp_path, capsys):
+    """What a user meets after an interrupted download, a damaged copy, or a file named in capitals."""
+    whole = packaged_gguf().read_bytes()
+    half, damaged, capitals, named = (tmp_path / "half.gguf", tmp_path / "damaged.gguf", tmp_path / "MODEL.GGUF",
+                                      tmp_path / "folder.gguf")
+    half.write_bytes(whole[:len(whole) // 2])
+    damaged.write_bytes(whole[:40] + b"\xff" * 64 + whole[104:])
+    capitals.write_bytes(whole[:len(whole) // 2])
+    named.mkdir()
+    for source, expected in ((half, "is damaged or incomplete"), (damaged, "is damaged or incomplete"),
+                             (capitals, "is damaged or incomplete"), (named, "has no config.json")):
+        assert download_model.main(["--model-id", str(source), "--out", str(tmp_path / "model")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and expected in error and "architectures" not in error, error
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_benchmark_takes_a_gguf_path_relative_to_where_it_is_run(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(folders.REPO_ROOT / "bench"))
+    import real_model
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--gguf missing.gguf: no such file"):
+        real_model.main(["--gguf", "missing.gguf", "--work", str(tmp_path / "work")])

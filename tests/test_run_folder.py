@@ -157,7 +157,7 @@ def test_kill_9_at_any_moment_leaves_a_run_that_resume_completes(demo_model, dem
     assert train.main(run_args(demo_model, demo_prepared, out, *args, "--resume")) == 0
     final = out / folders.FINAL_ADAPTER
     assert json.loads((final / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))["result"]["global_step"] == 8
-    model = inference.load_for_inference(demo_model, final, models.pick_device(), load_in_4bit=True)
+    model = inference.load_for_inference(demo_model, final, models.pick_device())
     assert_adapter_loaded(model, final)
     assert not list(out.glob(run_folder.STAGING + "*"))
 

@@ -5,7 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline import inference, prompts
+from pipeline import merging, prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
@@ -83,9 +83,9 @@ def test_gpu_monitor_once_without_a_gpu(capsys):
 
 def test_bundled_prompts_in_the_shape_the_adapter_was_trained_on():
     """checkpoint_manager's `test` and export.py's self-check (without prepared data) prompt with these."""
-    code = inference.bundled_prompts(prompts.CODE, None,
+    code = merging.bundled_prompts(prompts.CODE, None,
                                      checkpoint_manager.TEST_PROBLEMS)  # HumanEval-style adapters continue code
     assert len(code) == checkpoint_manager.TEST_PROBLEMS and all(prompt.startswith("def ") and '"""' in prompt for _,
                                                                  prompt in code)
-    tasks = inference.bundled_prompts(prompts.TESTS, None, checkpoint_manager.TEST_PROBLEMS)
+    tasks = merging.bundled_prompts(prompts.TESTS, None, checkpoint_manager.TEST_PROBLEMS)
     assert all(prompt.startswith("Task: ") and "assert " in prompt for _, prompt in tasks)

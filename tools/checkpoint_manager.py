@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import cli, folders, inference, models, run_folder  # noqa: E402
+from pipeline import cli, folders, inference, merging, models, run_folder  # noqa: E402
 from pipeline.cli import StageError  # noqa: E402
 
 TEST_PROBLEMS = 3  # bundled problems used by `test`
@@ -98,14 +98,14 @@ def command_best(run: Path, scores: str | None) -> int:
         tied = (f"; tied with {', '.join(str(row['path']) for row in best[:-1])} (a tie: either will do)"
                 if len(best) > 1 else "")
         print(f"best by held-out pass@1: {best[-1]['path']} (step {best[-1]['step']}, {100 * top:.1f}%, scored "
-              f"during training){tied}; how sure: python evaluate.py --checkpoints {run}")
+              f"during training){tied}; how sure: {cli.command('evaluate.py', ('--checkpoints', run, None))}")
         return 0
     rated = [row for row in rows if row["eval_loss"] is not None]
     if not rated:
         raise StageError(f"no checkpoint in {run}/ has an eval loss yet (train.py evaluates every --save-steps)")
     best = min(rated, key=lambda row: (row["eval_loss"], row["final"]))
     print(f"best by eval loss: {best['path']} (step {best['step']}, eval loss {best['eval_loss']:.4f}); the loss is "
-          f"not the score: python evaluate.py --checkpoints {run} runs their code")
+          f"not the score: {cli.command('evaluate.py', ('--checkpoints', run, None))} runs their code")
     return 0
 
 
@@ -116,8 +116,8 @@ def best_by_evaluation(run: Path, results: Path) -> int:
     found = summary.get("checkpoints")
     adapters = [model["identity"].get("adapter", "") for model in summary.get("models", {}).values()]
     if not found or not any(Path(adapter).parent == run.resolve() for adapter in adapters):
-        raise StageError(f"{results}/ holds no scores of the checkpoints of {run}/: run python evaluate.py "
-                         f"--checkpoints {run} --out {results} first")
+        raise StageError(f"{results}/ holds no scores of the checkpoints of {run}/: run "
+                         f"{cli.command('evaluate.py', ('--checkpoints', run, None), ('--out', results, None))} first")
     best, scores = found["best"], summary["models"]
     where = {label: Path(os.path.relpath(scores[label]["identity"]["adapter"])) for label in found["steps"]}
     for label, step in sorted(found["steps"].items(), key=lambda item: item[1]):
@@ -167,10 +167,10 @@ def command_test(run: Path, path: Path, model_dir: str, max_new_tokens: int) -> 
     template = inference.adapter_template(path)  # also a clear line when it is not an adapter
     models.require_model_dir(model_dir)
     models.quiet_libraries()
-    choice = models.pick_device()
+    choice, load_in_4bit = inference.loading(model_dir, path, models.pick_device())  # the base it was trained on
     tokenizer = models.load_tokenizer(model_dir)
-    titles, prompts = zip(*inference.bundled_prompts(template, tokenizer, TEST_PROBLEMS))
-    model = inference.load_for_inference(model_dir, None, choice, models.use_4bit(choice, no_4bit=False))
+    titles, prompts = zip(*merging.bundled_prompts(template, tokenizer, TEST_PROBLEMS))
+    model = inference.load_model_as(model_dir, None, choice, load_in_4bit)
     base = inference.generate(model, tokenizer, list(prompts), max_new_tokens, template=template)
     tuned = inference.attach_adapter(model, path, model_dir)
     tuned = inference.generate(tuned, tokenizer, list(prompts), max_new_tokens, template=template)
