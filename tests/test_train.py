@@ -177,8 +177,10 @@ def test_help_imports_no_torch():
     assert helped.returncode == 0 and "Needs:" in helped.stdout
 
 
-# bf16 against fp32 compute on the CPU, the demo's own 180 steps (measured: train loss 1.1518 against 1.1533, eval loss
-# 3.4013 against 3.4096, the same 10 of 22 held-out problems solved): within 2 % here.
+# bf16 against fp32 compute on the CPU. Over the demo's own 180 steps: train loss 1.1518 against 1.1533, eval loss
+# 3.4013 against 3.4096, the same 10 of 22 held-out problems solved. Here 8 steps (bf16 is ~3-6x slower per step on
+# the 128-wide demo model, which is why auto keeps it in fp32): train loss 5.538 against 5.526, eval loss 5.447
+# against 5.438 (a quarter held out); within 2 %.
 BF16_LOSS_TOLERANCE = 0.02
 
 
@@ -187,8 +189,8 @@ def test_bf16_compute_on_a_cpu_trains_to_the_loss_of_fp32(demo_model, demo_prepa
     results = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        assert train.main(train_argv(demo_model, demo_prepared, out, "--cpu-dtype", dtype, max_steps=40, save_steps=40,
-                                     batch_size=8, lr="3e-3", logging_steps=10)) == 0
+        assert train.main(train_argv(demo_model, demo_prepared, out, "--cpu-dtype", dtype, max_steps=8, save_steps=8,
+                                     batch_size=8, lr="3e-3", logging_steps=4)) == 0
         settings = json.loads((out / folders.FINAL_ADAPTER / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))
         assert settings["compute_dtype"] == dtype
         results[dtype] = settings["result"]
@@ -197,7 +199,7 @@ def test_bf16_compute_on_a_cpu_trains_to_the_loss_of_fp32(demo_model, demo_prepa
     assert said.count("CPU memory: fast: it fits") == 2  # the demo fits anywhere: fast, said in one line
     for loss in ("last_train_loss", "eval_loss"):
         assert results["bfloat16"][loss] == pytest.approx(results["float32"][loss], rel=BF16_LOSS_TOLERANCE), loss
-    assert results["float32"]["eval_loss"] < 5.0  # both learned: a uniform guess is ln 1024 = 6.9
+    assert results["float32"]["eval_loss"] < 6.0  # both learned: a uniform guess is ln 1024 = 6.9
 
 
 def test_the_cpu_memory_mode_follows_the_estimate_and_the_memory_available():
