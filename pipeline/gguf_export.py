@@ -4,7 +4,8 @@ The file is written by llama.cpp's own converter (convert_hf_to_gguf.py with the
 package in requirements-gguf.txt), installed once into a folder of its own and run there, so no compiler is
 needed and its gguf-py never replaces the `gguf` package transformers reads GGUF files with. Before the file is
 kept it checks itself: its special tokens and chat template are the model's, its tokenizer splits the check
-prompts into the same tokens, and loaded back (transformers reads GGUF) it answers them as the merged model does.
+prompts into the same tokens, and loaded back (transformers reads GGUF) it chooses their answers' tokens as the
+merged model does, but at near-ties (where q8_0 changes some answers). The Modelfile decodes as evaluate.py scores.
 
 Nothing heavy is imported at module level.
 """
@@ -21,6 +22,7 @@ from pipeline import folders, prompts
 from pipeline.cli import EXIT_FAILED, StageError
 
 TYPES = ("f32", "f16", "bf16", "q8_0")  # what the converter writes in pure Python; 4-bit types need llama-quantize
+ROUNDED = ("q8_0",)  # 8 bits a weight: some answers change, at near-ties
 REQUIREMENTS = folders.REPO_ROOT / "requirements-gguf.txt"
 MODELFILE = "Modelfile"
 
@@ -186,19 +188,43 @@ def llama_cpp_answers(gguf_file: Path, prompt_ids: list[list[int]], max_new_toke
 # Ollama
 
 
-def modelfile(gguf_name: str, template: prompts.Template, tokenizer) -> str:
+def modelfile(gguf_name: str, template: prompts.Template, tokenizer, decoding: dict) -> str:
     """An Ollama Modelfile: the GGUF, the prompt the model was trained with around the user's words, the stop
-    strings generate.py uses, greedy decoding."""
+    strings generate.py uses, and `decoding`, the settings evaluate.py scored the model with (see
+    ollama_parameters)."""
     placeholder = "{{ .Prompt }}"
     rendered = template.prompt(placeholder, tokenizer=tokenizer)
-    stops = [stop for stop in template.stops if stop != "\n" + prompts.FENCE]  # Ollama stops at an opening fence too
+    stops = [ollama_stop(stop, template) for stop in template.stops]
     if template.chat:
         stops.append(tokenizer.convert_ids_to_tokens(template.end_id(tokenizer)))
     lines = [f"# ollama create my-coder -f {MODELFILE}   then   ollama run my-coder",
              f"FROM ./{gguf_name}", f'TEMPLATE """{rendered}"""']
     lines += [f'PARAMETER stop """{stop}"""' for stop in stops]
-    lines.append("PARAMETER temperature 0")
+    lines += [f"PARAMETER {name} {value:g}" for name, value in ollama_parameters(decoding)]
     return "\n".join(lines) + "\n"
+
+
+def ollama_stop(stop: str, template: prompts.Template) -> str:
+    """A stop sequence as Ollama can look for it: a plain string. The project's fence stop ends an answer only where
+    the fence closes a code block (Template.closes_block), and Ollama cannot count fences: where the prompt opens the
+    block, its first fence closes it; otherwise a fence alone on its line does, and an opening fence carries its
+    language (```python) and runs on. Left over: a bare fence that opens a block after prose stops Ollama early, and
+    a closing fence right before the end of the answer is shown."""
+    if stop != "\n" + prompts.FENCE or template.opens_fence:
+        return stop
+    return stop + "\n"
+
+
+def ollama_parameters(decoding: dict) -> list[tuple[str, float]]:
+    """evaluate.py's decoding (`temperature`, `repetition_penalty`, `max_new_tokens`) as Ollama parameters. Ollama
+    otherwise samples (temperature 0.8) with repeat_penalty 1.1 over the last 64 tokens, which changes answers
+    even at temperature 0: it penalises the function name the asserts call. At temperature 0 Ollama and llama.cpp
+    take the best token, so top_k and top_p do not matter."""
+    penalty = decoding["repetition_penalty"]
+    parameters = [("temperature", decoding["temperature"]), ("repeat_penalty", penalty)]
+    if penalty != 1:
+        parameters.append(("repeat_last_n", -1))  # transformers penalises every token before, the prompt's too
+    return parameters + [("num_predict", decoding["max_new_tokens"])]
 
 
 def render_modelfile_template(text: str, user: str) -> str:
@@ -206,3 +232,13 @@ def render_modelfile_template(text: str, user: str) -> str:
     start = text.index('TEMPLATE """') + len('TEMPLATE """')
     template = text[start:text.index('"""', start)]
     return template.replace("{{ .Prompt }}", user)
+
+
+def modelfile_parameters(text: str) -> dict[str, list[str]]:
+    """The PARAMETER lines of a Modelfile, each name with its values in order, quotes taken off (for tests)."""
+    import re
+
+    found: dict[str, list[str]] = {}
+    for name, quoted, plain in re.findall(r'^PARAMETER (\w+) (?:"""(.*?)"""|(\S+))', text, flags=re.S | re.M):
+        found.setdefault(name, []).append(quoted or plain)
+    return found
