@@ -5,11 +5,12 @@ Used by train.py, pipeline/trainer.py (which writes the checkpoints) and tools/c
 Nothing heavy is imported at module level.
 
 A checkpoint is checkpoints/checkpoint-<step>/ holding the adapter (adapter_config.json,
-adapter_model.safetensors), its training_settings.json, the optimiser, scheduler and RNG states and the Trainer's
-state; together they let `train.py --resume` continue exactly where the run stopped. The Trainer writes each one
-into a staging folder (.staging-<step>/) and renames it when complete, so a folder named checkpoint-<step> is
-never half-written; before resuming, train.py validates the newest one here (every file present and readable to
-the end) and falls back to the previous good one.
+adapter_model.safetensors), its training_settings.json, the optimiser, scheduler and RNG states, the Trainer's
+state, and its epoch's data order and what the logs had not reported yet (resume_state.json); together they let
+`train.py --resume` continue exactly where the run stopped. The Trainer writes each one into a staging folder
+(.staging-<step>/) and renames it when complete, so a folder named checkpoint-<step> is never half-written; before
+resuming, train.py validates the newest one here (every file present and readable to the end) and falls back to
+the previous good one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pipeline.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 PREFIX = "checkpoint-"
 STAGING = ".staging-"  # checkpoints/.staging-<step>/checkpoint-<step>/ while being written
 TRAINER_STATE = "trainer_state.json"  # the Trainer's own record in each checkpoint: step, log history
+RESUME_STATE = "resume_state.json"  # its epoch's data order, what its logs had not reported (pipeline/trainer.py)
 REQUIRED_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, "optimizer.pt", "scheduler.pt"]
 # Flags a resumed run must share with the run it continues: a checkpoint trained with another rank, batch, rate
 # or precision is another run. How long to train, how often to log and save may change.
@@ -118,8 +120,9 @@ def checkpoint_problem(path: Path) -> str | None:
         if not (path / name).is_file():
             return f"{name} is missing"
     states = [path / "optimizer.pt", path / "scheduler.pt", *path.glob("rng_state*.pth")]
+    records = [path / TRAINER_STATE, path / ADAPTER_CONFIG, *path.glob(RESUME_STATE)]  # older checkpoints have none
     checks = [(path / ADAPTER_WEIGHTS, read_every_tensor), *((state, zip_problem) for state in states),
-              (path / TRAINER_STATE, read_json_file), (path / ADAPTER_CONFIG, read_json_file)]
+              *((record, read_json_file) for record in records)]
     for file, check in checks:
         try:
             problem = check(file)

@@ -13,6 +13,10 @@ What it does beyond the stock Trainer, all in this file:
   * a loss or gradient that is not a finite number stops training at once, before the step is logged, evaluated or
     saved (describe_nonfinite() says where and what to lower); the last step is always logged;
   * final_eval_loss(): the held-out loss at the last step, measured again only when that step did not evaluate;
+  * a resumed run logs the losses, weights and mean train loss of the uninterrupted one, bit for bit on the same
+    machine: each checkpoint also carries (resume_state.json) the random state the order of its epoch was drawn
+    from, so the rest of that epoch gets the same batches (ResumableLengthGroupedSampler), and what its logs had not
+    reported yet (the loss of the steps since the last log, the run's loss total, tokens and time);
   * with a scorer (train.py --score-checkpoints) every evaluation also runs the held-out problems' tests: the
     pass@1 is logged beside the eval loss (eval_pass@1), and rotation keeps the best-scoring checkpoint too.
 
@@ -21,6 +25,8 @@ Used by train.py, which imports it once training starts (this module imports tor
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import os
 import shutil
@@ -33,6 +39,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import rotate_checkpoints
 
 from pipeline import folders, monitoring, platforms, run_folder
@@ -49,6 +56,10 @@ class PipelineTrainer(Trainer):
         self._score: dict | None = None  # the scorer's figures, waiting for the evaluation's log
         self._trained_tokens = 0  # labelled tokens trained on, over every process (see training_step)
         self._monitor_start = time.time()  # reset when training starts
+        self._trained_at_start = 0  # the count when this session started training (a resumed run's is not 0)
+        self._elapsed_before = 0.0  # seconds trained before the checkpoint this run resumed from
+        self._carried: dict | None = None  # the resume_state.json of the checkpoint resumed from (carried_over)
+        self._train_sampler = None  # the training batches' sampler, told each epoch (see _run_epoch)
         self._loss_finite = True  # every micro-batch loss of the current step is a number
         self.nonfinite: dict | None = None  # where training stopped on a loss or gradient that is not a number
         tensorboard = TensorBoardCallback()
@@ -61,11 +72,22 @@ class PipelineTrainer(Trainer):
 
     # ---- monitoring: extra figures in every log -----------------------------------------------------------
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._monitor_start = time.time()
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is not None:
+            self._carried = carried_over(Path(resume_from_checkpoint))
+            self._trained_tokens, self._elapsed_before = self._carried["trained_tokens"], self._carried["elapsed_s"]
+        self._trained_at_start = self._trained_tokens
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # The Trainer's mean covers this call's steps only: a resumed run's is the whole run's, as if uninterrupted.
+        mean = self._total_loss_scalar / max(self.state.global_step, 1)
+        output.metrics["train_loss"] = mean
+        return output._replace(training_loss=mean)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._carried is not None:  # the first micro-batch after a resume, the Trainer's loss sums just reset
+            self._restore_unlogged(self._carried)
+            self._carried = None
         # Trained tokens: the positions the loss is computed on (a label after the first position, not -100),
         # summed over every process, as the Trainer sums num_input_tokens_seen.
         labelled = trained_positions(inputs["labels"]).reshape(1).to(self.args.device)
@@ -74,6 +96,34 @@ class PipelineTrainer(Trainer):
         # The Trainer reads this loss on the host every micro-batch anyway (its NaN filter), so no extra wait.
         self._loss_finite = self._loss_finite and bool(torch.isfinite(loss).all())
         return loss
+
+    def _restore_unlogged(self, carried: dict) -> None:
+        """Where the logs of the checkpoint resumed from stood: the loss summed since the last log (this process's),
+        that log's step and the run's loss total, so that the next log averages over the steps it would have."""
+        unlogged = carried["unlogged_loss"]
+        own = (unlogged[self.args.process_index] if len(unlogged) == self.args.world_size
+               else sum(unlogged) / len(unlogged))  # another number of processes: their mean
+        self._tr_loss = torch.tensor(own, dtype=self._tr_loss.dtype, device=self._tr_loss.device)
+        self._globalstep_last_logged = carried["last_logged_step"]
+        self._total_loss_scalar = carried["total_loss"]
+
+    # ---- the data order of the epoch a checkpoint was taken in ----------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            order = (self._carried or {}).get("data_order")  # resuming: the order of the checkpoint's epoch
+            replay = decode_order(order, self.args.process_index, self.args.world_size) if order else None
+            sampler = ResumableLengthGroupedSampler(sampler.lengths, sampler.batch_size, sampler.generator, replay)
+        self._train_sampler = sampler
+        return sampler
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # accelerate passes the epoch on to the sampler, but not through the wrappers of a resumed multi-process run
+        # (batches skipped, then sharded): told here, always.
+        if isinstance(self._train_sampler, ResumableLengthGroupedSampler):
+            self._train_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         # Called after every optimiser step: a step whose loss or gradient is not a number has already made the
@@ -104,12 +154,9 @@ class PipelineTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         now = time.time()
-        if not hasattr(self, "_elapsed_before"):  # first log of this session
-            # After a resume the history up to the checkpoint is restored: the clock and the count continue from it.
-            self._elapsed_before = max((e.get("elapsed_s", 0.0) for e in self.state.log_history), default=0.0)
-            trained_before = max((e.get("trained_tokens", 0) for e in self.state.log_history), default=0)
-            self._trained_tokens += trained_before
-            self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0), trained_before)
+        if not hasattr(self, "_last_log"):  # first log of this session: rates count from the start (or the resume)
+            self._last_log = (self._monitor_start, getattr(self, "_initial_num_input_tokens_seen", 0),
+                              self._trained_at_start)
         if "loss" in logs:
             last_time, last_tokens, last_trained = self._last_log
             tokens, trained = self.state.num_input_tokens_seen, self._trained_tokens
@@ -164,9 +211,18 @@ class PipelineTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir, self.args.save_total_limit = str(self.run_dir), limit
+        # What a resumed run needs beyond the Trainer's files, from every process, in order.
+        unlogged = self.accelerator.gather(self._tr_loss.detach().reshape(1)).tolist()
+        drawn = getattr(self._train_sampler, "drawn", None)
+        states = self.accelerator.gather(drawn["state"].unsqueeze(0)) if drawn else None
         if self.args.should_save:
             # The adapter knows its template and base model wherever it is taken from, as in final/.
             folders.write_json(staging / final.name / folders.TRAINING_SETTINGS, self.settings)
+            folders.write_json(staging / final.name / run_folder.RESUME_STATE, {
+                "data_order": encode_order(drawn["epoch"], states) if drawn else None,
+                "last_logged_step": self._globalstep_last_logged, "unlogged_loss": unlogged,
+                "total_loss": self._total_loss_scalar, "trained_tokens": self._trained_tokens,
+                "elapsed_s": round(time.time() - self._monitor_start + self._elapsed_before, 1)})
         self.accelerator.wait_for_everyone()  # all of it written before the rename
         if self.args.should_save:
             if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
@@ -176,6 +232,62 @@ class PipelineTrainer(Trainer):
             best = self.best_scored()
             rotate_checkpoints(output_dir=str(self.run_dir), save_total_limit=limit, use_mtime=False,
                                best_model_checkpoint=str(best) if best else None)
+
+
+class ResumableLengthGroupedSampler(LengthGroupedSampler):
+    """The Trainer's length-grouped sampler (examples of similar length batched together, the batches shuffled),
+    remembering the random state each epoch's order was drawn from, and drawing from a remembered one again.
+
+    The stock sampler draws an epoch's order from the global random state (each process its own) as the epoch
+    starts. A checkpoint holds the state of its own step, so a run resumed mid-epoch drew another order and trained
+    the rest of that epoch on other batches (and its losses differed from there on). Here the checkpoint also carries
+    each process's state at its epoch's start (`drawn`), and the resumed run draws that epoch from it (`replay`):
+    the same batches. An uninterrupted run draws as before."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator=None, replay: dict | None = None):
+        super().__init__(batch_size, lengths=lengths, generator=generator)
+        self.epoch = 0  # set by the Trainer before each epoch
+        self.replay = replay  # {"epoch": e, "state": ...}: the order to draw again when epoch e starts
+        self.drawn: dict | None = None  # the epoch and random state of the last order drawn
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = self.generator if self.generator is not None else torch.default_generator
+        replay, self.replay = self.replay, None
+        if replay is not None and replay["epoch"] == self.epoch:  # resumed mid-epoch: that epoch's order again
+            generator.set_state(replay["state"])  # (the Trainer restores the checkpoint's RNG state after it)
+        self.drawn = {"epoch": self.epoch, "state": generator.get_state()}
+        return super().__iter__()
+
+
+def encode_order(epoch: int, states: torch.Tensor) -> dict:
+    """The random states an epoch's order was drawn from, one row per process, as JSON (base64)."""
+    return {"epoch": epoch, "states": [base64.b64encode(row.numpy().tobytes()).decode("ascii") for row in states]}
+
+
+def decode_order(order: dict, process: int, processes: int) -> dict | None:
+    """This process's state of an encode_order(); None when the run had another number of processes (other shards)."""
+    if len(order["states"]) != processes:
+        return None
+    state = torch.frombuffer(bytearray(base64.b64decode(order["states"][process])), dtype=torch.uint8)
+    return {"epoch": order["epoch"], "state": state}
+
+
+def carried_over(checkpoint: Path) -> dict:
+    """The checkpoint's resume_state.json (written by PipelineTrainer._save_checkpoint): its epoch's data order and
+    what its logs had not reported yet. A checkpoint written before there was one: what its log history tells (the
+    losses since its last log are lost, and the rest of its epoch is drawn in another order)."""
+    if (checkpoint / run_folder.RESUME_STATE).is_file():
+        return folders.read_json(checkpoint / run_folder.RESUME_STATE)
+    state = json.loads((checkpoint / run_folder.TRAINER_STATE).read_text(encoding="utf-8"))
+    history, logged, total = state["log_history"], 0, 0.0
+    for entry in (entry for entry in history if "loss" in entry):  # each log's loss is its steps' mean
+        total, logged = total + entry["loss"] * (entry["step"] - logged), entry["step"]
+    return {"data_order": None, "last_logged_step": state["global_step"], "unlogged_loss": [0.0], "total_loss": total,
+            "trained_tokens": max((entry.get("trained_tokens", 0) for entry in history), default=0),
+            "elapsed_s": max((entry.get("elapsed_s", 0.0) for entry in history), default=0.0)}
 
 
 class GracefulStop(TrainerCallback):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pipeline import data, folders, models, prompts
+from pipeline import data, folders, models, prompts, run_folder
 
 import train
 from conftest import one_error_line, train_argv
@@ -44,7 +44,7 @@ def test_smoke_run_writes_checkpoints_and_the_final_adapter(trained_smoke, demo_
                                                  folders.OWNER}
     assert {p.name for p in (trained_smoke / "checkpoint-4").iterdir()} == {
         folders.ADAPTER_CONFIG, folders.ADAPTER_WEIGHTS, "README.md", folders.TRAINING_SETTINGS, "optimizer.pt",
-        "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+        "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin", run_folder.RESUME_STATE}
     settings = json.loads((final / folders.TRAINING_SETTINGS).read_text(encoding="utf-8"))
     assert settings["template"] == prompts.DEFAULT.name and settings["load_in_4bit"] is True
     assert settings["base_model_id"] == "demo/tiny-qwen2" and settings["result"]["global_step"] == 4
