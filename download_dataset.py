@@ -95,6 +95,11 @@ def check(args) -> dict | None:
     return identity
 
 
+def next_preparing(args, out) -> str:
+    """prepare_data.py on what this stage wrote (with the demo's settings for the demo's problems)."""
+    return cli.command("prepare_data.py", ("--data", out, folders.DATA_DIR)) + (" --demo" if args.demo else "")
+
+
 def source_path(args) -> Path:
     """--dataset as a path (the bundled problems with --demo): a local file, or a Hub name if no such file."""
     return folders.DEMO_PROBLEMS if args.demo else Path(args.dataset)
@@ -120,7 +125,7 @@ def run(args, identity: dict) -> int:
         folders.write_json(tmp / folders.DOWNLOAD_INFO, identity)
     print(describe(dataset))
     print(f"✓ saved in {out}/")
-    print("next: " + cli.command("prepare_data.py", ("--data", out, folders.DATA_DIR)))
+    print("next: " + next_preparing(args, out))
     return 0
 
 

@@ -43,7 +43,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import benchmarks, cli, data, folders, inference, models, prompts, protocols, run_folder, sandbox, scoring
+from pipeline import (
+    benchmarks,
+    cli,
+    data,
+    folders,
+    inference,
+    models,
+    prompts,
+    protocols,
+    run_folder,
+    sandbox,
+    scoring,
+    stats,
+)
 from pipeline.cli import StageError
 
 TABLE_NAME = "comparison.md"
@@ -52,6 +65,7 @@ CHECKPOINTS_PLOT = "checkpoint_scores.png"
 LOSS_PLOT_NAME = "eval_loss.png"
 SAMPLES_SHOWN = 5  # answers generated per model for data without tests (fewer with --limit)
 MATRIX_SHOWN = 20  # rows of the which-model-solved-which table printed (comparison.md has them all)
+DEMO = {"--max-new-tokens": "128"}  # --demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=folders.RESULTS_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the earlier evaluation in --out (kept otherwise)")
+    parser.add_demo_preset(DEMO, "the demo model's right answers are a few lines; 128 tokens bound the ones that "
+                                 "ramble")
     return parser
 
 
@@ -192,7 +208,9 @@ def run(args) -> int:
         num_samples, scored = score_candidates(args, source, candidates, box)
     summaries = {label: summary for label, (summary, _) in scored.items()}
     all_rows = {label: rows for label, (_, rows) in scored.items()}
-    reference = args.against or next(iter(summaries))
+    steps = {c.label: c.step for c in candidates if c.step is not None}
+    # --checkpoints: each checkpoint against the best one (how sure the pick is), not against the first
+    reference = args.against or (ranked_checkpoints(steps, summaries)[0] if steps else next(iter(summaries)))
     comparisons = scoring.compare_models(source.problems, summaries, reference, solved_or_not=num_samples == 1)
     settings = {key: getattr(args, key) for key in ("split", "limit", "benchmark", "protocol", "temperature",
                                                     "max_new_tokens", "timeout", "memory_mb")}
@@ -203,7 +221,10 @@ def run(args) -> int:
     summary = {"settings": settings, "models": summaries, "reference": reference, "comparisons": comparisons}
     if len(summaries) == 2:  # the usual question: what did the fine-tune gain and lose
         summary["changes"] = next(iter(comparisons.values()))["changes"]
-    steps = {c.label: c.step for c in candidates if c.step is not None}
+    p_values = {label: comparison["p_value"] for label, comparison in comparisons.items()
+                if comparison.get("p_value") is not None}
+    if len(p_values) > 1:
+        summary["holm_p_values"] = stats.holm(p_values)
     if steps:
         summary["checkpoints"] = best_checkpoint(steps, summaries, comparisons, source.problems)
     report(args, source, summary, all_rows, steps)
@@ -294,8 +315,12 @@ def candidates_of(args) -> list[Candidate]:
         adapters = run_adapters(Path(args.checkpoints))
     elif args.adapter:
         adapters = [Path(adapter) for adapter in args.adapter]
-    elif args.merged or args.base_only:
+    elif args.base_only:
         adapters = []
+    elif args.merged:  # beside the export, the adapter it was made from, as the default adapter when there is one
+        default = Path(folders.CHECKPOINTS_DIR) / folders.FINAL_ADAPTER
+        adapters = [default] if (default / folders.ADAPTER_CONFIG).is_file() and not inference.export_settings(
+            args.model) else []
     else:
         default = inference.resolve_adapter(None, False, args.model)
         adapters = [default] if default else []
@@ -510,17 +535,23 @@ def trained_settings(adapter: Path | None, model_dir: str) -> tuple[dict, str]:
 # The report: the table, the verdicts, which model solved which, the chart.
 
 
+def ranked_checkpoints(steps: dict[str, int], summaries: dict) -> list[str]:
+    """The checkpoints by pass@1, best first; the later among equals (trained longer, and nothing more to keep)."""
+    return sorted(steps, key=lambda label: (summaries[label]["pass@1"], steps[label]), reverse=True)
+
+
 def best_checkpoint(steps: dict[str, int], summaries: dict, comparisons: dict, problems: list[dict]) -> dict:
-    """The checkpoint with the highest pass@1 (the later among equals: trained longer, and nothing more to keep),
-    and how sure that is: it against the last, with the interval and p-value of their difference."""
-    best = max(steps, key=lambda label: (summaries[label]["pass@1"], steps[label]))
-    last = max(steps, key=lambda label: steps[label])
+    """The checkpoint with the highest pass@1 and how sure that is: it against the runner-up (the next best), with
+    the interval and p-value of their difference."""
+    ranked = ranked_checkpoints(steps, summaries)
+    best = ranked[0]
     found = {"steps": steps, "best": best, "best_step": steps[best]}
-    if best != last:
-        solved_or_not = summaries[last]["candidates"] == summaries[last]["problems"]
-        versus = scoring.compare_models(problems, {last: summaries[last], best: summaries[best]}, last,
-                                        solved_or_not)[best]
-        found["best_against_last"] = versus
+    if len(ranked) > 1:
+        runner_up = ranked[1]
+        solved_or_not = summaries[runner_up]["candidates"] == summaries[runner_up]["problems"]
+        found["runner_up"] = runner_up
+        found["best_against_runner_up"] = scoring.compare_models(
+            problems, {runner_up: summaries[runner_up], best: summaries[best]}, runner_up, solved_or_not)[best]
     return found
 
 
@@ -542,9 +573,16 @@ def report(args, source: Source, summary: dict, all_rows: dict[str, list[dict]],
             line += ": the only one kept"
         elif len(scores) == 1:
             line += f": all {len(found['steps'])} score alike on these problems; the choice makes no difference here"
-        elif "best_against_last" in found:
-            line += f"; against the last: {found['best_against_last']['verdict'].split(': ', 1)[1]}"
+        else:
+            runner_up = found["runner_up"]
+            line += (f"; against the runner-up, {runner_up} (step {found['steps'][runner_up]}, "
+                     f"{100 * models_[runner_up]['pass@1']:.1f}%): "
+                     f"{found['best_against_runner_up']['verdict'].split(': ', 1)[1]}")
         lines.append(line)
+    if "holm_p_values" in summary:
+        adjusted = summary["holm_p_values"]
+        lines.append(f"{len(adjusted)} models compared with {summary['reference']}, p adjusted for that (Holm): "
+                     + ", ".join(f"{label} p = {p:.2g}" for label, p in adjusted.items()))
     table = "\n".join(lines) + "\n"
     differing = scoring.matrix(source.problems, models_, only_differing=True, limit=MATRIX_SHOWN)
     full = scoring.matrix(source.problems, models_, only_differing=False)

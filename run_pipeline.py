@@ -29,19 +29,6 @@ from pipeline.cli import StageError
 # export before evaluate: the export is scored beside the adapter, so the table shows the shipped model's score.
 STAGES = ["download_model", "download_dataset", "prepare_data", "train", "verify_model", "export", "evaluate"]
 FOLDER_FLAGS = {"--model", "--data", "--out", "--adapter"}
-# The demo model is tiny and the demo data has 78 training problems: a larger learning rate and more epochs
-# than the real run's let it visibly learn in under a minute on a CPU. No LoRA dropout (peft's and Unsloth's
-# default): on a CPU its random masks take a fifth of every step. Flags given by the user win.
-DEMO_DEFAULTS = {
-    # A quarter held out: 22 problems, 10 of them string-family members (seed 42), enough for a real lift to
-    # show as one (an exact McNemar test needs 6 problems gained and none lost to reach p < 0.05; the 9 problems of
-    # the default tenth, 4 of them members, could never show it).
-    "prepare_data": {"--eval-fraction": ["0.25"]},
-    "train": {"--epochs": ["20"], "--batch-size": ["8"], "--grad-accum": ["1"], "--lr": ["3e-3"],
-              "--lora-dropout": ["0"], "--save-steps": ["40"]},
-    # Its right answers are a few lines; 128 tokens bound the ones that ramble.
-    "evaluate": {"--max-new-tokens": ["128"]},
-}
 
 # A held-out member of the demo's string family (with the default seed), asked the way the demo trained: the demo
 # model learned that pattern, not Python, so other tasks or other test words get fragments of training solutions.
@@ -143,9 +130,7 @@ def stage_flags(parser: argparse.ArgumentParser) -> set[str]:
 
 def stage_argv(stage: str, flags: set[str], groups: dict[str, list[str]], demo: bool) -> list[str]:
     chosen = dict(groups)
-    if demo:
-        chosen = {**DEMO_DEFAULTS.get(stage, {}), **chosen}
-    if demo and "--demo" in flags:
+    if demo and "--demo" in flags:  # the stage's own demo settings (its --help lists them); the user's flags win
         chosen["--demo"] = []
     if stage in ("verify_model", "evaluate"):
         chosen["--adapter"] = [f"{folders.CHECKPOINTS_DIR}/{folders.FINAL_ADAPTER}"]

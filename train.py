@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import shutil
@@ -43,6 +44,19 @@ from pathlib import Path
 
 from pipeline import cli, data, folders, memory, models, monitoring, platforms, prompts, run_folder
 from pipeline.cli import StageError
+
+# --demo: the demo model is tiny and the demo data has 65 training problems. A larger learning rate and more epochs
+# than the real run's let it visibly learn in under a minute on a CPU; no LoRA dropout (peft's and Unsloth's
+# default): on a CPU its random masks take a fifth of every step.
+# The Trainer's optimisers (transformers' OptimizerNames) that run on this project's packages, torch and
+# bitsandbytes; the others need one more (torchao, galore-torch, lomo-optim, schedulefree, ...). Checked as the flag
+# is parsed, in a line, without importing torch: run_pipeline.py refuses a wrong name before its first stage.
+OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit",
+              "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit",
+              "paged_lion_32bit", "ademamix", "ademamix_8bit", "paged_ademamix_8bit", "paged_ademamix_32bit",
+              "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"]
+DEMO = {"--epochs": "20", "--batch-size": "8", "--grad-accum": "1", "--lr": "3e-3", "--lora-dropout": "0",
+        "--save-steps": "40"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--warmup-ratio", type=cli.fraction(), default=0.05,
                         help="share of steps for linear warm-up, in [0, 1) (default: %(default)s)")
-    parser.add_argument("--optim", default=None, help="Trainer optimiser name (default: paged_adamw_8bit on CUDA "
-                                                      "with 4-bit, adamw_8bit on CPU, else adamw_torch)")
+    parser.add_argument("--optim", type=optimizer, default=None, metavar="NAME",
+                        help="the Trainer's optimiser: " + ", ".join(OPTIMIZERS) + " (default: paged_adamw_8bit on "
+                             "CUDA with 4-bit, adamw_8bit on CPU, else adamw_torch)")
     parser.add_argument("--seed", type=cli.SEED, default=42,
                         help="seed for LoRA initialisation and data order (default: %(default)s)")
     # LoRA
@@ -112,7 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resume even though key settings (model, data, LoRA) differ from the checkpoint's")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the checkpoints of an earlier run in --out and start over")
+    parser.add_demo_preset(DEMO, "a tiny random model learning 65 problems in half a minute on a CPU")
     return parser
+
+
+def optimizer(name: str) -> str:
+    """--optim's type: one of OPTIMIZERS, else one line with the nearest names."""
+    if name in OPTIMIZERS:
+        return name
+    near = difflib.get_close_matches(name, OPTIMIZERS, n=3, cutoff=0.5) or ["adamw_torch", "adamw_8bit",
+                                                                             "paged_adamw_8bit"]
+    raise argparse.ArgumentTypeError(f"{name!r} is not an optimiser train.py runs; for example {', '.join(near)}")
 
 
 @cli.report_errors
@@ -158,9 +183,6 @@ def check(args) -> tuple[dict, bool, Path | None]:
     """Every problem with the flags and folders at once, before anything heavy is loaded. Returns the prepared
     data's stats.json, whether --out already holds this very run, finished, and the checkpoint to resume from."""
     problems, stats, checkpoint = [], {}, None
-    if args.optim and args.optim not in known_optimizers():
-        problems.append(f"--optim {args.optim} is not an optimiser the Trainer knows; for example adamw_torch, "
-                        f"adamw_8bit, paged_adamw_8bit (all: {', '.join(known_optimizers())})")
     if args.resume and args.overwrite:
         problems.append("--resume and --overwrite contradict each other: choose one")
     model_problem = models.model_folder_problem(args.model)
@@ -175,18 +197,12 @@ def check(args) -> tuple[dict, bool, Path | None]:
         problems += data_problems(args, stats)
     out = Path(args.out)
     finished = run_folder.finished_before(out, vars(args), stats)
-    problems += run_folder_problems(args, out, finished)
+    problems += run_folder_problems(args, out, finished, stats)
     if args.resume and stats and not model_problem and not problems:
         checkpoint, problem = run_folder.resume_from(args, stats, out, lora_alpha(args))
         problems += [problem] if problem else []
     cli.fail_on_problems(problems)
     return stats, finished and not args.overwrite, checkpoint
-
-
-def known_optimizers() -> list[str]:
-    from transformers.training_args import OptimizerNames
-
-    return sorted(name.value for name in OptimizerNames)
 
 
 def data_problems(args, stats: dict) -> list[str]:
@@ -213,15 +229,22 @@ def data_problems(args, stats: dict) -> list[str]:
     return problems
 
 
-def run_folder_problems(args, out: Path, finished: bool) -> list[str]:
-    """--out must be train.py's folder (or new), and an earlier run in it is continued or replaced only on request."""
+def run_folder_problems(args, out: Path, finished: bool, stats: dict) -> list[str]:
+    """--out must be train.py's folder (or new), and an earlier run in it is continued or replaced only on request;
+    --resume is offered only where these settings and data could continue it."""
     if folders.out_problem(out, "train"):
         return [folders.out_problem(out, "train")]
     earlier = out.is_dir() and (run_folder.find_checkpoints(out) or (out / folders.FINAL_ADAPTER).exists())
-    if not args.resume and not args.overwrite and earlier and not finished:
-        return [f"{out}/ holds an earlier run: pass --resume to continue it, --overwrite to start over, or --out for "
-                f"a new folder"]
-    return []
+    if args.resume or args.overwrite or not earlier or finished:
+        return []
+    recorded = out / folders.RUN_SETTINGS
+    differing = run_folder.changed_settings(folders.read_json(recorded), args, stats, lora_alpha(args)) if (
+        recorded.is_file() and stats) else []
+    if differing:
+        return [f"{out}/ holds a run trained with other settings or data ({'; '.join(differing)}): pass --overwrite "
+                f"to replace it with this one, or --out for a new folder"]
+    return [f"{out}/ holds an earlier run: pass --resume to continue it, --overwrite to start over, or --out for "
+            f"a new folder"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,7 +292,7 @@ def run(args, stats: dict, checkpoint: Path | None, ranks: Ranks, argv) -> int:
         save(model, inputs.tokenizer, settings, result, out, say)
         if scorer is not None:
             say(describe_scores(trainer, out))
-        say("next: " + cli.command("verify_model.py", ("--model", args.model, None),
+        say("next: " + cli.command("verify_model.py", ("--model", args.model, folders.MODEL_DIR),
                                    ("--adapter", out / folders.FINAL_ADAPTER, None)))
     return 0
 

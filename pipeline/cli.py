@@ -51,6 +51,22 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
+    def add_demo_preset(self, preset: dict[str, str], why: str) -> None:
+        """--demo: the offline demo's settings for this stage, {flag: value as typed}; a flag the user gives wins.
+        The demo's settings live in the stage they are for, so that the stages run one by one reproduce
+        run_pipeline.py --demo."""
+        destinations = {option: action.dest for action in self._actions for option in action.option_strings}
+        self._demo = {destinations[flag]: value for flag, value in preset.items()}  # a KeyError: no such flag
+        shown = " ".join(f"{flag} {value}" for flag, value in preset.items())
+        self.add_argument("--demo", action="store_true", help=f"the offline demo's settings: {shown} ({why}; a flag "
+                                                              f"you give wins)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        if getattr(self, "_demo", None) and "--demo" in args:
+            self.set_defaults(**self._demo)  # strings, typed by each flag's type= as a typed flag would be
+        return super().parse_known_args(args, namespace)
+
 
 def command(script: str, *flags: tuple[str, object, object]) -> str:
     """`python SCRIPT` and each (flag, value, default) whose value is not the default: a "next:" line that reads

@@ -224,5 +224,6 @@ def finished_before(out: Path, arguments: dict, stats: dict) -> bool:
     if not saved.is_file():
         return False
     previous = folders.read_json(saved)
-    return (previous.get("arguments") == arguments and previous.get("prepared_stats") == stats
+    settings = lambda flags: {k: v for k, v in flags.items() if k != "demo"}  # noqa: E731 (--demo only sets others)
+    return (settings(previous.get("arguments", {})) == settings(arguments) and previous.get("prepared_stats") == stats
             and previous.get("base_model_source") == folders.download_info(arguments["model"]))

@@ -22,6 +22,18 @@ SIGNIFICANT = 0.05
 FEW_PROBLEMS = 30  # below this many, a difference is reported as "too few problems to tell" unless significant
 
 
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of several p-values against one reference: with k comparisons, one p < 0.05 by
+    chance alone is up to k times as likely; an adjusted p below 0.05 keeps the chance of any false "better" at
+    5 % for the whole family (Holm 1979)."""
+    ordered = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, label in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * p_values[label]))
+        adjusted[label] = running
+    return {label: adjusted[label] for label in p_values}
+
+
 def compare(reference: list[float], other: list[float], seed: int = SEED, solved_or_not: bool | None = None) -> dict:
     """`other` against `reference`, given each one's score per problem (1/0 for solved, or a pass@k estimate),
     problem for problem in the same order: the difference in points, its 95 % interval, the problems on which

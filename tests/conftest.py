@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import io
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +28,14 @@ from pipeline import folders  # noqa: E402
 import download_dataset  # noqa: E402
 import download_model  # noqa: E402
 import prepare_data  # noqa: E402
-import run_pipeline  # noqa: E402
 import train  # noqa: E402
 
 # Fixtures that train or convert a model for half a minute or more. A test that uses one is slow (`-m "not slow"`
 # leaves it out), whatever its file says. Each test process (pytest.ini: -n 2) builds its own fixtures: the tests
 # that share the demo's fine-tune run in one of them, which builds it once, and so do the tests of a file that share
 # a fixture of that file (two torchrun launches at once would also want the same port).
-SLOW_FIXTURES = {"demo_trained", "exported", "smollm2", "runs"}
-FINE_TUNE_FIXTURES = {"demo_trained", "exported"}
+SLOW_FIXTURES = {"readme_demo", "demo_trained", "exported", "smollm2", "runs"}
+FINE_TUNE_FIXTURES = {"readme_demo", "demo_trained", "exported"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -168,23 +171,61 @@ def family_rows(prepared: Path, split: str) -> list[dict]:
     return [row for row in load_from_disk(str(prepared))[split] if int(row["task_id"]) >= FIRST_FAMILY_ID]
 
 
-def demo_flags(stage: str) -> list[str]:
-    """run_pipeline.py --demo's own flags for a stage."""
-    return [token for flag, values in run_pipeline.DEMO_DEFAULTS[stage].items() for token in (flag, *values)]
+# ---- the README's commands, followed as printed ------------------------------------------------------------
+
+README = ROOT / "README.md"
+DEMO_ROUTE = "### The demo, stage by stage"
+
+
+def readme_blocks(heading: str | None = None) -> list[tuple[str, str]]:
+    """The README's code blocks as (language, text), in order; with `heading`, only the first block below it."""
+    text = README.read_text(encoding="utf-8")
+    if heading is not None:
+        text = text[re.search(f"^{re.escape(heading)}.*$", text, flags=re.M).start():]  # the heading's line
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+    return blocks[:1] if heading is not None else blocks
+
+
+def readme_commands(heading: str) -> list[list[str]]:
+    """Each command line of the first block below a README heading, split as a shell splits it, comments dropped."""
+    (_, block), = readme_blocks(heading)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def follow(argv: list[str]) -> tuple[int, str]:
+    """A README line `python SCRIPT.py ...` run as that stage's main(argv), in this process (as run_pipeline.py
+    runs the stages); its exit code and what it printed."""
+    assert argv[0] == "python" and argv[1].endswith(".py") and "/" not in argv[1], argv
+    module = importlib.import_module(argv[1][:-len(".py")])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = module.main(argv[2:])
+    return code, printed.getvalue()
 
 
 @pytest.fixture(scope="session")
-def demo_trained(tmp_path_factory, demo_model, demo_data) -> dict:
-    """The demo's fine-tune: the demo data prepared and trained with run_pipeline.py --demo's settings (a quarter
-    held out; 4-bit QLoRA, 180 steps, 20 epochs of 9 steps), one log line per epoch."""
-    prepared = tmp_path_factory.mktemp("demo-run") / "prepared_data"
-    # Without the test check (tests/test_prepare_data.py runs it; every demo problem passes it): the same split.
-    assert prepare_data.main(["--data", str(demo_data), "--model", str(demo_model), "--out", str(prepared),
-                              *demo_flags("prepare_data"), "--check-tests", "off"]) == 0
-    out = prepared.parent / "checkpoints"
-    assert train.main(["--model", str(demo_model), "--data", str(prepared), "--out", str(out), *demo_flags("train"),
-                       "--save-steps", "1000", "--logging-steps", "9"]) == 0
-    return {"model": demo_model, "prepared": prepared, "adapter": out / folders.FINAL_ADAPTER}
+def readme_demo(tmp_path_factory) -> dict:
+    """The README's demo route (DEMO_ROUTE) followed as printed in a fresh folder, up to the run_pipeline.py line
+    (tests/test_readme.py runs that one): the folder, and each command's exit code and output, in order."""
+    folder = tmp_path_factory.mktemp("readme-demo")
+    followed = []
+    with contextlib.chdir(folder):
+        for argv in readme_commands(DEMO_ROUTE):
+            if argv[1] == "run_pipeline.py":
+                break
+            code, printed = follow(argv)
+            assert code == 0, (argv, printed[-3000:])
+            followed.append((argv, printed))
+    return {"folder": folder, "followed": followed}
+
+
+@pytest.fixture(scope="session")
+def demo_trained(readme_demo) -> dict:
+    """The demo's fine-tune, as the README's demo route makes it (prepare_data.py --demo: a quarter held out;
+    train.py --demo: 4-bit QLoRA, 180 steps, 20 epochs of 9 steps)."""
+    folder = readme_demo["folder"]
+    return {"model": folder / folders.MODEL_DIR, "prepared": folder / folders.PREPARED_DIR,
+            "adapter": folder / folders.CHECKPOINTS_DIR / folders.FINAL_ADAPTER}
 
 
 @pytest.fixture(scope="session")

@@ -93,7 +93,7 @@ def test_dashboard_on_json_of_another_shape(tmp_path):
     other = tmp_path / "metrics.json"
     other.write_text("[1, 2, 3]", encoding="utf-8")
     assert "not a metrics.json written by train.py" in single_error(stage(ROOT / "tools" / "training_dashboard.py",
-                                                                          other))
+                                                                          "--run", other))
 
 
 # ---- model folders -----------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_a_short_run_reports_its_tokens_and_memory(demo_model, demo_prepared, tm
     assert train.main(train_argv(demo_model, demo_prepared, out, max_steps=2, logging_steps=10)) == 0
     totals = folders.read_json(out / "metrics.json")["totals"]
     assert totals["trained_tokens"] > 0 and totals["peak_memory_gib"] > 0 and totals["last_train_loss"] is not None
-    dashboard = stage(ROOT / "tools" / "training_dashboard.py", out)
+    dashboard = stage(ROOT / "tools" / "training_dashboard.py", "--run", out)
     assert dashboard.returncode == 0 and "0 trained of" not in dashboard.stdout
     assert "peak memory: 0.00" not in dashboard.stdout
 
@@ -243,11 +243,19 @@ def test_a_number_out_of_range_is_refused_where_it_is_parsed(script, argv, flag)
     assert flag in error and "--help" in error
 
 
-def test_an_unknown_optimiser_is_refused_before_the_model_loads(demo_model, demo_prepared, tmp_path, monkeypatch,
-                                                                  capsys):
-    monkeypatch.setattr("pipeline.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    assert train.main(train_argv(demo_model, demo_prepared, tmp_path / "run", optim="bogus")) == 2
-    assert "--optim bogus" in one_error_line(capsys.readouterr())
+def test_an_unknown_optimiser_is_refused_as_the_flag_is_parsed(tmp_path):
+    error = single_error(stage(ROOT / "train.py", "--optim", "fast", cwd=tmp_path))
+    assert "--optim: 'fast' is not an optimiser train.py runs" in error and "adamw_torch" in error
+    assert "paged_adamw_8bit" in single_error(stage(ROOT / "train.py", "--optim", "paged_adam_8bit", cwd=tmp_path))
+    # run_pipeline.py finds it before its first stage, not after three
+    error = single_error(stage(ROOT / "run_pipeline.py", "--demo", "--optim", "fast", cwd=tmp_path))
+    assert error.startswith("error: train.py: argument --optim: 'fast'") and list(tmp_path.iterdir()) == []
+
+
+def test_every_optimiser_train_py_offers_is_one_the_trainer_knows():
+    from transformers.training_args import OptimizerNames
+
+    assert set(train.OPTIMIZERS) <= {name.value for name in OptimizerNames}
 
 
 def test_run_pipeline_checks_every_stages_flags_before_the_first_stage(tmp_path):
@@ -386,6 +394,7 @@ def test_every_next_line_reads_what_the_stage_wrote_where_the_user_put_it(demo_m
     assert argv[:2] == ["python", "train.py"]
     args = train.build_parser().parse_args(argv[2:])
     assert (args.model, args.data) == (str(demo_model), str(prepared))
+    assert args.demo and args.epochs == 20  # the demo's problems, and its settings carried on
     out = tmp_path / "my export"
     assert export.main(["--model", str(demo_trained["model"]), "--adapter", str(demo_trained["adapter"]), "--data",
                         str(demo_trained["prepared"]), "--out", str(out), "--dtype", "float32"]) == 0

@@ -117,7 +117,7 @@ def test_the_other_tools_end_normally_on_a_cp1252_or_ascii_console(monkeypatch, 
         (generate.main, ["--model", demo_model, "--adapter", adapter, "--prompt", "Write a function to reverse a "
                          "string → and say ✓", "--max-new-tokens", "16"]),
         (checkpoint_manager.main, ["list", "--run", trained_smoke]),
-        (training_dashboard.main, [trained_smoke]),
+        (training_dashboard.main, ["--run", trained_smoke]),
         (system_check.main, []),
     ]
     out, err = NarrowConsole(), NarrowConsole()

@@ -105,3 +105,9 @@ def test_several_samples_per_problem_are_never_taken_for_solved_or_not():
     assert found["test"] == "Wilcoxon signed-rank"
     assert "by the signed-rank test" in stats.verdict(found, "r8", "base")
     assert stats.mean_interval([1] * 5 + [0] * 5, solved_or_not=False) != stats.mean_interval([1] * 5 + [0] * 5)
+
+
+def test_holm_adjusts_several_p_values_as_the_textbook_does():
+    # Holm (1979): sorted 0.01, 0.03, 0.04 of 3 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
+    assert stats.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert stats.holm({"a": 0.6, "b": 0.5}) == {"a": 1.0, "b": 1.0}  # never above 1

@@ -16,7 +16,7 @@ import training_dashboard  # noqa: E402
 
 
 def test_dashboard_on_a_finished_run(trained_smoke, capsys):
-    assert training_dashboard.main([str(trained_smoke)]) == 0
+    assert training_dashboard.main(["--run", str(trained_smoke)]) == 0
     out = capsys.readouterr().out
     assert "(finished)" in out and "4/4 steps (100%)" in out and "eval loss: best" in out and "trend:" in out
     metrics = json.loads((trained_smoke / "metrics.json").read_text(encoding="utf-8"))["totals"]
@@ -24,7 +24,7 @@ def test_dashboard_on_a_finished_run(trained_smoke, capsys):
 
 
 def test_dashboard_without_metrics_says_what_to_do(tmp_path, capsys):
-    assert training_dashboard.main([str(tmp_path)]) == 2
+    assert training_dashboard.main(["--run", str(tmp_path)]) == 2
     assert "train.py" in capsys.readouterr().err
 
 

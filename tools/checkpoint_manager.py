@@ -124,10 +124,11 @@ def best_by_evaluation(run: Path, results: Path) -> int:
         low, high = scores[label]["intervals"]["pass@1"]
         print(f"{str(where[label]):28s} step {step:>6} pass@1 {100 * scores[label]['pass@1']:5.1f}% [{100 * low:.1f}, "
               f"{100 * high:.1f}]" + ("  <- best" if label == best else ""))
-    against = found.get("best_against_last")
+    against = found.get("best_against_runner_up")
     tied = [str(where[label]) for label in found["steps"]
             if label != best and scores[label]["pass@1"] == scores[best]["pass@1"]]
-    sure = f"; against the last: {against['verdict'].split(': ', 1)[1]}" if against else " (the last one)"
+    sure = (f"; against the runner-up, {where[found['runner_up']]}: {against['verdict'].split(': ', 1)[1]}"
+            if against else " (the only one)")
     sure += f"; tied with {', '.join(tied)}: on these problems the choice makes no difference" if tied else ""
     print(f"best by held-out pass@1: {where[best]} (step {found['best_step']}){sure}")
     return 0

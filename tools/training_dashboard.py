@@ -1,8 +1,8 @@
 """Progress of a training run from its metrics.json: steps, loss trend, best eval loss, speed, ETA.
 
 Run:
-    python tools/training_dashboard.py                       # the run in checkpoints/
-    python tools/training_dashboard.py checkpoints --watch   # refresh every 5 s while it trains
+    python tools/training_dashboard.py                            # the run in checkpoints/
+    python tools/training_dashboard.py --run runs/r8 --watch      # refresh every 5 s while it trains
 
 Reads:  <run>/metrics.json (written by train.py at every log), or a metrics.json path.
 Writes: nothing. Works on a running or a finished run.
@@ -80,8 +80,9 @@ def render(metrics: dict, source: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(__doc__)
-    parser.add_argument("run", nargs="?", default=folders.CHECKPOINTS_DIR,
-                        help="run folder or metrics.json (default: %(default)s)")
+    # --run, as in checkpoint_manager.py: one flag style across the tools
+    parser.add_argument("--run", default=folders.CHECKPOINTS_DIR,
+                        help="the run's folder, or its metrics.json (default: %(default)s)")
     parser.add_argument("--watch", action="store_true", help="refresh until the run finishes (Ctrl-C to quit)")
     parser.add_argument("--interval", type=cli.positive(float), default=5.0,
                         help="seconds between refreshes (default: %(default)s)")
