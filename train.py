@@ -45,9 +45,6 @@ from pathlib import Path
 from pipeline import cli, data, folders, memory, models, monitoring, platforms, prompts, run_folder
 from pipeline.cli import StageError
 
-# --demo: the demo model is tiny and the demo data has 65 training problems. A larger learning rate and more epochs
-# than the real run's let it visibly learn in under a minute on a CPU; no LoRA dropout (peft's and Unsloth's
-# default): on a CPU its random masks take a fifth of every step.
 # The Trainer's optimisers (transformers' OptimizerNames) that run on this project's packages, torch and
 # bitsandbytes; the others need one more (torchao, galore-torch, lomo-optim, schedulefree, ...). Checked as the flag
 # is parsed, in a line, without importing torch: run_pipeline.py refuses a wrong name before its first stage.
@@ -55,6 +52,9 @@ OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad",
               "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit",
               "paged_lion_32bit", "ademamix", "ademamix_8bit", "paged_ademamix_8bit", "paged_ademamix_32bit",
               "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"]
+# --demo: the demo model is tiny and the demo data has 65 training problems. A larger learning rate and more epochs
+# than the real run's let it visibly learn in under a minute on a CPU; no LoRA dropout (peft's and Unsloth's
+# default): on a CPU its random masks take a fifth of every step.
 DEMO = {"--epochs": "20", "--batch-size": "8", "--grad-accum": "1", "--lr": "3e-3", "--lora-dropout": "0",
         "--save-steps": "40"}
 
