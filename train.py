@@ -690,11 +690,35 @@ def fit(trainer, model, checkpoint: Path | None, settings: RunSettings, say) -> 
 
 def stopped(trainer, settings: RunSettings, out: Path, argv, say) -> int:
     """A Ctrl-C, SIGTERM or Ctrl-Break: the Trainer saved a checkpoint; say how to resume, exit as the signal would."""
-    command = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--resume"]
     say(f"stopped by {trainer.stop.signal_name} at step {trainer.state.global_step}/{settings.total_steps}; "
         f"checkpoint saved in {run_folder.find_checkpoints(out)[-1]}/\n"
-        f"resume with: python train.py {platforms.shell_join(command + ['--resume'])}")
+        f"resume with: python train.py {platforms.shell_join(resume_command(argv))}")
     return platforms.exit_code_for(getattr(signal, trainer.stop.signal_name))
+
+
+def resume_command(argv=None) -> list[str]:
+    """The flags of this run that continue it: its own, less --overwrite (which would contradict --resume, and
+    delete the checkpoint just saved) and any --resume [PATH] (the newest checkpoint is the one to continue from),
+    plus --resume. A flag may be abbreviated, as argparse accepts it."""
+    options = [option for action in build_parser()._actions for option in action.option_strings]
+
+    def means(token: str, option: str) -> bool:
+        name = token.split("=", 1)[0]
+        return name == option or (name.startswith("--") and [o for o in options if o.startswith(name)] == [option])
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if means(token, "--overwrite"):
+            continue
+        if means(token, "--resume"):
+            if "=" not in token and index < len(argv) and not argv[index].startswith("-"):
+                index += 1  # its PATH
+            continue
+        kept.append(token)
+    return kept + ["--resume"]
 
 
 def describe_scores(trainer, out: Path) -> str:

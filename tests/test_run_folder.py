@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -65,15 +66,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_logs_what_an_uninterrupted_run_log
 
     out = tmp_path / "checkpoints"
     monkeypatch.setattr(trainer.GracefulStop, "on_step_end", press_ctrl_c_at_step_3)
-    args = run_args(demo_model, demo_prepared, out, *SCHEDULE)
-    assert train.main(args) == 128 + signal.SIGINT
+    # --overwrite, as a user starting over types it: the resume command printed must not carry it (--resume and
+    # --overwrite contradict each other)
+    assert train.main(run_args(demo_model, demo_prepared, out, *SCHEDULE, "--overwrite")) == 128 + signal.SIGINT
     printed = capsys.readouterr()
-    assert "SIGINT received" in printed.err and "--resume" in printed.out
+    assert "SIGINT received" in printed.err
     assert [p.name for p in run_folder.find_checkpoints(out)] == ["checkpoint-3"]
     assert not (out / folders.FINAL_ADAPTER).exists()
 
     monkeypatch.setattr(trainer.GracefulStop, "on_step_end", on_step_end)
-    assert train.main(args + ["--resume"]) == 0
+    (resume,) = [line for line in printed.out.splitlines() if line.startswith("resume with: python train.py ")]
+    assert train.main(shlex.split(resume)[4:]) == 0, capsys.readouterr().err  # the command, as printed
     resumed, reference = reproducible(out), reproducible(uninterrupted)
     assert [(row["step"], "eval_loss" in row) for row in reference[0]] == [
         (2, False), (4, False), (4, True), (6, False), (8, False), (8, True)]

@@ -96,6 +96,21 @@ def test_nonsensical_flag_values_are_refused(flag, value, capsys):
     assert flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, kept", [
+    (["--demo", "--overwrite"], ["--demo"]),
+    (["--resume", "checkpoints/checkpoint-40", "--out", "runs/a"], ["--out", "runs/a"]),
+    (["--overw", "--resume=runs/a/checkpoint-4", "--lr", "1e-3"], ["--lr", "1e-3"]),  # abbreviated, as argparse takes
+    (["--demo", "--resume", "--epochs", "3"], ["--demo", "--epochs", "3"]),
+])
+def test_the_resume_command_of_a_stopped_run_continues_it(argv, kept):
+    """What train.py prints after a Ctrl-C: the run's own flags, not --overwrite (refused beside --resume) nor an
+    older --resume PATH, then --resume (the newest checkpoint)."""
+    command = train.resume_command(argv)
+    assert command == kept + ["--resume"]
+    args = train.build_parser().parse_args(command)
+    assert args.resume == "latest" and not args.overwrite
+
+
 def test_missing_folders_name_the_stage_to_run_first(tmp_path, capsys):
     assert train.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "p"), "--out",
                        str(tmp_path / "c")]) == 2
