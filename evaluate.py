@@ -50,6 +50,7 @@ from pipeline import (
     folders,
     inference,
     models,
+    platforms,
     prompts,
     protocols,
     run_folder,
@@ -492,7 +493,7 @@ def scored(label: str, problems: list[dict], completions: dict[str, list[str]], 
     """A model's summary (pass@k, counts, its answers' shapes, who it is, how long it took) and one row per
     candidate."""
     started = time.time()
-    rows = scoring.score(label, problems, completions, box, stopped=stopped)
+    rows = scoring.score(label, problems, completions, box, progress=platforms.progress_bars(), stopped=stopped)
     timings = {"generation_s": round(generation_s, 1), "execution_s": round(time.time() - started, 1)}
     return {**scoring.summarize(rows, num_samples, missing), "identity": identity, "timings": timings}, rows
 
@@ -502,7 +503,8 @@ def generate_completions(model, tokenizer, problems: list[dict], fmt: str, templ
     """task_id -> its completions, and task_id -> whether each stopped by itself (else it hit the token limit)."""
     texts = [data.prompt_for(fmt, p, template, tokenizer) for p in problems]
     results = inference.generate(model, tokenizer, texts, args.max_new_tokens, args.temperature,
-                                 args.batch_size, num_samples, progress=True, template=template)
+                                 args.batch_size, num_samples, progress=platforms.progress_bars(),
+                                 template=template)
     return ({p["task_id"]: [r["completion"] for r in samples] for p, samples in zip(problems, results)},
             {p["task_id"]: [r["stopped"] for r in samples] for p, samples in zip(problems, results)})
 

@@ -663,7 +663,7 @@ def training_arguments(settings: RunSettings, out: Path, grouped: bool = True):
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no search needed
         use_cpu=cpu,
         ddp_backend="gloo" if cpu and settings.processes > 1 else None,  # several CPU processes (tests)
-        disable_tqdm=False,
+        disable_tqdm=not platforms.progress_bars(),
     )
 
 

@@ -337,6 +337,15 @@ class RunMonitor(ProgressCallback):
         self.warned = None
         self.ended = False  # training is over: the final evaluation's log comes after on_train_end
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # ProgressCallback's bar, drawn only where train.py asks for bars (on a terminal: platforms.progress_bars);
+        # a disabled bar still writes the step lines
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, disable=args.disable_tqdm)
+        self.current_step = 0
+
     def on_step_end(self, args, state, control, **kwargs):
         super().on_step_end(args, state, control, **kwargs)
         if state.global_step >= state.max_steps:  # the last step's loss, tokens and memory, whatever the interval

@@ -52,6 +52,8 @@ def test_training_log_lines_are_readable(demo_model, demo_prepared, tmp_path, ca
     line = next(line for line in out.splitlines() if line.startswith("step 2/2 · epoch"))
     for part in ("loss ", "lr ", "grad norm ", "trained tok/s (", "all)", "RAM ", "elapsed", "ETA"):
         assert part in line, line
+    # the output is not a terminal (a log file, an IDE's pane): the step lines, no progress bar redrawn with \r
+    assert "\r" not in out and "it/s]" not in out
 
 
 @pytest.mark.slow

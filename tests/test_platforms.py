@@ -102,6 +102,17 @@ def test_marks_become_ascii_where_the_console_lacks_them():
     assert utf8.errors == "strict"  # a UTF-8 console keeps its ✓
 
 
+def test_progress_bars_are_drawn_on_a_terminal_only(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert platforms.progress_bars()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # python train.py 2> train.log, an IDE's pane
+    assert not platforms.progress_bars()
+
+
 def test_the_other_tools_end_normally_on_a_cp1252_or_ascii_console(monkeypatch, demo_model, trained_smoke):
     """What run_pipeline.py does not run (tests/test_run_pipeline.py runs every stage it does on such a console):
     generate.py and the tools, their output encoded in cp1252 and in ASCII as it is written."""
