@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(items):
         per_file = any(definitions[name][-1].scope == "module" for name in used if name in definitions)
         if used & FINE_TUNE_FIXTURES:
             item.add_marker(pytest.mark.xdist_group("demo-fine-tune"))
-        elif per_file:
+        elif per_file and item.get_closest_marker("xdist_group") is None:  # a file's own group stands
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     # The long tests first, the quick ones after (in file order within each): the two test processes then end
     # together instead of one waiting while the other finishes a long test it took last.

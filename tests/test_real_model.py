@@ -47,7 +47,7 @@ def test_its_base_answers_come_through_its_chat_template_and_parse(smollm2, demo
                               "--check-tests", "off", "--eval-fraction", "0.25"]) == 0
     assert folders.read_json(prepared / folders.PREPARED_STATS)["settings"]["template"] == "chat"  # not asked for
     assert evaluate.main(["--model", str(smollm2), "--data", str(prepared), "--base-only", "--limit", "6",
-                          "--max-new-tokens", "96", "--out", str(results)]) == 0
+                          "--max-new-tokens", "64", "--out", str(results)]) == 0
     base = folders.read_json(results / "summary.json")["models"]["base"]
     answers = base["answers"]
     # Raw prompts made the model start a new function that a stop word cut to nothing; through its chat template

@@ -12,6 +12,11 @@ from pipeline import platforms, sandbox
 
 from conftest import demo_problems
 
+# One test process runs every test of this file: a fork bomb here spins its 16 processes for the whole timeout, and a
+# battery running beside it in the other test process got too little CPU to reach its memory limit in 2 s (a memory
+# bomb judged "timeout", not "error").
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 ADD = "def add(a, b):\n    return a + b"
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
 
