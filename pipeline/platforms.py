@@ -231,12 +231,12 @@ def make_output_safe(*streams) -> None:
                 pass
 
 
-
 def progress_bars() -> bool:
     """Whether to draw progress bars: only on a terminal. Redirected to a log file (`python train.py > train.log`)
     or shown in an IDE's pane, each redraw of a bar is one more run of carriage returns; the stages' own lines say
     the same (train.py's step lines: step, elapsed, ETA)."""
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
 
 # ----------------------------------------------------------------------------------------------------------
 # What the sandbox (pipeline/sandbox.py) can enforce on this system, and how.
